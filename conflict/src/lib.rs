@@ -1,0 +1,48 @@
+//! The pure rules of rsyncfs: who wrote what, in which causal order, and how concurrent writes
+//! to one path settle. No I/O, no clock reads, no dependency on the other rsyncfs crates.
+//!
+//! The important types:
+//!
+//! - [`NodeId`]: a node's identity, a hash of its TLS public key.
+//! - [`Hlc`]: a hybrid logical clock producing [`uhlc::Timestamp`]s; the caller passes the
+//!   physical time in, so a simulator owns time.
+//! - [`VersionVector`] and [`Dot`]: causality. Every write gets a unique dot `(node, counter)`.
+//! - [`Sibling`]: one write's result (its dot, HLC timestamp and [`Meta`]: kind, size, hash,
+//!   mode, mtime, symlink target).
+//! - [`Record`]: the version of one path, a version vector plus the set of concurrent siblings
+//!   that no write has superseded yet (a "dotted version vector set").
+//!
+//! [`join`] merges two records of one path. It is commutative, associative and idempotent, so
+//! every replica that has seen the same writes holds the same record, whatever the order and the
+//! number of deliveries. [`settle`] wraps it into the decision a replicator acts on, and
+//! [`Record::winner`] and [`Record::copies`] turn a record into what the filesystem shows: the
+//! winning sibling at the path and every other distinct content as a conflict copy whose name
+//! ([`conflict_copy_name`]) and record ([`ConflictCopy::record`]) are pure functions of the
+//! losing write, so that every host that makes the copy makes the same one.
+
+mod hlc;
+mod id;
+mod settle;
+mod version;
+mod vv;
+
+pub use hlc::{ClockSkew, Hlc};
+pub use id::NodeId;
+pub use settle::{conflict_copy_name, join, settle, ConflictCopy, Decision};
+pub use version::{Content, Hash, Meta, Record, RecordError, Sibling, DIR_MODE_DEFAULT};
+pub use vv::{Causality, Dot, VersionVector};
+
+pub use uhlc::{Timestamp, NTP64};
+
+/// Limits that bound what a record may hold; a peer sending more is misbehaving.
+pub mod limits {
+    /// Concurrent siblings one record may carry. A node's own writes are always causally ordered,
+    /// so siblings never outnumber the nodes that wrote the path concurrently.
+    pub const SIBLINGS_MAX: usize = 64;
+    /// Entries of one version vector: nodes that ever wrote one path.
+    pub const VV_ENTRIES_MAX: usize = 1024;
+    /// Bytes of a symlink target (Linux PATH_MAX).
+    pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
+    /// Bytes of one path component (Linux NAME_MAX).
+    pub const NAME_BYTES_MAX: usize = 255;
+}

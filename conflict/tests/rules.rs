@@ -1,0 +1,202 @@
+//! The settling rules of design.md, one case at a time.
+
+use rsyncfs_conflict::*;
+
+fn node(i: u64) -> NodeId {
+    NodeId::from_index(i)
+}
+
+fn ts(secs: u64, n: u64) -> Timestamp {
+    Timestamp::new(NTP64(secs << 32), node(n).hlc_id())
+}
+
+fn file(byte: u8) -> Meta {
+    Meta::file(1, [byte; 32], 0o644, 1_000)
+}
+
+/// A write by node `n` with counter `c` at time `secs`, on top of `base`.
+fn write(base: Option<&Record>, n: u64, c: u64, secs: u64, meta: Meta) -> Record {
+    Record::write(
+        base,
+        Dot {
+            node: node(n),
+            counter: c,
+        },
+        ts(secs, n),
+        meta,
+    )
+}
+
+#[test]
+fn dominating_versions_win() {
+    let a = write(None, 1, 1, 10, file(1));
+    let b = write(Some(&a), 2, 1, 11, file(2));
+    assert_eq!(settle("f", Some(&a), &b), Decision::TakeRemote);
+    assert_eq!(settle("f", Some(&b), &a), Decision::KeepLocal);
+    assert_eq!(settle("f", Some(&b), &b), Decision::AlreadyHave);
+    assert_eq!(settle("f", None, &b), Decision::TakeRemote);
+    // A causally later write wins even when its clock is behind.
+    let late_clock = write(Some(&b), 1, 2, 1, file(3));
+    assert_eq!(settle("f", Some(&b), &late_clock), Decision::TakeRemote);
+}
+
+#[test]
+fn concurrent_identical_content_merges_without_copy() {
+    let base = write(None, 1, 1, 10, file(1));
+    let a = write(Some(&base), 1, 2, 20, file(7));
+    let b = write(Some(&base), 2, 1, 21, file(7));
+    let Decision::Merge(merged) = settle("f", Some(&a), &b) else {
+        panic!("expected a merge");
+    };
+    assert_eq!(merged.vv, a.vv.merge(&b.vv));
+    assert!(merged.copies("f", false).is_empty());
+    assert_eq!(merged.author, None);
+}
+
+#[test]
+fn concurrent_different_content_keeps_loser_as_copy() {
+    let a = write(None, 1, 1, 20, file(1));
+    let b = write(None, 2, 1, 21, file(2));
+    let Decision::Conflict { merged, copies } = settle("docs/report.txt", Some(&a), &b) else {
+        panic!("expected a conflict");
+    };
+    // Later HLC wins; the same on the other side.
+    assert_eq!(merged.winner(), &b.siblings[0]);
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].sibling, a.siblings[0]);
+    let name = &copies[0].path;
+    assert!(
+        name.starts_with("docs/report.sync-conflict-19700101-000020-") && name.ends_with("-1.txt"),
+        "{name}"
+    );
+    let Decision::Conflict {
+        merged: other,
+        copies: other_copies,
+    } = settle("docs/report.txt", Some(&b), &a)
+    else {
+        panic!("expected a conflict");
+    };
+    assert_eq!(merged, other);
+    assert_eq!(copies, other_copies);
+    // The copy's record is a pure function of the losing write.
+    assert_eq!(copies[0].record(), other_copies[0].record());
+    assert!(copies[0].record().validate().is_ok());
+}
+
+#[test]
+fn equal_times_break_ties_by_origin() {
+    let a = write(None, 1, 1, 20, file(1));
+    let b = write(None, 2, 1, 20, file(2));
+    let merged = join(&a, &b);
+    assert_eq!(merged.winner().dot.node, node(2));
+}
+
+#[test]
+fn modify_beats_delete_whatever_the_clock() {
+    let base = write(None, 1, 1, 10, file(1));
+    let edit = write(Some(&base), 1, 2, 20, file(2));
+    let delete = write(Some(&base), 2, 1, 30, Meta::tombstone());
+    for (local, remote) in [(&edit, &delete), (&delete, &edit)] {
+        let Decision::Merge(merged) = settle("f", Some(local), remote) else {
+            panic!("expected a merge");
+        };
+        assert_eq!(merged.winner(), &edit.siblings[0]);
+        assert!(merged.is_live());
+    }
+}
+
+#[test]
+fn directory_beats_file_and_file_becomes_copy() {
+    let dir = write(None, 1, 1, 10, Meta::dir(0o755));
+    let f = write(None, 2, 1, 30, file(9));
+    let Decision::Conflict { merged, copies } = settle("x", Some(&f), &dir) else {
+        panic!("expected a conflict");
+    };
+    assert!(merged.winner().meta.is_dir());
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].sibling, f.siblings[0]);
+}
+
+#[test]
+fn shadowed_winner_needs_a_copy() {
+    // The path's record says "file", yet something inside the path lives (a create inside a
+    // directory that was removed and replaced): the directory shows, the file is copied.
+    let f = write(None, 2, 1, 30, file(9));
+    assert!(f.copies("x", false).is_empty());
+    let shadow = f.copies("x", true);
+    assert_eq!(shadow.len(), 1);
+    assert_eq!(shadow[0].sibling, f.siblings[0]);
+}
+
+#[test]
+fn three_way_conflict_keeps_two_copies() {
+    let a = write(None, 1, 1, 10, file(1));
+    let b = write(None, 2, 1, 11, file(2));
+    let c = write(None, 3, 1, 12, file(3));
+    let merged = join(&join(&a, &b), &c);
+    assert_eq!(merged.winner(), &c.siblings[0]);
+    let copies = merged.copies("f", false);
+    let kept: Vec<_> = copies.iter().map(|c| c.sibling.dot.node).collect();
+    assert_eq!(kept.len(), 2);
+    assert!(kept.contains(&node(1)) && kept.contains(&node(2)));
+}
+
+#[test]
+fn a_write_that_saw_a_loser_supersedes_it_only() {
+    // x and y race; y' is written by someone who had y (not x). The result is {x, y'}.
+    let x = write(None, 1, 1, 10, file(1));
+    let y = write(None, 2, 1, 11, file(2));
+    let y2 = write(Some(&y), 3, 1, 5, file(3));
+    let one = join(&join(&x, &y), &y2);
+    let two = join(&join(&y2, &x), &y);
+    assert_eq!(one, two);
+    let nodes: Vec<_> = one.siblings.iter().map(|s| s.dot.node).collect();
+    assert_eq!(nodes, vec![node(1), node(3)]);
+    // x has the later clock; y' did not see x, so x wins and y' is the copy.
+    assert_eq!(one.winner().dot.node, node(1));
+}
+
+#[test]
+fn copy_names() {
+    let s = write(None, 1, 42, 1_795_688_100, file(1)).siblings[0].clone();
+    let short = node(1).short();
+    assert_eq!(
+        conflict_copy_name("a/b/report.txt", &s),
+        format!("a/b/report.sync-conflict-20261126-101500-{short}-42.txt")
+    );
+    assert_eq!(
+        conflict_copy_name(".bashrc", &s),
+        format!(".bashrc.sync-conflict-20261126-101500-{short}-42")
+    );
+    assert_eq!(
+        conflict_copy_name("Makefile", &s),
+        format!("Makefile.sync-conflict-20261126-101500-{short}-42")
+    );
+    let long = "x".repeat(250) + ".data";
+    let name = conflict_copy_name(&long, &s);
+    assert!(name.len() <= 255, "{}", name.len());
+    assert!(name.ends_with("-42.data"));
+    let multibyte = "é".repeat(127);
+    let name = conflict_copy_name(&multibyte, &s);
+    assert!(name.len() <= 255);
+}
+
+#[test]
+fn validation_catches_broken_records() {
+    let good = write(None, 1, 1, 10, file(1));
+    assert!(good.validate().is_ok());
+    let mut no_sibling = good.clone();
+    no_sibling.siblings.clear();
+    assert_eq!(no_sibling.validate(), Err(RecordError::NoSibling));
+    let mut uncovered = good.clone();
+    uncovered.siblings[0].dot.counter = 5;
+    assert_eq!(uncovered.validate(), Err(RecordError::DotNotCovered));
+    let mut foreign = good.clone();
+    foreign.siblings[0].hlc = ts(10, 2);
+    assert_eq!(foreign.validate(), Err(RecordError::ForeignTimestamp));
+    let mut two_from_one = good.clone();
+    two_from_one.siblings.push(good.siblings[0].clone());
+    assert_eq!(two_from_one.validate(), Err(RecordError::SiblingsUnordered));
+    let bad_link = write(None, 1, 1, 10, Meta::symlink("a\0b".into()));
+    assert_eq!(bad_link.validate(), Err(RecordError::BadSymlink));
+}
