@@ -21,9 +21,12 @@ impl NodeId {
         NodeId(id)
     }
 
-    /// A test or simulator id built from a small number (never zero).
+    /// A test or simulator id built from a small number (never zero). Ids grow with the index,
+    /// and for indexes below 31 the short form starts with a letter that tells them apart
+    /// (index 0 is `B...`, index 1 `C...`).
     pub fn from_index(index: u64) -> NodeId {
         let mut id = [0u8; 16];
+        id[0] = ((index.min(30) + 1) as u8) << 3;
         id[8..].copy_from_slice(&(index + 1).to_be_bytes());
         NodeId(id)
     }

@@ -1,0 +1,586 @@
+//! The replication engine of one node, sans I/O.
+//!
+//! In the style of `quinn-proto`: the driver feeds [`Input`]s in with the current time
+//! ([`Engine::handle`], [`Engine::handle_timeout`]) and carries [`Output`]s out
+//! ([`Engine::poll_output`], [`Engine::poll_timeout`]). The engine never touches a socket, a file
+//! or a clock; the only state it shares with the world is its [`Store`], which it calls directly.
+//! The same engine runs in the daemon and, thousands of times per second, in the simulator.
+//!
+//! It holds both replicators of the design:
+//! - the master replicator ([`replicate`](self)) ships the store's log to every connected peer in
+//!   batches, skipping records the peer has anyway (it sent them, or it wrote them), with a window
+//!   of unacknowledged batches and a resend on timeout;
+//! - the slave replicator settles every received record against the local one with
+//!   [`rsyncfs_conflict::settle`], and then ([`reconcile`](self)) makes the filesystem show the
+//!   result: it keeps losing contents as conflict copies first, finds the winner's content (inline,
+//!   already on disk under another name, or fetched from a peer) and asks the driver to apply it.
+//!
+//! Invariants kept here:
+//! - A record is stored only once the filesystem shows it, and only after every content it no
+//!   longer shows is kept by a conflict copy on this node. So a local write made on top of a
+//!   stored record never silently replaces a content the user could not see.
+//! - The progress stored for a peer never passes a record of that peer that is not yet stored
+//!   ("holds"), so a crash at any point loses nothing a peer will not send again.
+//! - Sequence numbers are reserved durably in blocks before use and never reused, so neither a
+//!   dot nor a log position can name two different things, even across crashes.
+
+mod reconcile;
+mod replicate;
+
+use crate::path::RelPath;
+use crate::store::{Entry, Store};
+use crate::wire::{Message, INLINE_BYTES_MAX};
+use bytes::Bytes;
+use rsyncfs_conflict::{Dot, Hash, Hlc, Meta, NodeId, Record, NTP64};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+pub use replicate::PeerStatus;
+
+/// Identifies one fetch or apply the engine asked for.
+pub type OpId = u64;
+/// Identifies content the driver fetched and holds, checked, until an apply uses it.
+pub type StagedId = u64;
+
+/// Which directions a node replicates in.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    TwoWay,
+    /// Ships local changes; peers' changes are not applied here.
+    SendOnly,
+    /// Applies peers' changes; local changes are not shipped (the mount refuses them).
+    ReceiveOnly,
+}
+
+/// Rules a planted bug makes the engine break, to prove that the simulator's checker notices.
+#[cfg(feature = "planted-bugs")]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Never make conflict copies: the losing content of a conflict is dropped.
+    LoseConflictCopy,
+    /// Send records back to their author and to the peer they came from.
+    Echo,
+}
+
+/// The engine's limits and timings. Every queue and batch it keeps is bounded by one of these.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node: NodeId,
+    pub mode: Mode,
+    /// Files up to this size travel inside their announcement.
+    pub inline_bytes_max: u64,
+    /// Records per batch (at most [`crate::wire::BATCH_RECORDS_MAX`]).
+    pub batch_records_max: usize,
+    /// Unacknowledged batches per peer.
+    pub window_batches: usize,
+    /// A batch not acknowledged after this long is sent again.
+    pub resend_after: Duration,
+    /// A range of skipped records is announced (so the peer's progress moves) after this long.
+    pub idle_flush_after: Duration,
+    /// Content fetches in flight at once.
+    pub fetches_max: usize,
+    /// Paths with pending work beyond which no new batch is taken (the sender waits and resends).
+    pub pending_max: usize,
+    /// Bytes of inline content kept while the paths that need it wait.
+    pub cache_bytes_max: usize,
+    /// First delay before an apply that failed is tried again; it doubles up to 64 times this.
+    pub retry_after: Duration,
+    /// How far ahead of local time a peer's clock may be before its timestamps stop moving ours.
+    pub hlc_max_delta: Duration,
+    /// Sequences reserved per durable reservation.
+    pub seq_block: u64,
+    #[cfg(feature = "planted-bugs")]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+impl Config {
+    pub fn new(node: NodeId) -> Config {
+        Config {
+            node,
+            mode: Mode::TwoWay,
+            inline_bytes_max: INLINE_BYTES_MAX as u64,
+            batch_records_max: crate::wire::BATCH_RECORDS_MAX,
+            window_batches: 8,
+            resend_after: Duration::from_secs(2),
+            idle_flush_after: Duration::from_millis(100),
+            fetches_max: 16,
+            pending_max: 10_000,
+            cache_bytes_max: 64 * 1024 * 1024,
+            retry_after: Duration::from_millis(50),
+            hlc_max_delta: Hlc::MAX_DELTA_DEFAULT,
+            seq_block: 1024,
+            #[cfg(feature = "planted-bugs")]
+            planted_bug: None,
+        }
+    }
+}
+
+/// Something the driver tells the engine.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// The local filesystem now holds `observed` at `path` (`None`: nothing). Sent by the change
+    /// logger after a change, by a rescan, and in answer to [`Output::Observe`]. Events for one
+    /// path must arrive in the order the filesystem changed, and in order with
+    /// [`Input::ApplyDone`] of applies to that path.
+    LocalChange {
+        path: RelPath,
+        observed: Option<Meta>,
+    },
+    /// The last local writer of `path` closed it.
+    WriterClosed {
+        path: RelPath,
+    },
+    /// A connection to `peer` is up (and authenticated).
+    PeerUp {
+        peer: NodeId,
+    },
+    PeerDown {
+        peer: NodeId,
+    },
+    /// A message from a connected peer, already decoded and checked by [`crate::wire::decode`].
+    Received {
+        from: NodeId,
+        message: Message,
+    },
+    FetchDone {
+        op: OpId,
+        result: Result<StagedId, FetchError>,
+    },
+    ApplyDone {
+        op: OpId,
+        result: Result<(), ApplyError>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchError {
+    /// The peer holds no file with that content any more.
+    NotFound,
+    /// The connection to the peer failed.
+    Unreachable,
+    Io(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApplyError {
+    /// A local process has the path open for writing; the update waits (the open-writer guard).
+    Busy,
+    /// The path (or one above it) does not hold what the apply expected: a local change the
+    /// engine has not seen yet.
+    Stale,
+    /// The filesystem failed (a full disk, say). The engine tries again later.
+    Io(String),
+}
+
+/// Something the engine asks the driver to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Send a message to a connected peer. Records of batches carry no inline content; the
+    /// driver attaches the content of every record whose winner is a file of at most
+    /// [`Config::inline_bytes_max`] bytes, read from `path` if it still has that hash.
+    Send {
+        to: NodeId,
+        message: Message,
+    },
+    Fetch(Fetch),
+    Apply(Apply),
+    /// Report what `path` holds now with an [`Input::LocalChange`], even if nothing changed.
+    Observe {
+        path: RelPath,
+    },
+    /// Fetched content the engine no longer needs.
+    Release {
+        staged: StagedId,
+    },
+}
+
+/// Get the content with `hash` from `from`, checked against the hash, and report
+/// [`Input::FetchDone`]. `basis` is a local file at `path` that may share blocks with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fetch {
+    pub op: OpId,
+    pub from: NodeId,
+    pub path: RelPath,
+    pub hash: Hash,
+    pub size: u64,
+    pub basis: Option<RelPath>,
+}
+
+/// Make `path` hold what `action` says, if it holds `expect` now (otherwise fail with
+/// [`ApplyError::Stale`]; if a local writer has it open, with [`ApplyError::Busy`]). Missing
+/// directories above it are made with mode [`rsyncfs_conflict::DIR_MODE_DEFAULT`]. The change goes
+/// to the backing filesystem, not through the change logger, and is not reported back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Apply {
+    pub op: OpId,
+    pub path: RelPath,
+    pub expect: Option<Meta>,
+    pub action: Action,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Replace what is there with a file of this meta, atomically; a directory there is empty.
+    Write { meta: Meta, source: Source },
+    /// The content is already right: set mode and mtime only.
+    SetAttr { meta: Meta },
+    /// Make a directory (or set its mode if one is there), replacing a file or symlink.
+    Mkdir { mode: u32 },
+    /// Replace what is there with a symlink.
+    Symlink { target: String },
+    /// Remove the file, symlink or empty directory.
+    Remove,
+}
+
+/// Where the content of a write comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    Inline(Bytes),
+    Staged(StagedId),
+    /// Copy it from another local file, which must still have the content's hash.
+    Local(RelPath),
+}
+
+/// Counters for status and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub local_writes: u64,
+    pub records_sent: u64,
+    pub records_received: u64,
+    pub batches_sent: u64,
+    pub resends: u64,
+    pub conflicts: u64,
+    pub applies: u64,
+    pub fetches: u64,
+    pub clock_skew_refusals: u64,
+    pub batches_refused_busy: u64,
+}
+
+/// Work in progress on one path.
+#[derive(Clone, Debug, Default)]
+struct Pending {
+    /// The record the path is to hold, when it differs from the stored one.
+    target: Option<Record>,
+    /// The peer whose record `target` is, exactly.
+    from: Option<NodeId>,
+    /// Peers that announced records with the target's contents.
+    sources: Vec<NodeId>,
+    /// (source, content) pairs that failed: that peer no longer has that content.
+    tried: BTreeSet<(NodeId, Hash)>,
+    /// Peer records folded into `target` but not yet stored: (peer, sequence).
+    holds: Vec<(NodeId, u64)>,
+    op: Option<OpId>,
+    staged: Option<(Hash, StagedId)>,
+    /// An apply met a local writer; waiting for it to close.
+    busy: bool,
+    retry_at: Option<u64>,
+    retries: u32,
+    /// This target only exists to keep a losing content of that path as a conflict copy.
+    wish_of: Option<RelPath>,
+}
+
+#[derive(Clone, Debug)]
+enum OpKind {
+    Fetch {
+        from: NodeId,
+        hash: Hash,
+    },
+    Apply {
+        expect: Option<Meta>,
+        want: Option<Meta>,
+        target: Option<Record>,
+        /// A local file the content is copied from.
+        source: Option<RelPath>,
+        /// The content is a staged fetch, which the apply consumes.
+        staged: bool,
+    },
+}
+
+/// The replication engine of one node.
+pub struct Engine<S: Store> {
+    cfg: Config,
+    store: S,
+    hlc: Hlc,
+    now: u64,
+    next_seq: u64,
+    peers: BTreeMap<NodeId, replicate::Peer>,
+    pending: BTreeMap<RelPath, Pending>,
+    dirty: BTreeSet<RelPath>,
+    /// waiter -> paths it waits for, and the reverse.
+    waits: BTreeMap<RelPath, BTreeSet<RelPath>>,
+    waiters: BTreeMap<RelPath, BTreeSet<RelPath>>,
+    ops: BTreeMap<OpId, (RelPath, OpKind)>,
+    next_op: OpId,
+    fetches: usize,
+    fetch_queue: BTreeSet<RelPath>,
+    retries: BTreeSet<(u64, RelPath)>,
+    cache: BTreeMap<Hash, Bytes>,
+    cache_bytes: usize,
+    out: VecDeque<Output>,
+    stats: Stats,
+}
+
+/// Most paths one call reconciles; the rest wait for the next call, so that one input never
+/// stalls the driver for long.
+const RECONCILES_PER_CALL_MAX: usize = 100_000;
+
+impl<S: Store> Engine<S> {
+    /// Starts an engine over a store, which may hold the state of an earlier run.
+    pub fn new(cfg: Config, mut store: S) -> Engine<S> {
+        assert!(
+            cfg.batch_records_max > 0 && cfg.batch_records_max <= crate::wire::BATCH_RECORDS_MAX
+        );
+        assert!(cfg.inline_bytes_max <= INLINE_BYTES_MAX as u64);
+        assert!(cfg.window_batches > 0 && cfg.fetches_max > 0 && cfg.seq_block > 0);
+        // Sequences up to the reservation may have been used before a crash: start past it.
+        let next_seq = store.seq_reserved() + 1;
+        store.reserve_seq(next_seq + cfg.seq_block);
+        let hlc = Hlc::new(cfg.node, cfg.hlc_max_delta);
+        Engine {
+            cfg,
+            store,
+            hlc,
+            now: 0,
+            next_seq,
+            peers: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            waits: BTreeMap::new(),
+            waiters: BTreeMap::new(),
+            ops: BTreeMap::new(),
+            next_op: 1,
+            fetches: 0,
+            fetch_queue: BTreeSet::new(),
+            retries: BTreeSet::new(),
+            cache: BTreeMap::new(),
+            cache_bytes: 0,
+            out: VecDeque::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.cfg.node
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The store, for the driver's own bookkeeping (committing, say). Changing entries behind
+    /// the engine's back breaks its invariants.
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// True when the engine has nothing left to do until something new happens: no pending
+    /// path, no operation in flight, no output waiting, nothing unacknowledged.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+            && self.ops.is_empty()
+            && self.out.is_empty()
+            && self.dirty.is_empty()
+            && self.peers.values().all(replicate::Peer::is_idle)
+    }
+
+    /// Paths that still have work pending, for diagnostics.
+    pub fn pending_paths(&self) -> Vec<String> {
+        self.pending
+            .iter()
+            .map(|(p, w)| {
+                format!(
+                    "{p} (op {:?}, busy {}, sources {}, tried {}, waits {:?})",
+                    w.op,
+                    w.busy,
+                    w.sources.len(),
+                    w.tried.len(),
+                    self.waits.get(p)
+                )
+            })
+            .collect()
+    }
+
+    /// Feeds one input in at time `now` (nanoseconds since the UNIX epoch).
+    pub fn handle(&mut self, now: u64, input: Input) {
+        self.now = self.now.max(now);
+        match input {
+            Input::LocalChange { path, observed } => self.on_local_change(path, observed),
+            Input::WriterClosed { path } => self.on_writer_closed(&path),
+            Input::PeerUp { peer } => self.on_peer_up(peer),
+            Input::PeerDown { peer } => self.on_peer_down(peer),
+            Input::Received { from, message } => self.on_message(from, message),
+            Input::FetchDone { op, result } => self.on_fetch_done(op, result),
+            Input::ApplyDone { op, result } => self.on_apply_done(op, result),
+        }
+        self.flush();
+    }
+
+    /// Lets timers fire at time `now`.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        while let Some((at, _)) = self.retries.first() {
+            if *at > self.now {
+                break;
+            }
+            let (_, path) = self.retries.pop_first().expect("checked above");
+            if let Some(p) = self.pending.get_mut(&path) {
+                p.retry_at = None;
+                p.busy = false;
+            }
+            self.dirty.insert(path);
+        }
+        self.peers_on_timeout();
+        self.flush();
+    }
+
+    /// When [`Engine::handle_timeout`] wants to be called next.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let retry = self.retries.first().map(|(at, _)| *at);
+        let peers = self
+            .peers
+            .values()
+            .filter_map(|p| p.deadline(&self.cfg))
+            .min();
+        retry.into_iter().chain(peers).min()
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.next_seq > self.store.seq_reserved() {
+            let upto = self.store.seq_reserved() + self.cfg.seq_block;
+            self.store.reserve_seq(upto);
+        }
+        assert!(seq <= self.store.seq_reserved());
+        seq
+    }
+
+    fn now_ntp(&self) -> NTP64 {
+        NTP64::from(Duration::from_nanos(self.now))
+    }
+
+    fn on_local_change(&mut self, path: RelPath, observed: Option<Meta>) {
+        let entry = self.store.get(&path).unwrap_or_default();
+        if observed == entry.local {
+            return;
+        }
+        if self.cfg.mode == Mode::ReceiveOnly {
+            // The mount refuses writes; a change made behind its back is not shipped, and the
+            // next update from a peer replaces it.
+            self.put_local(&path, entry, observed);
+            return;
+        }
+        // What the filesystem shows anyway (a directory that exists for what is inside it, or
+        // the record's own state after a crash between apply and store) is not a write.
+        let shown = reconcile::shown(entry.record.as_ref(), self.live_below(&path));
+        if observed == shown {
+            self.put_local(&path, entry, observed);
+            return;
+        }
+        let seq = self.next_seq();
+        let dot = Dot {
+            node: self.cfg.node,
+            counter: seq,
+        };
+        let hlc = self.hlc.new_timestamp(self.now_ntp());
+        let meta = observed.clone().unwrap_or_else(Meta::tombstone);
+        let record = Record::write(entry.record.as_ref(), dot, hlc, meta);
+        self.stats.local_writes += 1;
+        if let Some(p) = self.pending.get_mut(&path) {
+            if let Some(target) = &p.target {
+                p.target = Some(rsyncfs_conflict::join(target, &record));
+                p.from = None;
+                p.wish_of = None;
+            }
+            self.dirty.insert(path.clone());
+        }
+        let new = Entry {
+            record: Some(record),
+            local: observed,
+            seq,
+            from: None,
+        };
+        self.store.put(&path, new);
+        self.after_local_state_change(&path);
+        self.peers_mark_new_records();
+    }
+
+    /// Records what the filesystem holds at a path without a new write.
+    fn put_local(&mut self, path: &RelPath, mut entry: Entry, local: Option<Meta>) {
+        entry.local = local;
+        if entry.record.is_none() && entry.local.is_none() {
+            self.store.remove(path);
+        } else {
+            self.store.put(path, entry);
+        }
+        self.after_local_state_change(path);
+    }
+
+    /// A path's local state changed: the directory above may now be empty or differently
+    /// shadowed, and paths waiting for this one may go on.
+    fn after_local_state_change(&mut self, path: &RelPath) {
+        if let Some(parent) = path.parent() {
+            self.dirty.insert(parent);
+        }
+        if self.pending.contains_key(path) {
+            self.dirty.insert(path.clone());
+        }
+        self.wake_waiters(path);
+    }
+
+    fn on_writer_closed(&mut self, path: &RelPath) {
+        if let Some(p) = self.pending.get_mut(path) {
+            if p.busy {
+                p.busy = false;
+                if let Some(at) = p.retry_at.take() {
+                    self.retries.remove(&(at, path.clone()));
+                }
+                self.dirty.insert(path.clone());
+            }
+        }
+    }
+
+    /// True when something strictly below `path` exists in the version the node is heading
+    /// for: pending targets first, stored records for the rest.
+    fn live_below(&self, path: &RelPath) -> bool {
+        let (lo, hi) = path.under_bounds();
+        let pending = &self.pending;
+        let pending_live = pending
+            .range(lo..hi)
+            .any(|(_, p)| p.target.as_ref().is_some_and(Record::is_live));
+        pending_live
+            || self.store.any_under(path, &mut |p, e| {
+                let overridden = pending.get(p).is_some_and(|w| w.target.is_some());
+                !overridden && e.record.as_ref().is_some_and(Record::is_live)
+            })
+    }
+
+    fn flush(&mut self) {
+        let mut budget = RECONCILES_PER_CALL_MAX;
+        while budget > 0 {
+            let Some(path) = self.dirty.pop_first() else {
+                break;
+            };
+            self.reconcile(&path);
+            budget -= 1;
+        }
+        self.peers_push();
+    }
+}

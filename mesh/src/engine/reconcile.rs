@@ -1,0 +1,589 @@
+//! Making the filesystem show what the store is heading for, one path at a time.
+//!
+//! For a dirty path, `reconcile` compares what the path should show (the pending target, or the
+//! stored record, turned into a [`Meta`] by [`shown`]) with what the node's filesystem holds
+//! (`Entry::local`), and does at most one step towards it:
+//! 1. directories above the path must be directories (a file there waits for its own turn, which
+//!    keeps it as a conflict copy and makes the directory);
+//! 2. every content the target no longer shows must be kept by a conflict copy on this node; the
+//!    copy paths become pending targets of their own, and the path waits for them;
+//! 3. if the filesystem already shows the target, the record is stored;
+//! 4. a directory to be replaced or removed must be empty first;
+//! 5. otherwise the engine finds the content (inline, staged by a fetch, or a local file with the
+//!    same hash) or fetches it, and asks the driver to apply it; the record is stored when the
+//!    apply is done.
+
+use super::{
+    Action, Apply, ApplyError, Engine, Fetch, FetchError, OpKind, Output, Pending, Source,
+};
+use crate::path::RelPath;
+use crate::store::{Entry, Store};
+use bytes::Bytes;
+use rsyncfs_conflict::{join, ConflictCopy, Content, Hash, Meta, NodeId, Record, DIR_MODE_DEFAULT};
+
+/// Most descendants one reconcile marks for work when it waits for a directory to empty.
+const DESCENDANTS_MARKED_MAX: usize = 1024;
+
+/// What a path shows for a record: the winner, or a directory when something below lives
+/// (`shadowed`), or nothing.
+pub(crate) fn shown(record: Option<&Record>, shadowed: bool) -> Option<Meta> {
+    if shadowed {
+        let mode = record
+            .map(Record::winner)
+            .filter(|w| w.meta.is_dir())
+            .map_or(DIR_MODE_DEFAULT, |w| w.meta.mode);
+        return Some(Meta::dir(mode));
+    }
+    let winner = record?.winner();
+    (!winner.meta.is_tombstone()).then(|| winner.meta.clone())
+}
+
+impl<S: Store> Engine<S> {
+    pub(super) fn reconcile(&mut self, path: &RelPath) {
+        self.clear_waits(path);
+        let entry = self.store.get(path).unwrap_or_default();
+        let (target, blocked, wish_of) = match self.pending.get(path) {
+            Some(p) => (
+                p.target.clone().or_else(|| entry.record.clone()),
+                p.op.is_some() || p.busy || p.retry_at.is_some(),
+                p.wish_of.clone(),
+            ),
+            None => (entry.record.clone(), false, None),
+        };
+        if blocked {
+            return;
+        }
+        if let Some(main) = wish_of {
+            if !self.still_wished(&main, path) {
+                // The losing content this copy was for has been superseded meanwhile.
+                self.drop_pending(path);
+                self.wake_waiters(path);
+                return;
+            }
+        }
+        let shadowed = self.live_below(path);
+        let want = shown(target.as_ref(), shadowed);
+
+        // 1. Directories above.
+        if want.is_some() {
+            for ancestor in path.ancestors() {
+                let local = self.store.get(&ancestor).and_then(|e| e.local);
+                if local.is_some_and(|m| !m.is_dir()) {
+                    self.wait_for(path, &ancestor);
+                    self.dirty.insert(ancestor);
+                    return;
+                }
+            }
+        }
+
+        // 2. Conflict copies of every content the path will not show.
+        if let Some(t) = &target {
+            let mut waiting = false;
+            for copy in self.copies_needed(path, t, shadowed) {
+                let copy_path = RelPath::new(copy.path.clone())
+                    .expect("conflict copy names are valid paths next to a valid path");
+                if self.copy_done(&copy_path, &copy) {
+                    continue;
+                }
+                self.wish_copy(path, &copy_path, &copy);
+                self.wait_for(path, &copy_path);
+                waiting = true;
+            }
+            if waiting {
+                return;
+            }
+        }
+
+        // 3. Already shown: store the record.
+        if want == entry.local {
+            self.settle_entry(path, target, want, false);
+            return;
+        }
+
+        // 4. A directory goes only once it is empty.
+        let local_is_dir = entry.local.as_ref().is_some_and(Meta::is_dir);
+        if local_is_dir && !want.as_ref().is_some_and(Meta::is_dir) {
+            let mut below = Vec::new();
+            self.store.any_under(path, &mut |p, e| {
+                if e.local.is_some() {
+                    below.push(p.clone());
+                }
+                below.len() >= DESCENDANTS_MARKED_MAX
+            });
+            if !below.is_empty() {
+                // Each removal below marks its parent, so this path comes back when they are
+                // gone.
+                self.dirty.extend(below);
+                return;
+            }
+        }
+
+        // 5. Act.
+        let action = match &want {
+            None => Action::Remove,
+            Some(meta) => match &meta.content {
+                Content::Dir => Action::Mkdir { mode: meta.mode },
+                Content::Symlink { target } => Action::Symlink {
+                    target: target.clone(),
+                },
+                Content::File { size, hash } => {
+                    let same_content = entry
+                        .local
+                        .as_ref()
+                        .and_then(Meta::file_hash)
+                        .is_some_and(|(h, _)| h == *hash);
+                    if same_content {
+                        Action::SetAttr { meta: meta.clone() }
+                    } else {
+                        match self.content_source(path, *hash, *size, entry.local.as_ref()) {
+                            Some(source) => Action::Write {
+                                meta: meta.clone(),
+                                source,
+                            },
+                            None => return, // fetching, queued or no source yet
+                        }
+                    }
+                }
+                Content::Tombstone => unreachable!("shown() never returns a tombstone"),
+            },
+        };
+        let (source, staged) = match &action {
+            Action::Write {
+                source: Source::Local(q),
+                ..
+            } => (Some(q.clone()), false),
+            Action::Write {
+                source: Source::Staged(_),
+                ..
+            } => (None, true),
+            _ => (None, false),
+        };
+        let op = self.new_op();
+        self.ops.insert(
+            op,
+            (
+                path.clone(),
+                OpKind::Apply {
+                    expect: entry.local.clone(),
+                    want,
+                    target,
+                    source,
+                    staged,
+                },
+            ),
+        );
+        self.pending.entry(path.clone()).or_default().op = Some(op);
+        self.stats.applies += 1;
+        self.out.push_back(Output::Apply(Apply {
+            op,
+            path: path.clone(),
+            expect: entry.local,
+            action,
+        }));
+    }
+
+    fn copies_needed(&self, path: &RelPath, target: &Record, shadowed: bool) -> Vec<ConflictCopy> {
+        #[cfg(feature = "planted-bugs")]
+        if self.cfg.planted_bug == Some(super::PlantedBug::LoseConflictCopy) {
+            return Vec::new();
+        }
+        target.copies(path.as_str(), shadowed)
+    }
+
+    /// True when this node already stores the copy (or something that has seen it: a user may
+    /// have edited or removed the copy since).
+    fn copy_done(&self, copy_path: &RelPath, copy: &ConflictCopy) -> bool {
+        self.store
+            .get(copy_path)
+            .and_then(|e| e.record)
+            .is_some_and(|stored| join(&stored, &copy.record()) == stored)
+    }
+
+    /// True when the target of `main` still needs the conflict copy at `copy_path`.
+    fn still_wished(&self, main: &RelPath, copy_path: &RelPath) -> bool {
+        let entry = self.store.get(main).unwrap_or_default();
+        let target = self
+            .pending
+            .get(main)
+            .and_then(|p| p.target.clone())
+            .or(entry.record);
+        let Some(target) = target else {
+            return false;
+        };
+        let shadowed = self.live_below(main);
+        self.copies_needed(main, &target, shadowed)
+            .iter()
+            .any(|c| c.path == copy_path.as_str())
+    }
+
+    /// Makes the copy a pending target of its own, with the sources of the path it comes from.
+    fn wish_copy(&mut self, main: &RelPath, copy_path: &RelPath, copy: &ConflictCopy) {
+        let record = copy.record();
+        let stored = self.store.get(copy_path).and_then(|e| e.record);
+        let sources = self
+            .pending
+            .get(main)
+            .map(|p| p.sources.clone())
+            .unwrap_or_default();
+        let p = self
+            .pending
+            .entry(copy_path.clone())
+            .or_insert_with(|| Pending {
+                wish_of: Some(main.clone()),
+                ..Pending::default()
+            });
+        let joined = match p.target.clone().or(stored) {
+            Some(base) => join(&base, &record),
+            None => record,
+        };
+        if p.target.as_ref() != Some(&joined) {
+            p.target = Some(joined);
+            p.from = None;
+            p.tried.clear();
+        }
+        for s in sources {
+            if !p.sources.contains(&s) {
+                p.sources.push(s);
+            }
+        }
+        self.dirty.insert(copy_path.clone());
+    }
+
+    /// Where the content with `hash` can come from right now. When nothing local has it, starts
+    /// a fetch (or queues one) and returns `None`.
+    fn content_source(
+        &mut self,
+        path: &RelPath,
+        hash: Hash,
+        size: u64,
+        local: Option<&Meta>,
+    ) -> Option<Source> {
+        if size == 0 {
+            return Some(Source::Inline(Bytes::new()));
+        }
+        if let Some(bytes) = self.cache.get(&hash) {
+            return Some(Source::Inline(bytes.clone()));
+        }
+        let p = self.pending.entry(path.clone()).or_default();
+        match p.staged {
+            Some((h, staged)) if h == hash => return Some(Source::Staged(staged)),
+            Some((_, staged)) => {
+                p.staged = None;
+                self.out.push_back(Output::Release { staged });
+            }
+            None => {}
+        }
+        if let Some(q) = self.store.find_local(&hash) {
+            if &q != path {
+                return Some(Source::Local(q));
+            }
+        }
+        if self.fetches >= self.cfg.fetches_max {
+            self.fetch_queue.insert(path.clone());
+            return None;
+        }
+        let op = self.next_op;
+        let peers = &self.peers;
+        let p = self.pending.get_mut(path).expect("made above");
+        let Some(from) = p
+            .sources
+            .iter()
+            .copied()
+            .find(|s| !p.tried.contains(&(*s, hash)) && peers.contains_key(s))
+        else {
+            // Nobody we are connected to has it now; a newer record will bring a source.
+            return None;
+        };
+        self.next_op += 1;
+        p.op = Some(op);
+        self.fetches += 1;
+        self.stats.fetches += 1;
+        self.ops
+            .insert(op, (path.clone(), OpKind::Fetch { from, hash }));
+        let basis = local
+            .filter(|m| m.file_hash().is_some())
+            .map(|_| path.clone());
+        self.out.push_back(Output::Fetch(Fetch {
+            op,
+            from,
+            path: path.clone(),
+            hash,
+            size,
+            basis,
+        }));
+        None
+    }
+
+    /// Stores what the path now shows and the record it shows, and ends its pending work unless
+    /// a newer target arrived meanwhile.
+    fn settle_entry(
+        &mut self,
+        path: &RelPath,
+        applied: Option<Record>,
+        want: Option<Meta>,
+        staged_used: bool,
+    ) {
+        let entry = self.store.get(path).unwrap_or_default();
+        let local_changed = entry.local != want;
+        let record_changed = applied != entry.record;
+        let (from, finished) = match self.pending.get(path) {
+            Some(p) => {
+                let newer = p.target.is_some() && p.target != applied;
+                let from = if p.target == applied { p.from } else { None };
+                (from, !newer)
+            }
+            None => (None, true),
+        };
+        if record_changed || local_changed {
+            let mut new = entry;
+            new.local = want;
+            if record_changed {
+                new.record = applied;
+                new.seq = self.next_seq();
+                new.from = from;
+            }
+            if new.record.is_none() && new.local.is_none() {
+                self.store.remove(path);
+            } else {
+                self.store.put(path, new);
+            }
+        }
+        if let Some(p) = self.pending.get_mut(path) {
+            p.op = None;
+            if staged_used {
+                p.staged = None;
+            }
+        }
+        if finished {
+            self.drop_pending(path);
+        } else {
+            self.dirty.insert(path.clone());
+        }
+        if local_changed {
+            self.after_local_state_change(path);
+        } else {
+            self.wake_waiters(path);
+        }
+    }
+
+    /// Ends the pending work of a path, releasing what it holds.
+    pub(super) fn drop_pending(&mut self, path: &RelPath) {
+        if let Some(p) = self.pending.remove(path) {
+            if let Some((_, staged)) = p.staged {
+                self.out.push_back(Output::Release { staged });
+            }
+            if let Some(at) = p.retry_at {
+                self.retries.remove(&(at, path.clone()));
+            }
+            self.release_holds(p.holds);
+        }
+        if self.pending.is_empty() {
+            // Inline content is only kept for paths that wait for it.
+            self.cache.clear();
+            self.cache_bytes = 0;
+        }
+    }
+
+    pub(super) fn on_apply_done(&mut self, op: super::OpId, result: Result<(), ApplyError>) {
+        let Some((
+            path,
+            OpKind::Apply {
+                expect,
+                want,
+                target,
+                source,
+                staged,
+            },
+        )) = self.ops.remove(&op)
+        else {
+            return;
+        };
+        let entry = self.store.get(&path).unwrap_or_default();
+        match result {
+            Ok(()) if entry.local == expect => {
+                if want.is_some() {
+                    // Directories the driver made above the path.
+                    for ancestor in path.ancestors() {
+                        let e = self.store.get(&ancestor).unwrap_or_default();
+                        if e.local.is_none() {
+                            self.put_local(&ancestor, e, Some(Meta::dir(DIR_MODE_DEFAULT)));
+                        }
+                    }
+                }
+                self.settle_entry(&path, target, want, staged);
+            }
+            Ok(()) => {
+                // A local change was recorded while the apply was out, yet the apply found what
+                // it expected: the driver broke the ordering promise of Input::LocalChange. Look
+                // again rather than store something the filesystem may not show.
+                debug_assert!(
+                    false,
+                    "apply to {path} succeeded over an unseen local change"
+                );
+                self.after_failed_apply(&path, None, true);
+            }
+            Err(ApplyError::Busy) => {
+                if let Some(p) = self.pending.get_mut(&path) {
+                    p.op = None;
+                    p.busy = true;
+                }
+                // Should the close never be reported, try again anyway after a while.
+                let delay = self.cfg.retry_after * 16;
+                self.schedule_retry(&path, delay.as_nanos() as u64);
+            }
+            Err(ApplyError::Stale) => {
+                self.after_failed_apply(&path, source, true);
+            }
+            Err(ApplyError::Io(_)) => {
+                self.after_failed_apply(&path, None, false);
+            }
+        }
+    }
+
+    fn after_failed_apply(&mut self, path: &RelPath, source: Option<RelPath>, stale: bool) {
+        let retries = match self.pending.get_mut(path) {
+            Some(p) => {
+                p.op = None;
+                p.retries += 1;
+                p.retries
+            }
+            None => 1,
+        };
+        if stale {
+            // Learn what is really there before trying again.
+            for p in std::iter::once(path.clone())
+                .chain(path.ancestors())
+                .chain(source)
+            {
+                self.out.push_back(Output::Observe { path: p });
+            }
+        }
+        let backoff = self.cfg.retry_after.as_nanos() as u64 * (1u64 << retries.min(6));
+        self.schedule_retry(path, backoff);
+    }
+
+    fn schedule_retry(&mut self, path: &RelPath, delay_ns: u64) {
+        let at = self.now + delay_ns;
+        let p = self.pending.entry(path.clone()).or_default();
+        if let Some(old) = p.retry_at.replace(at) {
+            self.retries.remove(&(old, path.clone()));
+        }
+        self.retries.insert((at, path.clone()));
+    }
+
+    pub(super) fn on_fetch_done(
+        &mut self,
+        op: super::OpId,
+        result: Result<super::StagedId, FetchError>,
+    ) {
+        let Some((path, OpKind::Fetch { from, hash })) = self.ops.remove(&op) else {
+            return;
+        };
+        self.fetches -= 1;
+        let queued = std::mem::take(&mut self.fetch_queue);
+        self.dirty.extend(queued);
+        let Some(p) = self.pending.get_mut(&path) else {
+            if let Ok(staged) = result {
+                self.out.push_back(Output::Release { staged });
+            }
+            return;
+        };
+        p.op = None;
+        match result {
+            Ok(staged) => {
+                if let Some((_, old)) = p.staged.replace((hash, staged)) {
+                    self.out.push_back(Output::Release { staged: old });
+                }
+            }
+            Err(FetchError::NotFound) | Err(FetchError::Unreachable) | Err(FetchError::Io(_)) => {
+                // That peer's file changed since it announced it (it will announce the newer
+                // one), or the connection failed (it announces again on reconnect).
+                p.tried.insert((from, hash));
+            }
+        }
+        self.dirty.insert(path);
+    }
+
+    pub(super) fn cache_put(&mut self, hash: Hash, data: Bytes) {
+        if self.cache.contains_key(&hash) {
+            return;
+        }
+        // Evict (in hash order, which is as good as random) until it fits; an evicted content
+        // is fetched again if still needed.
+        while self.cache_bytes + data.len() > self.cfg.cache_bytes_max {
+            let Some((_, old)) = self.cache.pop_first() else {
+                return;
+            };
+            self.cache_bytes -= old.len();
+        }
+        self.cache_bytes += data.len();
+        self.cache.insert(hash, data);
+    }
+
+    fn new_op(&mut self) -> super::OpId {
+        let op = self.next_op;
+        self.next_op += 1;
+        op
+    }
+
+    fn wait_for(&mut self, waiter: &RelPath, awaited: &RelPath) {
+        self.waits
+            .entry(waiter.clone())
+            .or_default()
+            .insert(awaited.clone());
+        self.waiters
+            .entry(awaited.clone())
+            .or_default()
+            .insert(waiter.clone());
+    }
+
+    /// Forgets what `path` waited for; a copy wished for by it looks again whether it is still
+    /// wanted.
+    fn clear_waits(&mut self, path: &RelPath) {
+        let Some(awaited) = self.waits.remove(path) else {
+            return;
+        };
+        for a in awaited {
+            if let Some(set) = self.waiters.get_mut(&a) {
+                set.remove(path);
+                if set.is_empty() {
+                    self.waiters.remove(&a);
+                }
+            }
+            if self
+                .pending
+                .get(&a)
+                .is_some_and(|p| p.wish_of.as_ref() == Some(path))
+            {
+                self.dirty.insert(a);
+            }
+        }
+    }
+
+    pub(super) fn wake_waiters(&mut self, path: &RelPath) {
+        if let Some(waiters) = self.waiters.remove(path) {
+            for w in waiters {
+                if let Some(set) = self.waits.get_mut(&w) {
+                    set.remove(path);
+                }
+                self.dirty.insert(w);
+            }
+        }
+    }
+
+    /// The node ids of peers in `sources` of a path, for diagnostics.
+    #[allow(dead_code)]
+    fn sources_of(&self, path: &RelPath) -> Vec<NodeId> {
+        self.pending
+            .get(path)
+            .map(|p| p.sources.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Entry {
+    /// True when the node's filesystem holds a directory here.
+    pub fn is_local_dir(&self) -> bool {
+        self.local.as_ref().is_some_and(Meta::is_dir)
+    }
+}

@@ -1,0 +1,469 @@
+//! The replication protocol with each peer: the master side ships this node's log in batches,
+//! the slave side takes the peer's batches in order and settles every record.
+//!
+//! Per connection and direction the sender keeps three positions in its own log: `acked` (the
+//! receiver has applied everything up to here), `sent` (the end of the last batch sent) and
+//! `scan` (how far it has looked; records the receiver has anyway are skipped without a
+//! message, and the skipped range rides along with the next batch or an idle flush). A batch
+//! covers `(after, upto]` with `after` equal to the previous batch's `upto`, so the receiver
+//! sees a lost or reordered batch as a gap and asks for a resend with `Pull`; a lost tail is
+//! resent when its acknowledgement does not come.
+
+use super::{Engine, Pending};
+use crate::store::{Entry, Store};
+use crate::wire::{Batch, Message, WireRecord, BATCH_INLINE_BYTES_MAX};
+use rsyncfs_conflict::{settle, Decision, NodeId};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Ranges of skipped records scanned per push before yielding, so that a peer that already has
+/// a huge log does not stall the engine in one call.
+const SCANS_PER_PUSH_MAX: usize = 64;
+
+/// One connected peer.
+#[derive(Debug)]
+pub(super) struct Peer {
+    // Master side (our log towards the peer).
+    hello: bool,
+    acked: u64,
+    sent: u64,
+    scan: u64,
+    /// Unacknowledged batches: (upto, sent at).
+    inflight: VecDeque<(u64, u64)>,
+    /// When the last batch went out, for the idle flush of a skipped range.
+    last_send_at: u64,
+    // Slave side (the peer's log towards us).
+    /// The peer's log is applied up to here (in memory; the store has the safe value).
+    recv: u64,
+    /// Sequences of the peer's records that are folded into pending targets, with counts.
+    holds: BTreeMap<u64, u32>,
+    pull_sent_at: Option<u64>,
+    /// Times the master side started again from an earlier position (a Pull or a resend).
+    rewinds: u64,
+}
+
+/// What status shows about one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub peer: NodeId,
+    /// Our log positions the peer has acknowledged / we have sent / there are.
+    pub acked: u64,
+    pub sent: u64,
+    /// The peer's log position we have applied.
+    pub applied: u64,
+    /// Paths whose records from this peer are not applied yet.
+    pub held: usize,
+}
+
+impl Peer {
+    fn new(recv: u64) -> Peer {
+        Peer {
+            hello: false,
+            acked: 0,
+            sent: 0,
+            scan: 0,
+            inflight: VecDeque::new(),
+            last_send_at: 0,
+            recv,
+            holds: BTreeMap::new(),
+            pull_sent_at: None,
+            rewinds: 0,
+        }
+    }
+
+    pub(super) fn is_idle(&self) -> bool {
+        self.inflight.is_empty() && self.sent == self.scan && self.holds.is_empty()
+    }
+
+    /// The highest position of the peer's log that is safe to store as progress: everything up
+    /// to it is stored here.
+    fn safe(&self) -> u64 {
+        match self.holds.keys().next() {
+            Some(&first) => self.recv.min(first - 1),
+            None => self.recv,
+        }
+    }
+
+    pub(super) fn deadline(&self, cfg: &super::Config) -> Option<u64> {
+        let resend = self
+            .inflight
+            .front()
+            .map(|&(_, at)| at + cfg.resend_after.as_nanos() as u64);
+        let flush = (self.hello && self.scan > self.sent && self.inflight.is_empty())
+            .then(|| self.last_send_at + cfg.idle_flush_after.as_nanos() as u64);
+        let pull = self
+            .pull_sent_at
+            .map(|at| at + cfg.resend_after.as_nanos() as u64);
+        resend.into_iter().chain(flush).chain(pull).min()
+    }
+}
+
+impl<S: Store> Engine<S> {
+    pub(super) fn on_peer_up(&mut self, peer: NodeId) {
+        assert_ne!(peer, self.cfg.node, "a node does not connect to itself");
+        let recv = self.store.progress(&peer);
+        self.peers.insert(peer, Peer::new(recv));
+        self.send(peer, Message::Hello { progress: recv });
+    }
+
+    pub(super) fn on_peer_down(&mut self, peer: NodeId) {
+        let Some(state) = self.peers.remove(&peer) else {
+            return;
+        };
+        // Progress falls back to what is stored; the peer sends the rest again next time, and
+        // the records folded into pending targets are taken again then.
+        self.store.set_progress(&peer, state.safe());
+        for p in self.pending.values_mut() {
+            p.holds.retain(|(n, _)| *n != peer);
+            p.sources.retain(|n| *n != peer);
+            p.tried.retain(|(n, _)| *n != peer);
+        }
+    }
+
+    /// Status of every connected peer.
+    pub fn peer_status(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .map(|(peer, p)| PeerStatus {
+                peer: *peer,
+                acked: p.acked,
+                sent: p.sent,
+                applied: p.recv,
+                held: p.holds.values().map(|&c| c as usize).sum(),
+            })
+            .collect()
+    }
+
+    /// Times the master side towards `peer` went back in its log on this connection; a record
+    /// may reach a peer once per connection plus once per rewind, and never more.
+    pub fn rewinds(&self, peer: &NodeId) -> u64 {
+        self.peers.get(peer).map_or(0, |p| p.rewinds)
+    }
+
+    /// The highest sequence this node has used.
+    pub fn log_end(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    pub(super) fn send(&mut self, to: NodeId, message: Message) {
+        self.out.push_back(super::Output::Send { to, message });
+    }
+
+    pub(super) fn on_message(&mut self, from: NodeId, message: Message) {
+        if !self.peers.contains_key(&from) {
+            // A message racing a disconnect; the next connection starts over with Hello.
+            return;
+        }
+        match message {
+            Message::Hello { progress } => self.on_hello(from, progress),
+            Message::Batch(batch) => self.on_batch(from, batch),
+            Message::Ack { progress } => self.on_ack(from, progress),
+            Message::Pull { after } => self.on_pull(from, after),
+        }
+    }
+
+    fn on_hello(&mut self, from: NodeId, progress: u64) {
+        let peer = self.peers.get_mut(&from).expect("checked by caller");
+        if peer.hello {
+            return; // a duplicate
+        }
+        // A peer cannot have applied more of our log than we have written; a peer that says so
+        // restarts from zero rather than missing records.
+        let progress = if progress > self.next_seq - 1 {
+            0
+        } else {
+            progress
+        };
+        peer.hello = true;
+        peer.acked = progress;
+        peer.sent = progress;
+        peer.scan = progress;
+        peer.last_send_at = self.now;
+    }
+
+    fn on_ack(&mut self, from: NodeId, progress: u64) {
+        let peer = self.peers.get_mut(&from).expect("checked by caller");
+        if progress > peer.sent {
+            return; // acknowledges something never sent: stale, from an earlier connection
+        }
+        peer.acked = peer.acked.max(progress);
+        while peer
+            .inflight
+            .front()
+            .is_some_and(|&(upto, _)| upto <= peer.acked)
+        {
+            peer.inflight.pop_front();
+        }
+    }
+
+    fn on_pull(&mut self, from: NodeId, after: u64) {
+        let peer = self.peers.get_mut(&from).expect("checked by caller");
+        if after < peer.acked || after > peer.sent {
+            return; // stale or impossible
+        }
+        peer.sent = after;
+        peer.scan = after;
+        peer.inflight.clear();
+        peer.rewinds += 1;
+        self.stats.resends += 1;
+    }
+
+    fn on_batch(&mut self, from: NodeId, batch: Batch) {
+        let now = self.now;
+        let resend_ns = self.cfg.resend_after.as_nanos() as u64;
+        let peer = self.peers.get_mut(&from).expect("checked by caller");
+        if batch.upto <= peer.recv {
+            let progress = peer.recv;
+            self.send(from, Message::Ack { progress });
+            return;
+        }
+        if batch.after > peer.recv {
+            // A batch went missing or arrives out of order: ask for everything after what we
+            // have, once per resend interval.
+            if peer.pull_sent_at.is_none_or(|at| at + resend_ns <= now) {
+                peer.pull_sent_at = Some(now);
+                let after = peer.recv;
+                self.send(from, Message::Pull { after });
+            }
+            return;
+        }
+        if self.pending.len() >= self.cfg.pending_max {
+            // Too much work waiting: drop the batch unacknowledged; the sender resends it.
+            self.stats.batches_refused_busy += 1;
+            return;
+        }
+        peer.pull_sent_at = None;
+        let already = peer.recv;
+        for record in batch.records {
+            if record.seq > already {
+                self.take_record(from, record);
+            }
+        }
+        let peer = self.peers.get_mut(&from).expect("still connected");
+        peer.recv = batch.upto;
+        let safe = peer.safe();
+        self.store.set_progress(&from, safe);
+        self.send(
+            from,
+            Message::Ack {
+                progress: batch.upto,
+            },
+        );
+    }
+
+    /// The slave replicator's decision for one received record.
+    fn take_record(&mut self, from: NodeId, wire: WireRecord) {
+        self.stats.records_received += 1;
+        let WireRecord {
+            seq,
+            path,
+            record,
+            data,
+        } = wire;
+        if let Some(max) = record.siblings.iter().map(|s| s.hlc).max() {
+            if self.hlc.update(&max, self.now_ntp()).is_err() {
+                self.stats.clock_skew_refusals += 1;
+            }
+        }
+        if self.cfg.mode == super::Mode::SendOnly {
+            return;
+        }
+        if let (Some(data), Some((hash, _))) = (data, record.winner().meta.file_hash()) {
+            self.cache_put(hash, data);
+        }
+        let stored = self.store.get(&path).and_then(|e| e.record);
+        let pending_target = self.pending.get(&path).and_then(|p| p.target.clone());
+        let base = pending_target.as_ref().or(stored.as_ref());
+        let decision = settle(path.as_str(), base, &record);
+        let target = match decision {
+            Decision::AlreadyHave | Decision::KeepLocal => None,
+            Decision::TakeRemote => Some(record.clone()),
+            Decision::Merge(merged) => Some(merged),
+            Decision::Conflict { merged, .. } => {
+                self.stats.conflicts += 1;
+                Some(merged)
+            }
+        };
+        // Until the stored record covers this one, the peer's progress must not pass it.
+        let covered = stored
+            .as_ref()
+            .is_some_and(|s| rsyncfs_conflict::join(s, &record) == *s);
+        if covered && target.is_none() {
+            return;
+        }
+        let p = self
+            .pending
+            .entry(path.clone())
+            .or_insert_with(Pending::default);
+        if let Some(target) = target {
+            p.from = (target == record).then_some(from);
+            p.target = Some(target);
+        }
+        if !p.sources.contains(&from) {
+            p.sources.push(from);
+        }
+        // A new announcement: what that peer did not have before, it may have now.
+        p.tried.retain(|(n, _)| *n != from);
+        if !covered {
+            // A peer's record: the target is no longer only this node's wish for a copy.
+            p.wish_of = None;
+            p.holds.push((from, seq));
+            *self
+                .peers
+                .get_mut(&from)
+                .expect("connected")
+                .holds
+                .entry(seq)
+                .or_insert(0) += 1;
+        }
+        self.dirty.insert(path);
+    }
+
+    /// Releases the holds of a path that is now stored (or given up) and stores the peers'
+    /// progress that this frees.
+    pub(super) fn release_holds(&mut self, holds: Vec<(NodeId, u64)>) {
+        let mut touched = Vec::new();
+        for (peer, seq) in holds {
+            if let Some(state) = self.peers.get_mut(&peer) {
+                if let Some(count) = state.holds.get_mut(&seq) {
+                    *count -= 1;
+                    if *count == 0 {
+                        state.holds.remove(&seq);
+                    }
+                }
+                touched.push(peer);
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        for peer in touched {
+            let safe = self.peers[&peer].safe();
+            self.store.set_progress(&peer, safe);
+        }
+    }
+
+    pub(super) fn peers_mark_new_records(&mut self) {
+        // Nothing to do: pushes look at the log at every flush.
+    }
+
+    /// Whether `entry` goes to `peer`: never back to the peer it came from, nor to the node
+    /// that wrote it.
+    fn should_send(&self, peer: NodeId, entry: &Entry) -> bool {
+        #[cfg(feature = "planted-bugs")]
+        if self.cfg.planted_bug == Some(super::PlantedBug::Echo) {
+            return true;
+        }
+        let record = entry.record.as_ref().expect("log entries have records");
+        entry.from != Some(peer) && record.author != Some(peer)
+    }
+
+    /// The master replicator: fills every peer's window with batches from the log.
+    pub(super) fn peers_push(&mut self) {
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            self.push_to(peer, false);
+        }
+    }
+
+    fn push_to(&mut self, to: NodeId, idle_flush: bool) {
+        let inline_max = self.cfg.inline_bytes_max;
+        let mut scans = 0;
+        loop {
+            let state = &self.peers[&to];
+            if !state.hello || state.inflight.len() >= self.cfg.window_batches {
+                return;
+            }
+            let (after, mut upto) = (state.sent, state.scan);
+            let mut records = Vec::new();
+            let mut inline_bytes = 0usize;
+            let mut exhausted = false;
+            while records.len() < self.cfg.batch_records_max && scans < SCANS_PER_PUSH_MAX {
+                scans += 1;
+                let room = self.cfg.batch_records_max - records.len();
+                let entries = self.store.after(upto, room);
+                if entries.is_empty() {
+                    exhausted = true;
+                    break;
+                }
+                for (path, entry) in entries {
+                    upto = entry.seq;
+                    if !self.should_send(to, &entry) {
+                        continue;
+                    }
+                    let record = entry.record.expect("log entries have records");
+                    if let Some((_, size)) = record.winner().meta.file_hash() {
+                        if size <= inline_max {
+                            inline_bytes += size as usize;
+                        }
+                    }
+                    records.push(WireRecord {
+                        seq: entry.seq,
+                        path,
+                        record,
+                        data: None,
+                    });
+                    if inline_bytes >= BATCH_INLINE_BYTES_MAX {
+                        break;
+                    }
+                }
+                if inline_bytes >= BATCH_INLINE_BYTES_MAX {
+                    break;
+                }
+            }
+            let state = self.peers.get_mut(&to).expect("connected");
+            state.scan = upto;
+            let flush_skipped = idle_flush && upto > after && state.inflight.is_empty();
+            if records.is_empty() && !flush_skipped {
+                return;
+            }
+            if upto == after {
+                return;
+            }
+            state.sent = upto;
+            state.inflight.push_back((upto, self.now));
+            state.last_send_at = self.now;
+            self.stats.batches_sent += 1;
+            self.stats.records_sent += records.len() as u64;
+            self.send(
+                to,
+                Message::Batch(Batch {
+                    after,
+                    upto,
+                    records,
+                }),
+            );
+            if exhausted || scans >= SCANS_PER_PUSH_MAX {
+                return;
+            }
+        }
+    }
+
+    pub(super) fn peers_on_timeout(&mut self) {
+        let now = self.now;
+        let resend_ns = self.cfg.resend_after.as_nanos() as u64;
+        let flush_ns = self.cfg.idle_flush_after.as_nanos() as u64;
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for id in peers {
+            let state = self.peers.get_mut(&id).expect("listed");
+            if state
+                .inflight
+                .front()
+                .is_some_and(|&(_, at)| at + resend_ns <= now)
+            {
+                // The batch or its acknowledgement was lost: start again from what is acked.
+                state.sent = state.acked;
+                state.scan = state.acked;
+                state.inflight.clear();
+                state.rewinds += 1;
+                self.stats.resends += 1;
+            }
+            if state.pull_sent_at.is_some_and(|at| at + resend_ns <= now) {
+                state.pull_sent_at = None;
+            }
+            let flush = state.hello
+                && state.scan > state.sent
+                && state.inflight.is_empty()
+                && state.last_send_at + flush_ns <= now;
+            self.push_to(id, flush);
+        }
+    }
+}

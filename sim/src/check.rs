@@ -1,0 +1,196 @@
+//! The invariants a run must keep, checked during the run and after it.
+//!
+//! - **convergence**: once healed and quiet, every node's tree is the same (paths, kinds,
+//!   contents, modes, file mtimes, symlink targets) and every store holds the same records;
+//! - **nothing lost**: every content a user completed (closed) on any node is, at the end, in
+//!   every node's tree (at its path, a new name, or a conflict copy), unless a user replaced or
+//!   removed it on a node where it was then no longer held anywhere;
+//! - **no echo**: a record never goes back to its author, and never crosses one connection
+//!   twice except when the sender rewinds (after a Pull or a resend timeout);
+//! - **store matches filesystem**: each engine's idea of its own tree is the tree;
+//! - **quiescence**: after the last fault heals, the mesh goes quiet and no path stays pending.
+//!
+//! Determinism (same seed, same digest) is checked by running twice.
+
+use crate::fs::SimFs;
+use rsyncfs_conflict::{Hash, NodeId};
+use rsyncfs_mesh::wire::WireRecord;
+use rsyncfs_mesh::MemStore;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+#[derive(Clone, Debug)]
+pub struct Violation {
+    pub invariant: &'static str,
+    /// The path it concerns, to pick the relevant lines of a trace.
+    pub path: Option<String>,
+    pub detail: String,
+}
+
+pub struct Checker {
+    violations: Vec<Violation>,
+    /// Contents owed to every node: content -> (node, path) where a user wrote it.
+    alive: BTreeMap<Hash, (usize, String)>,
+    sends: HashMap<(usize, usize, u64), HashMap<[u8; 32], u64>>,
+    pub records_stored: u64,
+    nodes: usize,
+}
+
+/// Violations reported per run; the first few tell the story.
+const VIOLATIONS_MAX: usize = 20;
+
+impl Checker {
+    pub fn new(nodes: usize) -> Checker {
+        Checker {
+            violations: Vec::new(),
+            alive: BTreeMap::new(),
+            sends: HashMap::new(),
+            records_stored: 0,
+            nodes,
+        }
+    }
+
+    pub fn violate(&mut self, invariant: &'static str, path: Option<String>, detail: String) {
+        if self.violations.len() < VIOLATIONS_MAX {
+            self.violations.push(Violation {
+                invariant,
+                path,
+                detail,
+            });
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        !self.violations.is_empty()
+    }
+
+    pub fn stop_early(&self) -> bool {
+        true
+    }
+
+    pub fn take_violations(&mut self) -> Vec<Violation> {
+        std::mem::take(&mut self.violations)
+    }
+
+    /// A user on `node` completed a write of this content at `path`.
+    pub fn written(&mut self, hash: Hash, node: usize, path: &str) {
+        self.alive.insert(hash, (node, path.to_string()));
+    }
+
+    /// A user replaced or removed the last copy of this content on their node.
+    pub fn replaced(&mut self, hash: Hash) {
+        self.alive.remove(&hash);
+    }
+
+    /// A record leaves `from` for `to` on connection `epoch` of their link, after the sender
+    /// rewound its log `rewinds` times on that connection.
+    pub fn record_sent(
+        &mut self,
+        from: usize,
+        to: usize,
+        epoch: u64,
+        rewinds: u64,
+        to_id: NodeId,
+        r: &WireRecord,
+    ) {
+        if r.record.author == Some(to_id) {
+            self.violate(
+                "no echo",
+                Some(r.path.to_string()),
+                format!(
+                    "n{from} sent the record of {} back to its author n{to}",
+                    r.path
+                ),
+            );
+        }
+        let mut key = blake3::Hasher::new();
+        key.update(r.path.as_str().as_bytes());
+        key.update(&postcard::to_stdvec(&r.record).expect("encodes"));
+        let key = *key.finalize().as_bytes();
+        let count = self
+            .sends
+            .entry((from, to, epoch))
+            .or_default()
+            .entry(key)
+            .or_insert(0);
+        *count += 1;
+        if *count > 1 + rewinds {
+            let count = *count;
+            self.violate(
+                "no echo",
+                Some(r.path.to_string()),
+                format!(
+                    "n{from} sent the same record of {} to n{to} {count} times on one connection with {rewinds} rewinds",
+                    r.path
+                ),
+            );
+        }
+    }
+
+    pub fn convergence(&mut self, trees: &[&SimFs], stores: &[&MemStore]) {
+        for i in 1..self.nodes {
+            if trees[i] != trees[0] {
+                let mut paths: BTreeSet<&String> = trees[0].iter().map(|(p, _)| p).collect();
+                paths.extend(trees[i].iter().map(|(p, _)| p));
+                let differ: Vec<String> = paths
+                    .into_iter()
+                    .filter(|p| trees[0].get(p) != trees[i].get(p))
+                    .take(5)
+                    .map(|p| {
+                        format!(
+                            "{p}: n0 {:?} / n{i} {:?}",
+                            trees[0].meta(p).map(|m| m.content),
+                            trees[i].meta(p).map(|m| m.content)
+                        )
+                    })
+                    .collect();
+                let path = differ
+                    .first()
+                    .map(|d| d.split(':').next().unwrap_or("").to_string());
+                self.violate(
+                    "convergence",
+                    path,
+                    format!("trees of n0 and n{i} differ: {}", differ.join("; ")),
+                );
+                return;
+            }
+            let a: Vec<_> = stores[0].records().collect();
+            let b: Vec<_> = stores[i].records().collect();
+            if a != b {
+                let first = a
+                    .iter()
+                    .zip(b.iter())
+                    .find(|(x, y)| x != y)
+                    .map(|(x, _)| x.0.to_string());
+                self.violate(
+                    "convergence",
+                    first.clone(),
+                    format!(
+                        "stores of n0 and n{i} differ ({} and {} records; first difference at {first:?})",
+                        a.len(),
+                        b.len()
+                    ),
+                );
+                return;
+            }
+        }
+    }
+
+    pub fn nothing_lost(&mut self, trees: &[&SimFs]) {
+        let held: Vec<BTreeSet<Hash>> = trees.iter().map(|t| t.contents()).collect();
+        for (hash, (node, path)) in self.alive.clone() {
+            for (i, contents) in held.iter().enumerate() {
+                if !contents.contains(&hash) {
+                    self.violate(
+                        "nothing lost",
+                        Some(path.clone()),
+                        format!(
+                            "a write completed on n{node} at {path} (content #{:02x}{:02x}) is missing from n{i}",
+                            hash[0], hash[1]
+                        ),
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! An in-memory filesystem, one per simulated node: what its users see through the mount and
+//! what the driver changes underneath when it applies a peer's update.
+
+use bytes::Bytes;
+use rsyncfs_conflict::{Content, Hash, Meta, DIR_MODE_DEFAULT};
+use rsyncfs_mesh::engine::{Action, Apply, ApplyError, Source, StagedId};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    File {
+        data: Bytes,
+        hash: Hash,
+        mode: u32,
+        mtime_ns: i64,
+    },
+    Dir {
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+    },
+}
+
+impl Node {
+    pub fn file(data: Bytes, mode: u32, mtime_ns: i64) -> Node {
+        let hash = *blake3::hash(&data).as_bytes();
+        Node::File {
+            data,
+            hash,
+            mode,
+            mtime_ns,
+        }
+    }
+
+    pub fn meta(&self) -> Meta {
+        match self {
+            Node::File {
+                data,
+                hash,
+                mode,
+                mtime_ns,
+            } => Meta::file(data.len() as u64, *hash, *mode, *mtime_ns),
+            Node::Dir { mode } => Meta::dir(*mode),
+            Node::Symlink { target } => Meta::symlink(target.clone()),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        matches!(self, Node::Dir { .. })
+    }
+}
+
+/// Why a user's operation failed, as errno would say.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Errno {
+    NoEnt,
+    Exist,
+    NotDir,
+    IsDir,
+    NotEmpty,
+}
+
+/// A tree of files, directories and symlinks keyed by relative path. Parents sort before their
+/// children, so iteration is a top-down walk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimFs {
+    nodes: BTreeMap<String, Node>,
+}
+
+fn parent(path: &str) -> Option<&str> {
+    path.rfind('/').map(|i| &path[..i])
+}
+
+fn ancestors(path: &str) -> Vec<&str> {
+    // Top-down.
+    path.char_indices()
+        .filter(|&(_, c)| c == '/')
+        .map(|(i, _)| &path[..i])
+        .collect()
+}
+
+impl SimFs {
+    pub fn get(&self, path: &str) -> Option<&Node> {
+        self.nodes.get(path)
+    }
+
+    pub fn meta(&self, path: &str) -> Option<Meta> {
+        self.nodes.get(path).map(Node::meta)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Node)> {
+        self.nodes.iter()
+    }
+
+    /// Paths strictly below `dir`.
+    pub fn below<'a>(&'a self, dir: &str) -> impl Iterator<Item = (&'a String, &'a Node)> + 'a {
+        let lo = format!("{dir}/");
+        let hi = format!("{dir}0");
+        self.nodes.range(lo..hi)
+    }
+
+    fn parent_ok(&self, path: &str) -> Result<(), Errno> {
+        match parent(path) {
+            None => Ok(()),
+            Some(p) => match self.nodes.get(p) {
+                Some(Node::Dir { .. }) => Ok(()),
+                Some(_) => Err(Errno::NotDir),
+                None => Err(Errno::NoEnt),
+            },
+        }
+    }
+
+    /// Contents of every file, for the "no write lost" check.
+    pub fn contents(&self) -> BTreeSet<Hash> {
+        self.nodes
+            .values()
+            .filter_map(|n| match n {
+                Node::File { hash, .. } => Some(*hash),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn find_content(&self, hash: &Hash, hint: &str) -> Option<Bytes> {
+        if let Some(Node::File { data, hash: h, .. }) = self.nodes.get(hint) {
+            if h == hash {
+                return Some(data.clone());
+            }
+        }
+        self.nodes.values().find_map(|n| match n {
+            Node::File { data, hash: h, .. } if h == hash => Some(data.clone()),
+            _ => None,
+        })
+    }
+
+    // ---- What users do through the mount ----
+
+    /// Creates or replaces a file (open with O_CREAT|O_TRUNC, write, close).
+    pub fn write(
+        &mut self,
+        path: &str,
+        data: Bytes,
+        mode: u32,
+        mtime_ns: i64,
+    ) -> Result<(), Errno> {
+        self.parent_ok(path)?;
+        match self.nodes.get(path) {
+            Some(Node::Dir { .. }) => return Err(Errno::IsDir),
+            Some(Node::Symlink { .. }) => {
+                // Writing through a symlink would follow it; users here replace it instead.
+                self.nodes.remove(path);
+            }
+            _ => {}
+        }
+        let mode = match self.nodes.get(path) {
+            Some(Node::File { mode, .. }) => *mode,
+            _ => mode,
+        };
+        self.nodes
+            .insert(path.to_string(), Node::file(data, mode, mtime_ns));
+        Ok(())
+    }
+
+    pub fn read_file(&self, path: &str) -> Option<Bytes> {
+        match self.nodes.get(path) {
+            Some(Node::File { data, .. }) => Some(data.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn mkdir(&mut self, path: &str, mode: u32) -> Result<(), Errno> {
+        self.parent_ok(path)?;
+        if self.nodes.contains_key(path) {
+            return Err(Errno::Exist);
+        }
+        self.nodes.insert(path.to_string(), Node::Dir { mode });
+        Ok(())
+    }
+
+    pub fn rmdir(&mut self, path: &str) -> Result<(), Errno> {
+        match self.nodes.get(path) {
+            Some(Node::Dir { .. }) => {}
+            Some(_) => return Err(Errno::NotDir),
+            None => return Err(Errno::NoEnt),
+        }
+        if self.below(path).next().is_some() {
+            return Err(Errno::NotEmpty);
+        }
+        self.nodes.remove(path);
+        Ok(())
+    }
+
+    pub fn unlink(&mut self, path: &str) -> Result<(), Errno> {
+        match self.nodes.get(path) {
+            Some(Node::Dir { .. }) => Err(Errno::IsDir),
+            Some(_) => {
+                self.nodes.remove(path);
+                Ok(())
+            }
+            None => Err(Errno::NoEnt),
+        }
+    }
+
+    pub fn symlink(&mut self, path: &str, target: &str) -> Result<(), Errno> {
+        self.parent_ok(path)?;
+        if self.nodes.contains_key(path) {
+            return Err(Errno::Exist);
+        }
+        self.nodes.insert(
+            path.to_string(),
+            Node::Symlink {
+                target: target.to_string(),
+            },
+        );
+        Ok(())
+    }
+
+    pub fn chmod(&mut self, path: &str, new_mode: u32) -> Result<(), Errno> {
+        match self.nodes.get_mut(path) {
+            Some(Node::File { mode, .. }) | Some(Node::Dir { mode }) => {
+                *mode = new_mode;
+                Ok(())
+            }
+            Some(Node::Symlink { .. }) => Err(Errno::NoEnt),
+            None => Err(Errno::NoEnt),
+        }
+    }
+
+    /// rename(2) without flags: a file or symlink may replace a file or symlink, a directory an
+    /// empty directory; a directory cannot move into itself.
+    pub fn rename(&mut self, from: &str, to: &str) -> Result<(), Errno> {
+        let Some(src) = self.nodes.get(from) else {
+            return Err(Errno::NoEnt);
+        };
+        if from == to {
+            return Ok(());
+        }
+        self.parent_ok(to)?;
+        if to.starts_with(&format!("{from}/")) {
+            return Err(Errno::Exist);
+        }
+        let src_dir = src.is_dir();
+        match self.nodes.get(to) {
+            Some(Node::Dir { .. }) if !src_dir => return Err(Errno::IsDir),
+            Some(Node::Dir { .. }) if self.below(to).next().is_some() => {
+                return Err(Errno::NotEmpty)
+            }
+            Some(n) if src_dir && !n.is_dir() => return Err(Errno::NotDir),
+            _ => {}
+        }
+        let moved: Vec<(String, Node)> = std::iter::once((from.to_string(), src.clone()))
+            .chain(self.below(from).map(|(p, n)| (p.clone(), n.clone())))
+            .collect();
+        for (p, _) in &moved {
+            self.nodes.remove(p);
+        }
+        self.nodes.remove(to);
+        for (p, n) in moved {
+            let new = format!("{to}{}", &p[from.len()..]);
+            self.nodes.insert(new, n);
+        }
+        Ok(())
+    }
+
+    // ---- What the driver does for the engine ----
+
+    /// Carries out an engine's apply against this tree, with the checks a real driver makes.
+    pub fn apply(
+        &mut self,
+        apply: &Apply,
+        open_for_write: &BTreeSet<String>,
+        staged: &BTreeMap<StagedId, Bytes>,
+    ) -> Result<(), ApplyError> {
+        let path = apply.path.as_str();
+        if open_for_write.contains(path) {
+            return Err(ApplyError::Busy);
+        }
+        if self.meta(path) != apply.expect {
+            return Err(ApplyError::Stale);
+        }
+        let ups = ancestors(path);
+        if ups
+            .iter()
+            .any(|a| self.nodes.get(*a).is_some_and(|n| !n.is_dir()))
+        {
+            return Err(ApplyError::Stale);
+        }
+        let current_is_dir = self.nodes.get(path).is_some_and(Node::is_dir);
+        let replaces = !matches!(apply.action, Action::SetAttr { .. } | Action::Mkdir { .. });
+        if current_is_dir && replaces && self.below(path).next().is_some() {
+            return Err(ApplyError::Stale);
+        }
+        // Everything checked; now change the tree.
+        let new = match &apply.action {
+            Action::Remove => {
+                self.nodes.remove(path);
+                return Ok(());
+            }
+            Action::SetAttr { meta } => {
+                match (self.nodes.get_mut(path), &meta.content) {
+                    (Some(Node::File { mode, mtime_ns, .. }), Content::File { .. }) => {
+                        *mode = meta.mode;
+                        *mtime_ns = meta.mtime_ns;
+                    }
+                    (Some(Node::Dir { mode }), Content::Dir) => *mode = meta.mode,
+                    _ => return Err(ApplyError::Stale),
+                }
+                return Ok(());
+            }
+            Action::Mkdir { mode } => Node::Dir { mode: *mode },
+            Action::Symlink { target } => Node::Symlink {
+                target: target.clone(),
+            },
+            Action::Write { meta, source } => {
+                let data = match source {
+                    Source::Inline(b) => b.clone(),
+                    Source::Staged(id) => match staged.get(id) {
+                        Some(b) => b.clone(),
+                        None => return Err(ApplyError::Io(format!("no staged content {id}"))),
+                    },
+                    Source::Local(q) => match (self.nodes.get(q.as_str()), meta.file_hash()) {
+                        (Some(Node::File { data, hash, .. }), Some((want, _))) if *hash == want => {
+                            data.clone()
+                        }
+                        _ => return Err(ApplyError::Stale),
+                    },
+                };
+                let node = Node::file(data, meta.mode, meta.mtime_ns);
+                assert_eq!(
+                    node.meta(),
+                    *meta,
+                    "content of a write does not match its meta"
+                );
+                node
+            }
+        };
+        for a in ups {
+            self.nodes.entry(a.to_string()).or_insert(Node::Dir {
+                mode: DIR_MODE_DEFAULT,
+            });
+        }
+        if let (Some(Node::Dir { .. }), Node::Dir { mode }) = (self.nodes.get_mut(path), &new) {
+            // Making a directory where one is: set its mode, keep what is inside.
+            let mode = *mode;
+            self.nodes.insert(path.to_string(), Node::Dir { mode });
+            return Ok(());
+        }
+        self.nodes.insert(path.to_string(), new);
+        Ok(())
+    }
+}

@@ -1,0 +1,1335 @@
+//! One simulated run: N engines over in-memory filesystems, a simulated network and clocks, a
+//! seeded workload and fault schedule, and the checks of every invariant.
+
+use crate::check::{Checker, Violation};
+use crate::fs::{Node, SimFs};
+use crate::{Options, Topology};
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rsyncfs_conflict::{Meta, NodeId};
+use rsyncfs_mesh::engine::{Apply, Config, Engine, FetchError, Input, OpId, Output, StagedId};
+use rsyncfs_mesh::wire::{self, Message};
+use rsyncfs_mesh::{MemStore, RelPath, Store};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::time::Duration;
+
+const MS: u64 = 1_000_000;
+/// 2026-11-26T00:00:00Z: where every node's clock starts, before its skew.
+const EPOCH_NS: u64 = 1_795_651_200 * 1_000_000_000;
+/// Files up to this size travel inline in the simulator; larger ones are fetched, so that both
+/// paths run on every seed.
+const SIM_INLINE_BYTES_MAX: u64 = 128;
+/// Longest the network may take to go quiet after the last fault heals.
+const QUIET_LIMIT_NS: u64 = 600_000 * MS;
+/// Trace lines kept for a failure report.
+const TRACE_LINES_MAX: usize = 200_000;
+
+/// The hot paths of the workload: few, so that races are common. Some directory names are also
+/// written as files, so that file-against-directory races happen too.
+const FILES: &[&str] = &["a", "b", "c.txt", "d/x", "d/y", "d/e/z", "f/w", "d", "f"];
+const DIRS: &[&str] = &["d", "d/e", "f", "g"];
+const MODES: &[u32] = &[0o644, 0o600, 0o755, 0o700];
+
+#[derive(Debug)]
+enum Event {
+    UserOp {
+        node: usize,
+    },
+    Close {
+        node: usize,
+        path: String,
+        life: u64,
+    },
+    DirtyReport {
+        node: usize,
+        path: String,
+        life: u64,
+    },
+    Deliver {
+        from: usize,
+        to: usize,
+        epoch: u64,
+        bytes: Vec<u8>,
+    },
+    FetchArrive {
+        client: usize,
+        server: usize,
+        epoch: u64,
+        op: OpId,
+        hash: [u8; 32],
+        hint: String,
+    },
+    FetchReply {
+        client: usize,
+        server: usize,
+        epoch: u64,
+        op: OpId,
+        found: Option<Bytes>,
+    },
+    ApplyExec {
+        node: usize,
+        life: u64,
+        apply: Apply,
+    },
+    Timer {
+        node: usize,
+        life: u64,
+    },
+    Commit {
+        node: usize,
+        life: u64,
+    },
+    Cut {
+        link: (usize, usize),
+    },
+    Heal {
+        link: (usize, usize),
+    },
+    Crash {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    HealAll,
+}
+
+struct Scheduled {
+    time: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.time, self.seq) == (other.time, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.time, self.seq).cmp(&(other.time, other.seq))
+    }
+}
+
+struct SimNode {
+    id: NodeId,
+    engine: Option<Engine<MemStore>>,
+    /// The store while the node is down.
+    parked: Option<MemStore>,
+    fs: SimFs,
+    offset_ns: i64,
+    drift_ppm: i64,
+    /// Files a local process has open for writing, and whether it wrote since the last report.
+    open: BTreeMap<String, bool>,
+    staged: BTreeMap<StagedId, Bytes>,
+    next_staged: StagedId,
+    /// Bumped at every crash and restart; events of an earlier life are ignored.
+    life: u64,
+    timer_at: Option<u64>,
+    commit_at: Option<u64>,
+    io_free_at: u64,
+    /// Fetches out to each peer, failed when the link drops.
+    fetches_out: BTreeMap<OpId, usize>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Link {
+    cut: bool,
+    up: bool,
+    epoch: u64,
+}
+
+/// Per-seed network and fault character.
+struct Weather {
+    loss: f64,
+    dup: f64,
+    delay_max_ns: u64,
+}
+
+/// The result of one run.
+pub struct Outcome {
+    pub digest: [u8; 32],
+    pub violations: Vec<Violation>,
+    pub trace: Vec<String>,
+    pub stats: RunStats,
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct RunStats {
+    pub ops: u64,
+    pub messages: u64,
+    pub records_sent: u64,
+    pub records_stored: u64,
+    pub conflicts: u64,
+    pub crashes: u64,
+    pub cuts: u64,
+    pub virtual_ms: u64,
+}
+
+pub struct World {
+    opts: Options,
+    rng: ChaCha8Rng,
+    time: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    nodes: Vec<SimNode>,
+    links: BTreeMap<(usize, usize), Link>,
+    weather: Weather,
+    digest: blake3::Hasher,
+    trace: Option<VecDeque<String>>,
+    check: Checker,
+    stats: RunStats,
+    content_counter: u64,
+    workload_end: u64,
+}
+
+fn link_key(a: usize, b: usize) -> (usize, usize) {
+    (a.min(b), a.max(b))
+}
+
+impl World {
+    pub fn new(opts: Options) -> World {
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        let n = opts.nodes;
+        let nodes = (0..n)
+            .map(|i| {
+                let id = NodeId::from_index(i as u64);
+                let offset_ns = rng.random_range(-2_000i64..=2_000) * MS as i64;
+                let drift_ppm = rng.random_range(-200i64..=200);
+                let mut node = SimNode {
+                    id,
+                    engine: None,
+                    parked: Some(MemStore::new()),
+                    fs: SimFs::default(),
+                    offset_ns,
+                    drift_ppm,
+                    open: BTreeMap::new(),
+                    staged: BTreeMap::new(),
+                    next_staged: 1,
+                    life: 0,
+                    timer_at: None,
+                    commit_at: None,
+                    io_free_at: 0,
+                    fetches_out: BTreeMap::new(),
+                };
+                node.engine = Some(Engine::new(
+                    engine_config(id, &opts),
+                    node.parked.take().expect("fresh"),
+                ));
+                node
+            })
+            .collect();
+        let mut links = BTreeMap::new();
+        for (a, b) in topology_edges(opts.topology, n) {
+            links.insert(link_key(a, b), Link::default());
+        }
+        let weather = Weather {
+            loss: [0.0, 0.01, 0.05][rng.random_range(0..3)],
+            dup: [0.0, 0.01, 0.03][rng.random_range(0..3)],
+            delay_max_ns: [MS, 5 * MS, 30 * MS][rng.random_range(0..3)],
+        };
+        let trace = opts.trace.then(VecDeque::new);
+        World {
+            check: Checker::new(n),
+            opts,
+            rng,
+            time: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            links,
+            weather,
+            digest: blake3::Hasher::new(),
+            trace,
+            stats: RunStats::default(),
+            content_counter: 0,
+            workload_end: 0,
+        }
+    }
+
+    fn schedule(&mut self, time: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            time,
+            seq: self.seq,
+            event,
+        }));
+    }
+
+    fn log(&mut self, line: impl FnOnce() -> String) {
+        if let Some(trace) = &mut self.trace {
+            if trace.len() == TRACE_LINES_MAX {
+                trace.pop_front();
+            }
+            let t = self.time as f64 / MS as f64;
+            trace.push_back(format!("[{t:10.3} ms] {}", line()));
+        }
+    }
+
+    /// What node `n`'s clock says at simulation time `t`: skewed and drifting.
+    fn node_time_at(&self, n: usize, t: u64) -> u64 {
+        let node = &self.nodes[n];
+        let t = t as i128;
+        (EPOCH_NS as i128 + node.offset_ns as i128 + t + t * node.drift_ppm as i128 / 1_000_000)
+            as u64
+    }
+
+    fn node_time(&self, n: usize) -> u64 {
+        self.node_time_at(n, self.time)
+    }
+
+    /// The earliest simulation time (not before now) at which node `n`'s clock shows `node_ns`.
+    fn sim_time_of(&self, n: usize, node_ns: u64) -> u64 {
+        let node = &self.nodes[n];
+        let local = node_ns as i128 - EPOCH_NS as i128 - node.offset_ns as i128;
+        let mut t = (local * 1_000_000 / (1_000_000 + node.drift_ppm as i128))
+            .max(self.time as i128) as u64;
+        // Integer division may land a few nanoseconds early; step forward until the clock is there.
+        while self.node_time_at(n, t) < node_ns {
+            t += 1;
+        }
+        t
+    }
+
+    pub fn run(mut self) -> Outcome {
+        self.schedule_workload();
+        for (a, b) in self.links.keys().copied().collect::<Vec<_>>() {
+            self.link_up(a, b);
+        }
+        let limit = self.workload_end + QUIET_LIMIT_NS;
+        while let Some(Reverse(next)) = self.queue.pop() {
+            if next.time > limit {
+                self.check.violate(
+                    "quiescence",
+                    None,
+                    format!(
+                        "the mesh was still busy {} s after the last fault healed",
+                        QUIET_LIMIT_NS / 1_000_000_000
+                    ),
+                );
+                break;
+            }
+            self.time = next.time;
+            self.handle_event(next.event);
+            if self.check.failed() && self.check.stop_early() {
+                break;
+            }
+        }
+        self.stats.virtual_ms = self.time / MS;
+        self.finish()
+    }
+
+    fn schedule_workload(&mut self) {
+        let mut t = MS;
+        let n = self.opts.nodes;
+        for _ in 0..self.opts.steps {
+            t += self.rng.random_range(0..4 * MS);
+            let node = self.rng.random_range(0..n);
+            self.schedule(t, Event::UserOp { node });
+        }
+        self.workload_end = t;
+        // Faults: partitions of single links and crashes of single nodes, all inside the
+        // workload window; everything heals at its end.
+        let links: Vec<_> = self.links.keys().copied().collect();
+        let fault_rate = [0u64, 1, 3][self.rng.random_range(0..3)];
+        let cuts = self.opts.steps * fault_rate / 100;
+        for _ in 0..cuts {
+            if links.is_empty() {
+                break;
+            }
+            let link = links[self.rng.random_range(0..links.len())];
+            let at = self.rng.random_range(MS..t.max(MS + 1));
+            let dur = self.rng.random_range(10 * MS..2_000 * MS);
+            self.schedule(at, Event::Cut { link });
+            self.schedule((at + dur).min(t), Event::Heal { link });
+        }
+        let crashes = self.opts.steps * fault_rate / 200;
+        for _ in 0..crashes {
+            let node = self.rng.random_range(0..n);
+            let at = self.rng.random_range(MS..t.max(MS + 1));
+            let dur = self.rng.random_range(MS..1_000 * MS);
+            self.schedule(at, Event::Crash { node });
+            self.schedule((at + dur).min(t), Event::Restart { node });
+        }
+        self.schedule(t + MS, Event::HealAll);
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        match event {
+            Event::UserOp { node } => {
+                if self.nodes[node].engine.is_some() {
+                    self.stats.ops += 1;
+                    self.user_op(node);
+                }
+            }
+            Event::Close { node, path, life } => {
+                if self.nodes[node].life == life {
+                    if let Some(dirty) = self.nodes[node].open.remove(&path) {
+                        self.log(|| format!("n{node} user closes {path}"));
+                        if dirty {
+                            self.report_written(node, &path);
+                        }
+                        let p = RelPath::new(path).expect("workload paths are valid");
+                        self.feed(node, Input::WriterClosed { path: p });
+                    }
+                }
+            }
+            Event::DirtyReport { node, path, life } => {
+                let n = &mut self.nodes[node];
+                if n.life == life {
+                    if let Some(dirty) = n.open.get_mut(&path) {
+                        if std::mem::take(dirty) {
+                            self.report_written(node, &path);
+                        }
+                        self.schedule(self.time + 50 * MS, Event::DirtyReport { node, path, life });
+                    }
+                }
+            }
+            Event::Deliver {
+                from,
+                to,
+                epoch,
+                bytes,
+            } => {
+                let link = self.links[&link_key(from, to)];
+                if !link.up || link.epoch != epoch {
+                    return;
+                }
+                match wire::decode(&bytes) {
+                    Ok(message) => {
+                        self.digest.update(&bytes);
+                        self.log(|| format!("n{to} <- n{from} {}", describe(&message)));
+                        let id = self.nodes[from].id;
+                        self.feed(to, Input::Received { from: id, message });
+                    }
+                    Err(e) => self.check.violate(
+                        "wire",
+                        None,
+                        format!("n{from} sent a message n{to} cannot decode: {e}"),
+                    ),
+                }
+            }
+            Event::FetchArrive {
+                client,
+                server,
+                epoch,
+                op,
+                hash,
+                hint,
+            } => {
+                let link = self.links[&link_key(client, server)];
+                if !link.up || link.epoch != epoch {
+                    return;
+                }
+                let found = self.nodes[server].fs.find_content(&hash, &hint);
+                let delay = self.delay();
+                self.schedule(
+                    self.time + delay,
+                    Event::FetchReply {
+                        client,
+                        server,
+                        epoch,
+                        op,
+                        found,
+                    },
+                );
+            }
+            Event::FetchReply {
+                client,
+                server,
+                epoch,
+                op,
+                found,
+            } => {
+                let link = self.links[&link_key(client, server)];
+                if !link.up || link.epoch != epoch {
+                    return;
+                }
+                if self.nodes[client].fetches_out.remove(&op).is_none() {
+                    return;
+                }
+                let result = match found {
+                    Some(bytes) => {
+                        let n = &mut self.nodes[client];
+                        let id = n.next_staged;
+                        n.next_staged += 1;
+                        n.staged.insert(id, bytes);
+                        Ok(id)
+                    }
+                    None => Err(FetchError::NotFound),
+                };
+                self.log(|| {
+                    format!(
+                        "n{client} fetch {op} from n{server}: {}",
+                        if result.is_ok() { "ok" } else { "not found" }
+                    )
+                });
+                self.feed(client, Input::FetchDone { op, result });
+            }
+            Event::ApplyExec { node, life, apply } => {
+                if self.nodes[node].life != life {
+                    return;
+                }
+                let n = &mut self.nodes[node];
+                let open: BTreeSet<String> = n.open.keys().cloned().collect();
+                let result = n.fs.apply(&apply, &open, &n.staged);
+                if result.is_ok() {
+                    if let rsyncfs_mesh::engine::Action::Write {
+                        source: rsyncfs_mesh::engine::Source::Staged(id),
+                        ..
+                    } = &apply.action
+                    {
+                        n.staged.remove(id);
+                    }
+                }
+                self.log(|| {
+                    format!(
+                        "n{node} apply {} {:?} -> {result:?}",
+                        apply.path,
+                        short_action(&apply.action)
+                    )
+                });
+                self.digest.update(apply.path.as_str().as_bytes());
+                self.feed(
+                    node,
+                    Input::ApplyDone {
+                        op: apply.op,
+                        result,
+                    },
+                );
+            }
+            Event::Timer { node, life } => {
+                let n = &self.nodes[node];
+                if n.life != life || n.timer_at != Some(self.time) {
+                    return;
+                }
+                self.nodes[node].timer_at = None;
+                let now = self.node_time(node);
+                if let Some(engine) = self.nodes[node].engine.as_mut() {
+                    engine.handle_timeout(now);
+                }
+                self.drain(node);
+            }
+            Event::Commit { node, life } => {
+                let n = &mut self.nodes[node];
+                if n.life == life && n.commit_at == Some(self.time) {
+                    n.commit_at = None;
+                    if let Some(e) = n.engine.as_mut() {
+                        e.store_mut().commit();
+                    }
+                }
+            }
+            Event::Cut { link } => {
+                self.stats.cuts += 1;
+                self.log(|| format!("cut n{}-n{}", link.0, link.1));
+                self.links.get_mut(&link).expect("known").cut = true;
+                self.refresh_link(link);
+            }
+            Event::Heal { link } => {
+                self.log(|| format!("heal n{}-n{}", link.0, link.1));
+                self.links.get_mut(&link).expect("known").cut = false;
+                self.refresh_link(link);
+            }
+            Event::Crash { node } => self.crash(node),
+            Event::Restart { node } => self.restart(node),
+            Event::HealAll => {
+                self.log(|| "heal all, restart all, close all".to_string());
+                for node in 0..self.nodes.len() {
+                    if self.nodes[node].engine.is_none() {
+                        self.restart(node);
+                    }
+                }
+                for link in self.links.keys().copied().collect::<Vec<_>>() {
+                    self.links.get_mut(&link).expect("known").cut = false;
+                    self.refresh_link(link);
+                }
+                for node in 0..self.nodes.len() {
+                    let life = self.nodes[node].life;
+                    for path in self.nodes[node].open.keys().cloned().collect::<Vec<_>>() {
+                        self.schedule(self.time, Event::Close { node, path, life });
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- Engines and their outputs ----
+
+    fn feed(&mut self, n: usize, input: Input) {
+        let now = self.node_time(n);
+        let Some(engine) = self.nodes[n].engine.as_mut() else {
+            return;
+        };
+        engine.handle(now, input);
+        self.drain(n);
+    }
+
+    fn drain(&mut self, n: usize) {
+        let mut observe = Vec::new();
+        loop {
+            let Some(engine) = self.nodes[n].engine.as_mut() else {
+                return;
+            };
+            let Some(output) = engine.poll_output() else {
+                if observe.is_empty() {
+                    break;
+                }
+                // Answer observations after the outputs before them, as a driver would.
+                for path in std::mem::take(&mut observe) {
+                    let observed = self.nodes[n].fs.meta(&path_str(&path));
+                    let now = self.node_time(n);
+                    let engine = self.nodes[n].engine.as_mut().expect("checked");
+                    engine.handle(now, Input::LocalChange { path, observed });
+                }
+                continue;
+            };
+            match output {
+                Output::Send { to, message } => self.send(n, to, message),
+                Output::Fetch(f) => {
+                    let server = self.index_of(f.from);
+                    let link = self.links[&link_key(n, server)];
+                    if !link.up {
+                        // The engine learns of the drop with PeerDown; fail the fetch now.
+                        let now = self.node_time(n);
+                        let engine = self.nodes[n].engine.as_mut().expect("checked");
+                        engine.handle(
+                            now,
+                            Input::FetchDone {
+                                op: f.op,
+                                result: Err(FetchError::Unreachable),
+                            },
+                        );
+                        continue;
+                    }
+                    self.log(|| format!("n{n} fetch {} {} from n{server}", f.op, f.path));
+                    self.nodes[n].fetches_out.insert(f.op, server);
+                    let delay = self.delay();
+                    self.schedule(
+                        self.time + delay,
+                        Event::FetchArrive {
+                            client: n,
+                            server,
+                            epoch: link.epoch,
+                            op: f.op,
+                            hash: f.hash,
+                            hint: f.path.to_string(),
+                        },
+                    );
+                }
+                Output::Apply(apply) => {
+                    let io = self.rng.random_range(0..2 * MS);
+                    let node = &mut self.nodes[n];
+                    let at = node.io_free_at.max(self.time) + io;
+                    node.io_free_at = at;
+                    let life = node.life;
+                    self.schedule(
+                        at,
+                        Event::ApplyExec {
+                            node: n,
+                            life,
+                            apply,
+                        },
+                    );
+                }
+                Output::Observe { path } => observe.push(path),
+                Output::Release { staged } => {
+                    self.nodes[n].staged.remove(&staged);
+                }
+            }
+        }
+        self.reschedule(n);
+    }
+
+    fn reschedule(&mut self, n: usize) {
+        let Some(engine) = self.nodes[n].engine.as_ref() else {
+            return;
+        };
+        let deadline = engine.poll_timeout();
+        let uncommitted = engine.store().uncommitted() > 0;
+        if let Some(d) = deadline {
+            let at = self.sim_time_of(n, d);
+            if self.nodes[n].timer_at.is_none_or(|t| at < t) {
+                self.nodes[n].timer_at = Some(at);
+                let life = self.nodes[n].life;
+                self.schedule(at, Event::Timer { node: n, life });
+            }
+        }
+        if uncommitted && self.nodes[n].commit_at.is_none() {
+            // Group commit a few milliseconds after the first uncommitted write.
+            let at = self.time + self.rng.random_range(MS..10 * MS);
+            self.nodes[n].commit_at = Some(at);
+            let life = self.nodes[n].life;
+            self.schedule(at, Event::Commit { node: n, life });
+        }
+    }
+
+    fn index_of(&self, id: NodeId) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.id == id)
+            .expect("known node")
+    }
+
+    fn delay(&mut self) -> u64 {
+        let max = self.weather.delay_max_ns;
+        // Mostly quick, sometimes slow, so that messages overtake each other.
+        if self.rng.random_bool(0.1) {
+            self.rng.random_range(0..max * 4)
+        } else {
+            self.rng.random_range(MS / 20..max)
+        }
+    }
+
+    fn send(&mut self, from: usize, to_id: NodeId, mut message: Message) {
+        let to = self.index_of(to_id);
+        let link = self.links[&link_key(from, to)];
+        if !link.up {
+            return;
+        }
+        if let Message::Batch(batch) = &mut message {
+            let rewinds = self.nodes[from]
+                .engine
+                .as_ref()
+                .map_or(0, |e| e.rewinds(&to_id));
+            for r in &mut batch.records {
+                self.check
+                    .record_sent(from, to, link.epoch, rewinds, to_id, r);
+                if let Some((hash, size)) = r.record.winner().meta.file_hash() {
+                    if size <= SIM_INLINE_BYTES_MAX {
+                        if let Some(Node::File { data, hash: h, .. }) =
+                            self.nodes[from].fs.get(r.path.as_str())
+                        {
+                            if *h == hash {
+                                r.data = Some(data.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            self.stats.records_sent += batch.records.len() as u64;
+        }
+        self.stats.messages += 1;
+        let bytes = wire::encode(&message);
+        if bytes.len() > wire::FRAME_BYTES_MAX {
+            self.check.violate(
+                "wire",
+                None,
+                format!("n{from} built a frame of {} bytes", bytes.len()),
+            );
+            return;
+        }
+        if self.rng.random_bool(self.weather.loss) {
+            self.log(|| format!("n{from} -> n{to} lost {}", describe(&message)));
+            return;
+        }
+        let copies = if self.rng.random_bool(self.weather.dup) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self.delay();
+            self.schedule(
+                self.time + delay,
+                Event::Deliver {
+                    from,
+                    to,
+                    epoch: link.epoch,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+    }
+
+    // ---- Links, crashes, restarts ----
+
+    fn refresh_link(&mut self, key: (usize, usize)) {
+        let (a, b) = key;
+        let link = self.links[&key];
+        let should = !link.cut && self.nodes[a].engine.is_some() && self.nodes[b].engine.is_some();
+        if should && !link.up {
+            self.link_up(a, b);
+        } else if !should && link.up {
+            self.link_down(a, b);
+        }
+    }
+
+    fn link_up(&mut self, a: usize, b: usize) {
+        let link = self.links.get_mut(&link_key(a, b)).expect("known");
+        link.up = true;
+        link.epoch += 1;
+        self.log(|| format!("link n{a}-n{b} up"));
+        let (ida, idb) = (self.nodes[a].id, self.nodes[b].id);
+        self.feed(a, Input::PeerUp { peer: idb });
+        self.feed(b, Input::PeerUp { peer: ida });
+    }
+
+    fn link_down(&mut self, a: usize, b: usize) {
+        let link = self.links.get_mut(&link_key(a, b)).expect("known");
+        link.up = false;
+        link.epoch += 1;
+        self.log(|| format!("link n{a}-n{b} down"));
+        for (me, other) in [(a, b), (b, a)] {
+            if self.nodes[me].engine.is_none() {
+                continue;
+            }
+            let failed: Vec<OpId> = self.nodes[me]
+                .fetches_out
+                .iter()
+                .filter(|(_, s)| **s == other)
+                .map(|(op, _)| *op)
+                .collect();
+            for op in failed {
+                self.nodes[me].fetches_out.remove(&op);
+                self.feed(
+                    me,
+                    Input::FetchDone {
+                        op,
+                        result: Err(FetchError::Unreachable),
+                    },
+                );
+            }
+            let id = self.nodes[other].id;
+            self.feed(me, Input::PeerDown { peer: id });
+        }
+    }
+
+    fn crash(&mut self, n: usize) {
+        let Some(engine) = self.nodes[n].engine.take() else {
+            return;
+        };
+        self.stats.crashes += 1;
+        self.log(|| format!("n{n} crashes"));
+        let mut store = engine.into_store();
+        store.crash();
+        let node = &mut self.nodes[n];
+        node.parked = Some(store);
+        node.life += 1;
+        node.open.clear();
+        node.staged.clear();
+        node.fetches_out.clear();
+        node.timer_at = None;
+        node.commit_at = None;
+        for link in self
+            .links
+            .keys()
+            .copied()
+            .filter(|(a, b)| *a == n || *b == n)
+            .collect::<Vec<_>>()
+        {
+            self.refresh_link(link);
+        }
+    }
+
+    fn restart(&mut self, n: usize) {
+        if self.nodes[n].engine.is_some() {
+            return;
+        }
+        self.log(|| format!("n{n} restarts"));
+        let store = self.nodes[n]
+            .parked
+            .take()
+            .expect("a down node has its store");
+        let id = self.nodes[n].id;
+        self.nodes[n].engine = Some(Engine::new(engine_config(id, &self.opts), store));
+        self.nodes[n].life += 1;
+        // The rescan: what is on disk now, then what the store knows that is gone.
+        let present: Vec<(String, Meta)> = self.nodes[n]
+            .fs
+            .iter()
+            .map(|(p, node)| (p.clone(), node.meta()))
+            .collect();
+        for (path, meta) in &present {
+            let p = RelPath::new(path.clone()).expect("valid");
+            self.feed(
+                n,
+                Input::LocalChange {
+                    path: p,
+                    observed: Some(meta.clone()),
+                },
+            );
+        }
+        let mut gone: Vec<RelPath> = self.nodes[n]
+            .engine
+            .as_ref()
+            .expect("started")
+            .store()
+            .entries()
+            .filter(|(p, e)| e.local.is_some() && self.nodes[n].fs.get(p.as_str()).is_none())
+            .map(|(p, _)| p.clone())
+            .collect();
+        gone.reverse();
+        for p in gone {
+            self.feed(
+                n,
+                Input::LocalChange {
+                    path: p,
+                    observed: None,
+                },
+            );
+        }
+        for link in self
+            .links
+            .keys()
+            .copied()
+            .filter(|(a, b)| *a == n || *b == n)
+            .collect::<Vec<_>>()
+        {
+            self.refresh_link(link);
+        }
+    }
+
+    // ---- The workload ----
+
+    fn new_content(&mut self, n: usize) -> Bytes {
+        self.content_counter += 1;
+        let len = if self.rng.random_bool(0.3) {
+            self.rng.random_range(129..400)
+        } else {
+            self.rng.random_range(0..100)
+        };
+        let mut data = format!("<n{n}:{}>", self.content_counter).into_bytes();
+        data.extend((0..len).map(|_| b'a' + self.rng.random_range(0..26u8)));
+        Bytes::from(data)
+    }
+
+    /// Reports the current state of a path to the node's engine, as the change logger does.
+    fn report(&mut self, n: usize, path: &str) {
+        let observed = self.nodes[n].fs.meta(path);
+        let p = RelPath::new(path.to_string()).expect("workload paths are valid");
+        self.digest.update(path.as_bytes());
+        self.log(|| format!("n{n} local {path}: {}", short_meta(&observed)));
+        self.feed(n, Input::LocalChange { path: p, observed });
+    }
+
+    /// Reports a file whose content a user wrote: from now on that content is owed to every
+    /// node (the engine has it; if it is lost, it was lost by replication).
+    fn report_written(&mut self, n: usize, path: &str) {
+        if let Some(Node::File { hash, .. }) = self.nodes[n].fs.get(path) {
+            let hash = *hash;
+            self.check.written(hash, n, path);
+        }
+        self.report(n, path);
+    }
+
+    /// A content a user replaced or removed is no longer owed to anyone: design.md's "unless a
+    /// later write that had seen it replaced or removed it". (Copies of it elsewhere live on as
+    /// their own files; the check simply no longer insists.)
+    fn replaced(&mut self, old: Option<Node>) {
+        if let Some(Node::File { hash, .. }) = old {
+            self.check.replaced(hash);
+        }
+    }
+
+    fn is_open_at_or_below(&self, n: usize, path: &str) -> bool {
+        let prefix = format!("{path}/");
+        self.nodes[n]
+            .open
+            .keys()
+            .any(|p| p == path || p.starts_with(&prefix))
+    }
+
+    /// mkdir -p of the directories above `path`, each reported.
+    fn make_parents(&mut self, n: usize, path: &str) -> bool {
+        let mut at = String::new();
+        for part in path
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map(|(_, up)| up.to_vec())
+            .unwrap_or_default()
+        {
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(part);
+            match self.nodes[n].fs.get(&at) {
+                Some(Node::Dir { .. }) => {}
+                Some(_) => return false,
+                None => {
+                    self.nodes[n].fs.mkdir(&at, 0o755).expect("parent checked");
+                    let a = at.clone();
+                    self.report(n, &a);
+                }
+            }
+        }
+        true
+    }
+
+    fn user_op(&mut self, n: usize) {
+        let pick = self.rng.random_range(0..100);
+        let file = FILES[self.rng.random_range(0..FILES.len())];
+        let dir = DIRS[self.rng.random_range(0..DIRS.len())];
+        let now = self.node_time(n) as i64;
+        match pick {
+            // Write a whole file (or keep writing to one a process holds open).
+            0..=29 => {
+                if let Some(path) = self.nodes[n]
+                    .open
+                    .keys()
+                    .next()
+                    .cloned()
+                    .filter(|_| self.rng.random_bool(0.5))
+                {
+                    let chunk = self.new_content(n);
+                    let mut data = self.nodes[n]
+                        .fs
+                        .read_file(&path)
+                        .unwrap_or_default()
+                        .to_vec();
+                    data.extend_from_slice(&chunk);
+                    let old = self.nodes[n].fs.get(&path).cloned();
+                    let node = &mut self.nodes[n];
+                    let _ = node.fs.write(&path, Bytes::from(data), 0o644, now);
+                    node.open.insert(path.clone(), true);
+                    self.replaced(old);
+                    self.log(|| format!("n{n} user writes into open {path}"));
+                    return;
+                }
+                if self.is_open_at_or_below(n, file) || !self.make_parents(n, file) {
+                    return;
+                }
+                let data = self.new_content(n);
+                let old = self.nodes[n].fs.get(file).cloned();
+                let mode = MODES[self.rng.random_range(0..2)];
+                if self.nodes[n]
+                    .fs
+                    .write(file, data.clone(), mode, now)
+                    .is_ok()
+                {
+                    self.replaced(old);
+                    self.check.written(*blake3::hash(&data).as_bytes(), n, file);
+                    self.report(n, file);
+                }
+            }
+            // Append or truncate.
+            30..=44 => {
+                let Some(old) = self.nodes[n].fs.read_file(file) else {
+                    return;
+                };
+                if self.is_open_at_or_below(n, file) {
+                    return;
+                }
+                let data = if pick < 40 {
+                    let mut d = old.to_vec();
+                    d.extend_from_slice(&self.new_content(n));
+                    Bytes::from(d)
+                } else {
+                    let keep = self.rng.random_range(0..=old.len());
+                    old.slice(..keep)
+                };
+                let before = self.nodes[n].fs.get(file).cloned();
+                if self.nodes[n]
+                    .fs
+                    .write(file, data.clone(), 0o644, now)
+                    .is_ok()
+                {
+                    self.replaced(before);
+                    self.check.written(*blake3::hash(&data).as_bytes(), n, file);
+                    self.report(n, file);
+                }
+            }
+            // Delete a file or symlink.
+            45..=54 => {
+                if self.is_open_at_or_below(n, file) {
+                    return;
+                }
+                let old = self.nodes[n].fs.get(file).cloned();
+                if self.nodes[n].fs.unlink(file).is_ok() {
+                    self.replaced(old);
+                    self.report(n, file);
+                }
+            }
+            // Rename a file over another, or a directory.
+            55..=62 => {
+                let (from, to) = if self.rng.random_bool(0.7) {
+                    (file, FILES[self.rng.random_range(0..FILES.len())])
+                } else {
+                    (dir, DIRS[self.rng.random_range(0..DIRS.len())])
+                };
+                if self.is_open_at_or_below(n, from)
+                    || self.is_open_at_or_below(n, to)
+                    || !self.make_parents(n, to)
+                {
+                    return;
+                }
+                let moved: Vec<String> = self.nodes[n]
+                    .fs
+                    .get(from)
+                    .map(|_| {
+                        std::iter::once(from.to_string())
+                            .chain(self.nodes[n].fs.below(from).map(|(p, _)| p.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let old = self.nodes[n].fs.get(to).cloned();
+                if self.nodes[n].fs.rename(from, to).is_ok() && from != to {
+                    self.log(|| format!("n{n} user renames {from} -> {to}"));
+                    self.replaced(old);
+                    // Creations first, so receivers find the content under its old name.
+                    for p in &moved {
+                        let new = format!("{to}{}", &p[from.len()..]);
+                        self.report(n, &new);
+                    }
+                    for p in moved.iter().rev() {
+                        self.report(n, p);
+                    }
+                }
+            }
+            // Make or remove a directory.
+            63..=74 => {
+                if pick < 69 {
+                    if self.make_parents(n, dir)
+                        && self.nodes[n]
+                            .fs
+                            .mkdir(dir, MODES[self.rng.random_range(2..4)])
+                            .is_ok()
+                    {
+                        self.report(n, dir);
+                    }
+                } else if self.nodes[n].fs.rmdir(dir).is_ok() {
+                    self.report(n, dir);
+                }
+            }
+            // Change a mode.
+            75..=81 => {
+                let path = if self.rng.random_bool(0.5) { file } else { dir };
+                let mode = MODES[self.rng.random_range(0..MODES.len())];
+                if !self.is_open_at_or_below(n, path) && self.nodes[n].fs.chmod(path, mode).is_ok()
+                {
+                    self.report(n, path);
+                }
+            }
+            // Make a symlink.
+            82..=86 => {
+                let target = format!("target-{}", self.rng.random_range(0..3));
+                if self.make_parents(n, file) && self.nodes[n].fs.symlink(file, &target).is_ok() {
+                    self.report(n, file);
+                }
+            }
+            // Open a file for writing and keep it open across other events.
+            _ => {
+                if self.is_open_at_or_below(n, file) || !self.make_parents(n, file) {
+                    return;
+                }
+                let data = self.new_content(n);
+                let old = self.nodes[n].fs.get(file).cloned();
+                if self.nodes[n].fs.write(file, data, 0o644, now).is_ok() {
+                    self.replaced(old);
+                    self.log(|| format!("n{n} user opens {file} for writing"));
+                    // The create is reported at once; later content when the writer closes.
+                    self.report_written(n, file);
+                    let node = &mut self.nodes[n];
+                    node.open.insert(file.to_string(), false);
+                    let life = node.life;
+                    let close_in = self.rng.random_range(MS..300 * MS);
+                    self.schedule(
+                        self.time + close_in,
+                        Event::Close {
+                            node: n,
+                            path: file.to_string(),
+                            life,
+                        },
+                    );
+                    self.schedule(
+                        self.time + 50 * MS,
+                        Event::DirtyReport {
+                            node: n,
+                            path: file.to_string(),
+                            life,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    // ---- The end ----
+
+    fn finish(mut self) -> Outcome {
+        if !self.check.failed() {
+            self.final_checks();
+        }
+        for node in &self.nodes {
+            for (p, n) in node.fs.iter() {
+                self.digest.update(p.as_bytes());
+                self.digest.update(format!("{:?}", n.meta()).as_bytes());
+            }
+        }
+        for node in &self.nodes {
+            if let Some(e) = &node.engine {
+                let s = e.stats();
+                self.stats.conflicts += s.conflicts;
+            }
+        }
+        self.stats.records_stored = self.check.records_stored;
+        Outcome {
+            digest: *self.digest.finalize().as_bytes(),
+            violations: self.check.take_violations(),
+            trace: self.trace.map(Vec::from).unwrap_or_default(),
+            stats: self.stats,
+        }
+    }
+
+    fn final_checks(&mut self) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let engine = node.engine.as_ref().expect("all nodes run at the end");
+            if !engine.is_idle() {
+                self.check.violate(
+                    "quiescence",
+                    None,
+                    format!("n{i} is not idle at the end: {:?}", engine.pending_paths()),
+                );
+            }
+            // The engine's view of its own filesystem must be the filesystem.
+            for (p, e) in engine.store().entries() {
+                let actual = node.fs.meta(p.as_str());
+                if e.local != actual {
+                    self.check.violate(
+                        "store matches filesystem",
+                        Some(p.to_string()),
+                        format!(
+                            "n{i} store says {p} is {} but it is {}",
+                            short_meta(&e.local),
+                            short_meta(&actual)
+                        ),
+                    );
+                }
+            }
+            for (p, _) in node.fs.iter() {
+                if engine
+                    .store()
+                    .get(&RelPath::new(p.clone()).expect("valid"))
+                    .is_none()
+                {
+                    self.check.violate(
+                        "store matches filesystem",
+                        Some(p.clone()),
+                        format!("n{i} has {p} on disk but not in its store"),
+                    );
+                }
+            }
+            self.check.records_stored += engine.log_end();
+        }
+        let trees: Vec<&SimFs> = self.nodes.iter().map(|n| &n.fs).collect();
+        let stores: Vec<&MemStore> = self
+            .nodes
+            .iter()
+            .map(|n| n.engine.as_ref().expect("running").store())
+            .collect();
+        self.check.convergence(&trees, &stores);
+        self.check.nothing_lost(&trees);
+    }
+}
+
+fn engine_config(id: NodeId, opts: &Options) -> Config {
+    let mut cfg = Config::new(id);
+    cfg.inline_bytes_max = SIM_INLINE_BYTES_MAX;
+    cfg.batch_records_max = 16;
+    cfg.window_batches = 4;
+    cfg.resend_after = Duration::from_millis(300);
+    cfg.idle_flush_after = Duration::from_millis(20);
+    cfg.fetches_max = 4;
+    cfg.pending_max = 1000;
+    cfg.retry_after = Duration::from_millis(5);
+    cfg.seq_block = 64;
+    #[cfg(feature = "planted-bugs")]
+    {
+        cfg.planted_bug = opts.planted_bug;
+    }
+    let _ = opts;
+    cfg
+}
+
+fn topology_edges(t: Topology, n: usize) -> Vec<(usize, usize)> {
+    match t {
+        Topology::Full => (0..n)
+            .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+            .collect(),
+        Topology::Line => (1..n).map(|b| (b - 1, b)).collect(),
+        Topology::Ring => {
+            let mut e: Vec<_> = (1..n).map(|b| (b - 1, b)).collect();
+            if n > 2 {
+                e.push((0, n - 1));
+            }
+            e
+        }
+        Topology::Star => (1..n).map(|b| (0, b)).collect(),
+    }
+}
+
+fn path_str(p: &RelPath) -> String {
+    p.as_str().to_string()
+}
+
+fn short_meta(m: &Option<Meta>) -> String {
+    use rsyncfs_conflict::Content;
+    match m {
+        None => "absent".into(),
+        Some(m) => match &m.content {
+            Content::Tombstone => "tombstone".into(),
+            Content::Dir => format!("dir {:o}", m.mode),
+            Content::File { size, hash } => {
+                format!("file {size}B #{:02x}{:02x} {:o}", hash[0], hash[1], m.mode)
+            }
+            Content::Symlink { target } => format!("symlink -> {target}"),
+        },
+    }
+}
+
+fn short_action(a: &rsyncfs_mesh::engine::Action) -> String {
+    use rsyncfs_mesh::engine::{Action, Source};
+    match a {
+        Action::Write { meta, source } => {
+            let src = match source {
+                Source::Inline(_) => "inline".to_string(),
+                Source::Staged(id) => format!("staged {id}"),
+                Source::Local(q) => format!("copy of {q}"),
+            };
+            format!("write {} from {src}", short_meta(&Some(meta.clone())))
+        }
+        Action::SetAttr { meta } => format!("setattr {}", short_meta(&Some(meta.clone()))),
+        Action::Mkdir { mode } => format!("mkdir {mode:o}"),
+        Action::Symlink { target } => format!("symlink -> {target}"),
+        Action::Remove => "remove".into(),
+    }
+}
+
+fn describe(m: &Message) -> String {
+    match m {
+        Message::Hello { progress } => format!("Hello({progress})"),
+        Message::Ack { progress } => format!("Ack({progress})"),
+        Message::Pull { after } => format!("Pull({after})"),
+        Message::Batch(b) => {
+            let recs: Vec<String> = b
+                .records
+                .iter()
+                .map(|r| {
+                    let sibs: Vec<String> = r
+                        .record
+                        .siblings
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{}:{}={}",
+                                s.dot.node.short().chars().next().unwrap_or('?'),
+                                s.dot.counter,
+                                short_meta(&Some(s.meta.clone()))
+                            )
+                        })
+                        .collect();
+                    format!("{}@{} [{}]", r.path, r.seq, sibs.join(", "))
+                })
+                .collect();
+            format!("Batch({}..{}: {})", b.after, b.upto, recs.join("; "))
+        }
+    }
+}
