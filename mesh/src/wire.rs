@@ -33,9 +33,14 @@ pub struct Envelope {
 /// What one replicator says to another over their connection.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
-    /// Sent once when a connection opens: "I have applied your store up to `progress`; send
-    /// what follows".
-    Hello { progress: u64 },
+    /// Sent when a connection opens: "I have applied your store up to `progress`; send what
+    /// follows". `fresh` is set on the first connection after the sender started: it may have
+    /// lost records it had taken from the receiver before a crash, so the receiver must not
+    /// leave out records that came from the sender this time.
+    Hello { progress: u64, fresh: bool },
+    /// The answer to every Hello: it arrived, records follow. Until it comes, Hello is sent
+    /// again, so that a lost Hello cannot leave a connection silent.
+    Welcome,
     /// Records of the sender's store with sequence numbers in `(after, upto]`, minus those the
     /// receiver has anyway (it sent them, or wrote them).
     Batch(Batch),

@@ -30,6 +30,9 @@ pub struct Checker {
     violations: Vec<Violation>,
     /// Contents owed to every node: content -> (node, path) where a user wrote it.
     alive: BTreeMap<Hash, (usize, String)>,
+    /// Contents a user replaced; reporting one again (a process that keeps a file open reports
+    /// the same content again at close) does not make it owed again.
+    dead: BTreeSet<Hash>,
     sends: HashMap<(usize, usize, u64), HashMap<[u8; 32], u64>>,
     pub records_stored: u64,
     nodes: usize,
@@ -43,6 +46,7 @@ impl Checker {
         Checker {
             violations: Vec::new(),
             alive: BTreeMap::new(),
+            dead: BTreeSet::new(),
             sends: HashMap::new(),
             records_stored: 0,
             nodes,
@@ -73,12 +77,15 @@ impl Checker {
 
     /// A user on `node` completed a write of this content at `path`.
     pub fn written(&mut self, hash: Hash, node: usize, path: &str) {
-        self.alive.insert(hash, (node, path.to_string()));
+        if !self.dead.contains(&hash) {
+            self.alive.insert(hash, (node, path.to_string()));
+        }
     }
 
-    /// A user replaced or removed the last copy of this content on their node.
+    /// A user replaced or removed this content.
     pub fn replaced(&mut self, hash: Hash) {
         self.alive.remove(&hash);
+        self.dead.insert(hash);
     }
 
     /// A record leaves `from` for `to` on connection `epoch` of their link, after the sender
@@ -156,16 +163,26 @@ impl Checker {
             let a: Vec<_> = stores[0].records().collect();
             let b: Vec<_> = stores[i].records().collect();
             if a != b {
-                let first = a
-                    .iter()
-                    .zip(b.iter())
-                    .find(|(x, y)| x != y)
-                    .map(|(x, _)| x.0.to_string());
+                let first = a.iter().zip(b.iter()).find(|(x, y)| x != y);
+                let path = first.map(|(x, _)| x.0.to_string());
+                let show = |r: &rsyncfs_conflict::Record| {
+                    let sibs: Vec<String> = r
+                        .siblings
+                        .iter()
+                        .map(|s| format!("{}:{}", s.dot.node.short(), s.dot.counter))
+                        .collect();
+                    let vv: Vec<String> = r.vv.iter().map(|d| format!("{}:{}", d.node.short(), d.counter)).collect();
+                    format!("vv [{}] siblings [{}] author {:?}", vv.join(" "), sibs.join(" "), r.author.map(|a| a.short()))
+                };
+                let detail = match first {
+                    Some((x, y)) => format!("{} {} / {} {}", x.0, show(x.1), y.0, show(y.1)),
+                    None => "one has more records".to_string(),
+                };
                 self.violate(
                     "convergence",
-                    first.clone(),
+                    path,
                     format!(
-                        "stores of n0 and n{i} differ ({} and {} records; first difference at {first:?})",
+                        "stores of n0 and n{i} differ ({} and {} records): {detail}",
                         a.len(),
                         b.len()
                     ),

@@ -585,6 +585,7 @@ impl World {
                 // Answer observations after the outputs before them, as a driver would.
                 for path in std::mem::take(&mut observe) {
                     let observed = self.nodes[n].fs.meta(&path_str(&path));
+                    self.log(|| format!("n{n} observe {path}: {}", short_meta(&observed)));
                     let now = self.node_time(n);
                     let engine = self.nodes[n].engine.as_mut().expect("checked");
                     engine.handle(now, Input::LocalChange { path, observed });
@@ -1305,7 +1306,8 @@ fn short_action(a: &rsyncfs_mesh::engine::Action) -> String {
 
 fn describe(m: &Message) -> String {
     match m {
-        Message::Hello { progress } => format!("Hello({progress})"),
+        Message::Hello { progress, fresh } => format!("Hello({progress}{})", if *fresh { ", fresh" } else { "" }),
+        Message::Welcome => "Welcome".to_string(),
         Message::Ack { progress } => format!("Ack({progress})"),
         Message::Pull { after } => format!("Pull({after})"),
         Message::Batch(b) => {

@@ -305,8 +305,12 @@ pub struct Engine<S: Store> {
     now: u64,
     next_seq: u64,
     peers: BTreeMap<NodeId, replicate::Peer>,
+    /// Peers sent a Hello since this engine started.
+    greeted: BTreeSet<NodeId>,
     pending: BTreeMap<RelPath, Pending>,
     dirty: BTreeSet<RelPath>,
+    /// path -> conflict copies wished for it (pending targets with `wish_of` set to it).
+    wishes: BTreeMap<RelPath, BTreeSet<RelPath>>,
     /// waiter -> paths it waits for, and the reverse.
     waits: BTreeMap<RelPath, BTreeSet<RelPath>>,
     waiters: BTreeMap<RelPath, BTreeSet<RelPath>>,
@@ -344,8 +348,10 @@ impl<S: Store> Engine<S> {
             now: 0,
             next_seq,
             peers: BTreeMap::new(),
+            greeted: BTreeSet::new(),
             pending: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            wishes: BTreeMap::new(),
             waits: BTreeMap::new(),
             waiters: BTreeMap::new(),
             ops: BTreeMap::new(),
@@ -507,10 +513,10 @@ impl<S: Store> Engine<S> {
             if let Some(target) = &p.target {
                 p.target = Some(rsyncfs_conflict::join(target, &record));
                 p.from = None;
-                p.wish_of = None;
             }
             self.dirty.insert(path.clone());
         }
+        self.unwish(&path);
         let new = Entry {
             record: Some(record),
             local: observed,

@@ -40,7 +40,11 @@ pub(crate) fn shown(record: Option<&Record>, shadowed: bool) -> Option<Meta> {
 
 impl<S: Store> Engine<S> {
     pub(super) fn reconcile(&mut self, path: &RelPath) {
-        self.clear_waits(path);
+        // Copies wished for this path look again whether they are still needed, whatever this
+        // path does now (a starved copy of a superseded content must not wait forever).
+        if let Some(wished) = self.wishes.get(path) {
+            self.dirty.extend(wished.iter().cloned());
+        }
         let entry = self.store.get(path).unwrap_or_default();
         let (target, blocked, wish_of) = match self.pending.get(path) {
             Some(p) => (
@@ -53,6 +57,7 @@ impl<S: Store> Engine<S> {
         if blocked {
             return;
         }
+        self.clear_waits(path);
         if let Some(main) = wish_of {
             if !self.still_wished(&main, path) {
                 // The losing content this copy was for has been superseded meanwhile.
@@ -225,6 +230,12 @@ impl<S: Store> Engine<S> {
             .get(main)
             .map(|p| p.sources.clone())
             .unwrap_or_default();
+        if !self.pending.contains_key(copy_path) {
+            self.wishes
+                .entry(main.clone())
+                .or_default()
+                .insert(copy_path.clone());
+        }
         let p = self
             .pending
             .entry(copy_path.clone())
@@ -366,8 +377,22 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// Makes a copy target a target of its own (a peer announced it, or a user wrote it).
+    pub(super) fn unwish(&mut self, path: &RelPath) {
+        let Some(main) = self.pending.get_mut(path).and_then(|p| p.wish_of.take()) else {
+            return;
+        };
+        if let Some(set) = self.wishes.get_mut(&main) {
+            set.remove(path);
+            if set.is_empty() {
+                self.wishes.remove(&main);
+            }
+        }
+    }
+
     /// Ends the pending work of a path, releasing what it holds.
     pub(super) fn drop_pending(&mut self, path: &RelPath) {
+        self.unwish(path);
         if let Some(p) = self.pending.remove(path) {
             if let Some((_, staged)) = p.staged {
                 self.out.push_back(Output::Release { staged });
@@ -537,8 +562,7 @@ impl<S: Store> Engine<S> {
             .insert(waiter.clone());
     }
 
-    /// Forgets what `path` waited for; a copy wished for by it looks again whether it is still
-    /// wanted.
+    /// Forgets what `path` waited for, before it looks again.
     fn clear_waits(&mut self, path: &RelPath) {
         let Some(awaited) = self.waits.remove(path) else {
             return;
@@ -549,13 +573,6 @@ impl<S: Store> Engine<S> {
                 if set.is_empty() {
                     self.waiters.remove(&a);
                 }
-            }
-            if self
-                .pending
-                .get(&a)
-                .is_some_and(|p| p.wish_of.as_ref() == Some(path))
-            {
-                self.dirty.insert(a);
             }
         }
     }

@@ -31,7 +31,14 @@ pub(super) struct Peer {
     inflight: VecDeque<(u64, u64)>,
     /// When the last batch went out, for the idle flush of a skipped range.
     last_send_at: u64,
+    /// Records up to this position go to the peer even if they came from it (it restarted and
+    /// may have lost them).
+    unskip_upto: u64,
     // Slave side (the peer's log towards us).
+    /// The peer answered our Hello.
+    welcomed: bool,
+    hello_sent_at: u64,
+    hello_fresh: bool,
     /// The peer's log is applied up to here (in memory; the store has the safe value).
     recv: u64,
     /// Sequences of the peer's records that are folded into pending targets, with counts.
@@ -55,14 +62,18 @@ pub struct PeerStatus {
 }
 
 impl Peer {
-    fn new(recv: u64) -> Peer {
+    fn new(recv: u64, now: u64) -> Peer {
         Peer {
+            welcomed: false,
+            hello_sent_at: now,
+            hello_fresh: false,
             hello: false,
             acked: 0,
             sent: 0,
             scan: 0,
             inflight: VecDeque::new(),
             last_send_at: 0,
+            unskip_upto: 0,
             recv,
             holds: BTreeMap::new(),
             pull_sent_at: None,
@@ -71,7 +82,7 @@ impl Peer {
     }
 
     pub(super) fn is_idle(&self) -> bool {
-        self.inflight.is_empty() && self.sent == self.scan && self.holds.is_empty()
+        self.welcomed && self.inflight.is_empty() && self.sent == self.scan && self.holds.is_empty()
     }
 
     /// The highest position of the peer's log that is safe to store as progress: everything up
@@ -93,7 +104,8 @@ impl Peer {
         let pull = self
             .pull_sent_at
             .map(|at| at + cfg.resend_after.as_nanos() as u64);
-        resend.into_iter().chain(flush).chain(pull).min()
+        let hello = (!self.welcomed).then(|| self.hello_sent_at + cfg.resend_after.as_nanos() as u64);
+        resend.into_iter().chain(flush).chain(pull).chain(hello).min()
     }
 }
 
@@ -101,8 +113,10 @@ impl<S: Store> Engine<S> {
     pub(super) fn on_peer_up(&mut self, peer: NodeId) {
         assert_ne!(peer, self.cfg.node, "a node does not connect to itself");
         let recv = self.store.progress(&peer);
-        self.peers.insert(peer, Peer::new(recv));
-        self.send(peer, Message::Hello { progress: recv });
+        self.peers.insert(peer, Peer::new(recv, self.now));
+        let fresh = self.greeted.insert(peer);
+        self.peers.get_mut(&peer).expect("inserted").hello_fresh = fresh;
+        self.send(peer, Message::Hello { progress: recv, fresh });
     }
 
     pub(super) fn on_peer_down(&mut self, peer: NodeId) {
@@ -154,17 +168,21 @@ impl<S: Store> Engine<S> {
             return;
         }
         match message {
-            Message::Hello { progress } => self.on_hello(from, progress),
+            Message::Hello { progress, fresh } => self.on_hello(from, progress, fresh),
+            Message::Welcome => {
+                self.peers.get_mut(&from).expect("checked above").welcomed = true;
+            }
             Message::Batch(batch) => self.on_batch(from, batch),
             Message::Ack { progress } => self.on_ack(from, progress),
             Message::Pull { after } => self.on_pull(from, after),
         }
     }
 
-    fn on_hello(&mut self, from: NodeId, progress: u64) {
+    fn on_hello(&mut self, from: NodeId, progress: u64, fresh: bool) {
+        self.send(from, Message::Welcome);
         let peer = self.peers.get_mut(&from).expect("checked by caller");
         if peer.hello {
-            return; // a duplicate
+            return; // a duplicate, or sent again because our Welcome was lost
         }
         // A peer cannot have applied more of our log than we have written; a peer that says so
         // restarts from zero rather than missing records.
@@ -174,6 +192,9 @@ impl<S: Store> Engine<S> {
             progress
         };
         peer.hello = true;
+        if fresh {
+            peer.unskip_upto = self.next_seq - 1;
+        }
         peer.acked = progress;
         peer.sent = progress;
         peer.scan = progress;
@@ -304,8 +325,6 @@ impl<S: Store> Engine<S> {
         // A new announcement: what that peer did not have before, it may have now.
         p.tried.retain(|(n, _)| *n != from);
         if !covered {
-            // A peer's record: the target is no longer only this node's wish for a copy.
-            p.wish_of = None;
             p.holds.push((from, seq));
             *self
                 .peers
@@ -314,6 +333,10 @@ impl<S: Store> Engine<S> {
                 .holds
                 .entry(seq)
                 .or_insert(0) += 1;
+        }
+        if !covered {
+            // A peer's record: the target is no longer only this node's wish for a copy.
+            self.unwish(&path);
         }
         self.dirty.insert(path);
     }
@@ -353,7 +376,8 @@ impl<S: Store> Engine<S> {
             return true;
         }
         let record = entry.record.as_ref().expect("log entries have records");
-        entry.from != Some(peer) && record.author != Some(peer)
+        let came_from_peer = entry.from == Some(peer) && entry.seq > self.peers[&peer].unskip_upto;
+        !came_from_peer && record.author != Some(peer)
     }
 
     /// The master replicator: fills every peer's window with batches from the log.
@@ -459,6 +483,12 @@ impl<S: Store> Engine<S> {
             if state.pull_sent_at.is_some_and(|at| at + resend_ns <= now) {
                 state.pull_sent_at = None;
             }
+            if !state.welcomed && state.hello_sent_at + resend_ns <= now {
+                state.hello_sent_at = now;
+                let (progress, fresh) = (state.recv, state.hello_fresh);
+                self.send(id, Message::Hello { progress, fresh });
+            }
+            let state = self.peers.get_mut(&id).expect("listed");
             let flush = state.hello
                 && state.scan > state.sent
                 && state.inflight.is_empty()
