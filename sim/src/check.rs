@@ -171,8 +171,16 @@ impl Checker {
                         .iter()
                         .map(|s| format!("{}:{}", s.dot.node.short(), s.dot.counter))
                         .collect();
-                    let vv: Vec<String> = r.vv.iter().map(|d| format!("{}:{}", d.node.short(), d.counter)).collect();
-                    format!("vv [{}] siblings [{}] author {:?}", vv.join(" "), sibs.join(" "), r.author.map(|a| a.short()))
+                    let vv: Vec<String> =
+                        r.vv.iter()
+                            .map(|d| format!("{}:{}", d.node.short(), d.counter))
+                            .collect();
+                    format!(
+                        "vv [{}] siblings [{}] author {:?}",
+                        vv.join(" "),
+                        sibs.join(" "),
+                        r.author.map(|a| a.short())
+                    )
                 };
                 let detail = match first {
                     Some((x, y)) => format!("{} {} / {} {}", x.0, show(x.1), y.0, show(y.1)),

@@ -1306,7 +1306,9 @@ fn short_action(a: &rsyncfs_mesh::engine::Action) -> String {
 
 fn describe(m: &Message) -> String {
     match m {
-        Message::Hello { progress, fresh } => format!("Hello({progress}{})", if *fresh { ", fresh" } else { "" }),
+        Message::Hello { progress, fresh } => {
+            format!("Hello({progress}{})", if *fresh { ", fresh" } else { "" })
+        }
         Message::Welcome => "Welcome".to_string(),
         Message::Ack { progress } => format!("Ack({progress})"),
         Message::Pull { after } => format!("Pull({after})"),

@@ -268,6 +268,9 @@ struct Pending {
     sources: Vec<NodeId>,
     /// (source, content) pairs that failed: that peer no longer has that content.
     tried: BTreeSet<(NodeId, Hash)>,
+    /// Counts announcements of this path; a fetch that fails after a newer announcement
+    /// does not count against its source, which may have the content by now.
+    announcements: u64,
     /// Peer records folded into `target` but not yet stored: (peer, sequence).
     holds: Vec<(NodeId, u64)>,
     op: Option<OpId>,
@@ -285,6 +288,8 @@ enum OpKind {
     Fetch {
         from: NodeId,
         hash: Hash,
+        /// `Pending::announcements` when the fetch started.
+        announcements: u64,
     },
     Apply {
         expect: Option<Meta>,

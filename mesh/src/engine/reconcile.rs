@@ -309,8 +309,18 @@ impl<S: Store> Engine<S> {
         p.op = Some(op);
         self.fetches += 1;
         self.stats.fetches += 1;
-        self.ops
-            .insert(op, (path.clone(), OpKind::Fetch { from, hash }));
+        let announcements = p.announcements;
+        self.ops.insert(
+            op,
+            (
+                path.clone(),
+                OpKind::Fetch {
+                    from,
+                    hash,
+                    announcements,
+                },
+            ),
+        );
         let basis = local
             .filter(|m| m.file_hash().is_some())
             .map(|_| path.clone());
@@ -501,7 +511,15 @@ impl<S: Store> Engine<S> {
         op: super::OpId,
         result: Result<super::StagedId, FetchError>,
     ) {
-        let Some((path, OpKind::Fetch { from, hash })) = self.ops.remove(&op) else {
+        let Some((
+            path,
+            OpKind::Fetch {
+                from,
+                hash,
+                announcements,
+            },
+        )) = self.ops.remove(&op)
+        else {
             return;
         };
         self.fetches -= 1;
@@ -522,8 +540,11 @@ impl<S: Store> Engine<S> {
             }
             Err(FetchError::NotFound) | Err(FetchError::Unreachable) | Err(FetchError::Io(_)) => {
                 // That peer's file changed since it announced it (it will announce the newer
-                // one), or the connection failed (it announces again on reconnect).
-                p.tried.insert((from, hash));
+                // one), or the connection failed (it announces again on reconnect). Unless it
+                // announced something since the fetch started: then it may have it now.
+                if p.announcements == announcements {
+                    p.tried.insert((from, hash));
+                }
             }
         }
         self.dirty.insert(path);

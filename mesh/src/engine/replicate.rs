@@ -104,8 +104,14 @@ impl Peer {
         let pull = self
             .pull_sent_at
             .map(|at| at + cfg.resend_after.as_nanos() as u64);
-        let hello = (!self.welcomed).then(|| self.hello_sent_at + cfg.resend_after.as_nanos() as u64);
-        resend.into_iter().chain(flush).chain(pull).chain(hello).min()
+        let hello =
+            (!self.welcomed).then(|| self.hello_sent_at + cfg.resend_after.as_nanos() as u64);
+        resend
+            .into_iter()
+            .chain(flush)
+            .chain(pull)
+            .chain(hello)
+            .min()
     }
 }
 
@@ -116,7 +122,13 @@ impl<S: Store> Engine<S> {
         self.peers.insert(peer, Peer::new(recv, self.now));
         let fresh = self.greeted.insert(peer);
         self.peers.get_mut(&peer).expect("inserted").hello_fresh = fresh;
-        self.send(peer, Message::Hello { progress: recv, fresh });
+        self.send(
+            peer,
+            Message::Hello {
+                progress: recv,
+                fresh,
+            },
+        );
     }
 
     pub(super) fn on_peer_down(&mut self, peer: NodeId) {
@@ -324,6 +336,7 @@ impl<S: Store> Engine<S> {
         }
         // A new announcement: what that peer did not have before, it may have now.
         p.tried.retain(|(n, _)| *n != from);
+        p.announcements += 1;
         if !covered {
             p.holds.push((from, seq));
             *self
