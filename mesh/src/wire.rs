@@ -35,8 +35,8 @@ pub struct Envelope {
 pub enum Message {
     /// Sent when a connection opens: "I have applied your store up to `progress`; send what
     /// follows". `fresh` is set on the first connection after the sender started: it may have
-    /// lost records it had taken from the receiver before a crash, so the receiver must not
-    /// leave out records that came from the sender this time.
+    /// lost records it wrote or took before a crash, so the receiver must not leave out records
+    /// that came from the sender or that it wrote, this time.
     Hello { progress: u64, fresh: bool },
     /// The answer to every Hello: it arrived, records follow. Until it comes, Hello is sent
     /// again, so that a lost Hello cannot leave a connection silent.

@@ -5,8 +5,9 @@
 //! - **nothing lost**: every content a user completed (closed) on any node is, at the end, in
 //!   every node's tree (at its path, a new name, or a conflict copy), unless a user replaced or
 //!   removed it on a node where it was then no longer held anywhere;
-//! - **no echo**: a record never goes back to its author, and never crosses one connection
-//!   twice except when the sender rewinds (after a Pull or a resend timeout);
+//! - **no echo**: a record never goes back to its author (except once to an author that
+//!   restarted and may have lost it), and never crosses one connection twice except when the
+//!   sender rewinds (after a Pull or a resend timeout);
 //! - **store matches filesystem**: each engine's idea of its own tree is the tree;
 //! - **quiescence**: after the last fault heals, the mesh goes quiet and no path stays pending.
 //!
@@ -98,8 +99,9 @@ impl Checker {
         rewinds: u64,
         to_id: NodeId,
         r: &WireRecord,
+        author_may_have_lost_it: bool,
     ) {
-        if r.record.author == Some(to_id) {
+        if r.record.author == Some(to_id) && !author_may_have_lost_it {
             self.violate(
                 "no echo",
                 Some(r.path.to_string()),

@@ -696,13 +696,13 @@ impl World {
             return;
         }
         if let Message::Batch(batch) = &mut message {
-            let rewinds = self.nodes[from]
-                .engine
-                .as_ref()
-                .map_or(0, |e| e.rewinds(&to_id));
+            let engine = self.nodes[from].engine.as_ref();
+            let rewinds = engine.map_or(0, |e| e.rewinds(&to_id));
+            let unskip = engine.map_or(0, |e| e.unskip_upto(&to_id));
             for r in &mut batch.records {
+                let echo_allowed = r.seq <= unskip;
                 self.check
-                    .record_sent(from, to, link.epoch, rewinds, to_id, r);
+                    .record_sent(from, to, link.epoch, rewinds, to_id, r, echo_allowed);
                 if let Some((hash, size)) = r.record.winner().meta.file_hash() {
                     if size <= SIM_INLINE_BYTES_MAX {
                         if let Some(Node::File { data, hash: h, .. }) =
@@ -965,178 +965,73 @@ impl World {
         true
     }
 
+    /// One random user operation on node `n`.
     fn user_op(&mut self, n: usize) {
         let pick = self.rng.random_range(0..100);
         let file = FILES[self.rng.random_range(0..FILES.len())];
         let dir = DIRS[self.rng.random_range(0..DIRS.len())];
-        let now = self.node_time(n) as i64;
         match pick {
-            // Write a whole file (or keep writing to one a process holds open).
+            // Write a whole file, or keep writing into one a process holds open.
             0..=29 => {
-                if let Some(path) = self.nodes[n]
-                    .open
-                    .keys()
-                    .next()
-                    .cloned()
-                    .filter(|_| self.rng.random_bool(0.5))
-                {
+                let open = self.nodes[n].open.keys().next().cloned();
+                if let Some(path) = open.filter(|_| self.rng.random_bool(0.5)) {
                     let chunk = self.new_content(n);
-                    let mut data = self.nodes[n]
-                        .fs
-                        .read_file(&path)
-                        .unwrap_or_default()
-                        .to_vec();
-                    data.extend_from_slice(&chunk);
-                    let old = self.nodes[n].fs.get(&path).cloned();
-                    let node = &mut self.nodes[n];
-                    let _ = node.fs.write(&path, Bytes::from(data), 0o644, now);
-                    node.open.insert(path.clone(), true);
-                    self.replaced(old);
-                    self.log(|| format!("n{n} user writes into open {path}"));
-                    return;
-                }
-                if self.is_open_at_or_below(n, file) || !self.make_parents(n, file) {
-                    return;
-                }
-                let data = self.new_content(n);
-                let old = self.nodes[n].fs.get(file).cloned();
-                let mode = MODES[self.rng.random_range(0..2)];
-                if self.nodes[n]
-                    .fs
-                    .write(file, data.clone(), mode, now)
-                    .is_ok()
-                {
-                    self.replaced(old);
-                    self.check.written(*blake3::hash(&data).as_bytes(), n, file);
-                    self.report(n, file);
-                }
-            }
-            // Append or truncate.
-            30..=44 => {
-                let Some(old) = self.nodes[n].fs.read_file(file) else {
-                    return;
-                };
-                if self.is_open_at_or_below(n, file) {
-                    return;
-                }
-                let data = if pick < 40 {
-                    let mut d = old.to_vec();
-                    d.extend_from_slice(&self.new_content(n));
-                    Bytes::from(d)
+                    self.write_open(n, &path, &chunk);
                 } else {
-                    let keep = self.rng.random_range(0..=old.len());
-                    old.slice(..keep)
-                };
-                let before = self.nodes[n].fs.get(file).cloned();
-                if self.nodes[n]
-                    .fs
-                    .write(file, data.clone(), 0o644, now)
-                    .is_ok()
-                {
-                    self.replaced(before);
-                    self.check.written(*blake3::hash(&data).as_bytes(), n, file);
-                    self.report(n, file);
+                    let data = self.new_content(n);
+                    let mode = MODES[self.rng.random_range(0..2)];
+                    self.write(n, file, &data, mode);
                 }
             }
-            // Delete a file or symlink.
+            30..=39 => {
+                let chunk = self.new_content(n);
+                self.append(n, file, &chunk);
+            }
+            40..=44 => {
+                let len = self.nodes[n].fs.read_file(file).map_or(0, |d| d.len());
+                let keep = self.rng.random_range(0..=len);
+                self.truncate(n, file, keep);
+            }
             45..=54 => {
-                if self.is_open_at_or_below(n, file) {
-                    return;
-                }
-                let old = self.nodes[n].fs.get(file).cloned();
-                if self.nodes[n].fs.unlink(file).is_ok() {
-                    self.replaced(old);
-                    self.report(n, file);
-                }
+                self.remove(n, file);
             }
-            // Rename a file over another, or a directory.
             55..=62 => {
-                let (from, to) = if self.rng.random_bool(0.7) {
-                    (file, FILES[self.rng.random_range(0..FILES.len())])
+                if self.rng.random_bool(0.7) {
+                    let to = FILES[self.rng.random_range(0..FILES.len())];
+                    self.rename(n, file, to);
                 } else {
-                    (dir, DIRS[self.rng.random_range(0..DIRS.len())])
+                    let to = DIRS[self.rng.random_range(0..DIRS.len())];
+                    self.rename(n, dir, to);
                 };
-                if self.is_open_at_or_below(n, from)
-                    || self.is_open_at_or_below(n, to)
-                    || !self.make_parents(n, to)
-                {
-                    return;
-                }
-                let moved: Vec<String> = self.nodes[n]
-                    .fs
-                    .get(from)
-                    .map(|_| {
-                        std::iter::once(from.to_string())
-                            .chain(self.nodes[n].fs.below(from).map(|(p, _)| p.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let old = self.nodes[n].fs.get(to).cloned();
-                if self.nodes[n].fs.rename(from, to).is_ok() && from != to {
-                    self.log(|| format!("n{n} user renames {from} -> {to}"));
-                    self.replaced(old);
-                    // Creations first, so receivers find the content under its old name.
-                    for p in &moved {
-                        let new = format!("{to}{}", &p[from.len()..]);
-                        self.report(n, &new);
-                    }
-                    for p in moved.iter().rev() {
-                        self.report(n, p);
-                    }
-                }
             }
-            // Make or remove a directory.
-            63..=74 => {
-                if pick < 69 {
-                    if self.make_parents(n, dir)
-                        && self.nodes[n]
-                            .fs
-                            .mkdir(dir, MODES[self.rng.random_range(2..4)])
-                            .is_ok()
-                    {
-                        self.report(n, dir);
-                    }
-                } else if self.nodes[n].fs.rmdir(dir).is_ok() {
-                    self.report(n, dir);
-                }
+            63..=68 => {
+                let mode = MODES[self.rng.random_range(2..4)];
+                self.mkdir(n, dir, mode);
             }
-            // Change a mode.
+            69..=74 => {
+                self.rmdir(n, dir);
+            }
             75..=81 => {
                 let path = if self.rng.random_bool(0.5) { file } else { dir };
                 let mode = MODES[self.rng.random_range(0..MODES.len())];
-                if !self.is_open_at_or_below(n, path) && self.nodes[n].fs.chmod(path, mode).is_ok()
-                {
-                    self.report(n, path);
-                }
+                self.chmod(n, path, mode);
             }
-            // Make a symlink.
             82..=86 => {
                 let target = format!("target-{}", self.rng.random_range(0..3));
-                if self.make_parents(n, file) && self.nodes[n].fs.symlink(file, &target).is_ok() {
-                    self.report(n, file);
-                }
+                self.symlink(n, file, &target);
             }
             // Open a file for writing and keep it open across other events.
             _ => {
-                if self.is_open_at_or_below(n, file) || !self.make_parents(n, file) {
-                    return;
-                }
                 let data = self.new_content(n);
-                let old = self.nodes[n].fs.get(file).cloned();
-                if self.nodes[n].fs.write(file, data, 0o644, now).is_ok() {
-                    self.replaced(old);
-                    self.log(|| format!("n{n} user opens {file} for writing"));
-                    // The create is reported at once; later content when the writer closes.
-                    self.report_written(n, file);
-                    let node = &mut self.nodes[n];
-                    node.open.insert(file.to_string(), false);
-                    let life = node.life;
+                if self.open(n, file, &data) {
+                    let life = self.nodes[n].life;
                     let close_in = self.rng.random_range(MS..300 * MS);
+                    let path = file.to_string();
                     self.schedule(
                         self.time + close_in,
                         Event::Close {
                             node: n,
-                            path: file.to_string(),
+                            path: path.clone(),
                             life,
                         },
                     );
@@ -1144,13 +1039,257 @@ impl World {
                         self.time + 50 * MS,
                         Event::DirtyReport {
                             node: n,
-                            path: file.to_string(),
+                            path,
                             life,
                         },
                     );
                 }
             }
         }
+    }
+
+    // ---- What users do, each reported as the change logger would ----
+
+    /// Writes a whole file (creating the directories above it); false if the filesystem refused.
+    pub fn write(&mut self, n: usize, path: &str, data: &[u8], mode: u32) -> bool {
+        if self.is_open_at_or_below(n, path) || !self.make_parents(n, path) {
+            return false;
+        }
+        let now = self.node_time(n) as i64;
+        let old = self.nodes[n].fs.get(path).cloned();
+        if self.nodes[n]
+            .fs
+            .write(path, Bytes::copy_from_slice(data), mode, now)
+            .is_err()
+        {
+            return false;
+        }
+        self.log(|| format!("n{n} user writes {path}"));
+        self.replaced(old);
+        self.report_written(n, path);
+        true
+    }
+
+    pub fn append(&mut self, n: usize, path: &str, chunk: &[u8]) -> bool {
+        let Some(old) = self.nodes[n].fs.read_file(path) else {
+            return false;
+        };
+        let mut data = old.to_vec();
+        data.extend_from_slice(chunk);
+        self.write(n, path, &data, 0o644)
+    }
+
+    pub fn truncate(&mut self, n: usize, path: &str, keep: usize) -> bool {
+        let Some(old) = self.nodes[n].fs.read_file(path) else {
+            return false;
+        };
+        let keep = keep.min(old.len());
+        self.write(n, path, &old[..keep], 0o644)
+    }
+
+    /// Removes a file or symlink.
+    pub fn remove(&mut self, n: usize, path: &str) -> bool {
+        if self.is_open_at_or_below(n, path) {
+            return false;
+        }
+        let old = self.nodes[n].fs.get(path).cloned();
+        if self.nodes[n].fs.unlink(path).is_err() {
+            return false;
+        }
+        self.log(|| format!("n{n} user removes {path}"));
+        self.replaced(old);
+        self.report(n, path);
+        true
+    }
+
+    /// rename(2), reporting the new names first so that receivers find the content under the
+    /// old ones.
+    pub fn rename(&mut self, n: usize, from: &str, to: &str) -> bool {
+        if from == to
+            || self.is_open_at_or_below(n, from)
+            || self.is_open_at_or_below(n, to)
+            || !self.make_parents(n, to)
+        {
+            return false;
+        }
+        let moved: Vec<String> = match self.nodes[n].fs.get(from) {
+            Some(_) => std::iter::once(from.to_string())
+                .chain(self.nodes[n].fs.below(from).map(|(p, _)| p.clone()))
+                .collect(),
+            None => return false,
+        };
+        let old = self.nodes[n].fs.get(to).cloned();
+        if self.nodes[n].fs.rename(from, to).is_err() {
+            return false;
+        }
+        self.log(|| format!("n{n} user renames {from} -> {to}"));
+        self.replaced(old);
+        for p in &moved {
+            let new = format!("{to}{}", &p[from.len()..]);
+            self.report(n, &new);
+        }
+        for p in moved.iter().rev() {
+            self.report(n, p);
+        }
+        true
+    }
+
+    pub fn mkdir(&mut self, n: usize, path: &str, mode: u32) -> bool {
+        if !self.make_parents(n, path) || self.nodes[n].fs.mkdir(path, mode).is_err() {
+            return false;
+        }
+        self.report(n, path);
+        true
+    }
+
+    pub fn rmdir(&mut self, n: usize, path: &str) -> bool {
+        if self.nodes[n].fs.rmdir(path).is_err() {
+            return false;
+        }
+        self.report(n, path);
+        true
+    }
+
+    pub fn chmod(&mut self, n: usize, path: &str, mode: u32) -> bool {
+        if self.is_open_at_or_below(n, path) || self.nodes[n].fs.chmod(path, mode).is_err() {
+            return false;
+        }
+        self.report(n, path);
+        true
+    }
+
+    pub fn symlink(&mut self, n: usize, path: &str, target: &str) -> bool {
+        if !self.make_parents(n, path) || self.nodes[n].fs.symlink(path, target).is_err() {
+            return false;
+        }
+        self.report(n, path);
+        true
+    }
+
+    /// A process opens `path` for writing, writes `data` and keeps it open. The create is
+    /// reported at once, later content when the writer closes.
+    pub fn open(&mut self, n: usize, path: &str, data: &[u8]) -> bool {
+        if !self.write(n, path, data, 0o644) {
+            return false;
+        }
+        self.log(|| format!("n{n} user keeps {path} open for writing"));
+        self.nodes[n].open.insert(path.to_string(), false);
+        true
+    }
+
+    /// The process holding `path` open appends to it; nothing is reported yet.
+    pub fn write_open(&mut self, n: usize, path: &str, chunk: &[u8]) {
+        let Some(old) = self.nodes[n].fs.get(path).cloned() else {
+            return;
+        };
+        let mut data = self.nodes[n]
+            .fs
+            .read_file(path)
+            .unwrap_or_default()
+            .to_vec();
+        data.extend_from_slice(chunk);
+        let now = self.node_time(n) as i64;
+        if self.nodes[n]
+            .fs
+            .write(path, Bytes::from(data), 0o644, now)
+            .is_ok()
+        {
+            self.log(|| format!("n{n} user writes into open {path}"));
+            self.nodes[n].open.insert(path.to_string(), true);
+            self.replaced(Some(old));
+        }
+    }
+
+    /// The process holding `path` open closes it.
+    pub fn close(&mut self, n: usize, path: &str) {
+        let life = self.nodes[n].life;
+        self.handle_event(Event::Close {
+            node: n,
+            path: path.to_string(),
+            life,
+        });
+    }
+
+    // ---- Scripted runs, for tests of particular stories ----
+
+    /// A world without random workload or faults and with a network that neither loses nor
+    /// duplicates, for tests that tell one story step by step.
+    pub fn scripted(nodes: usize, topology: Topology) -> World {
+        let mut opts = Options::new(0, nodes);
+        opts.topology = topology;
+        opts.steps = 0;
+        let mut world = World::new(opts);
+        world.weather = Weather {
+            loss: 0.0,
+            dup: 0.0,
+            delay_max_ns: MS,
+        };
+        for (a, b) in world.links.keys().copied().collect::<Vec<_>>() {
+            world.link_up(a, b);
+        }
+        world
+    }
+
+    /// Runs until nothing is left to happen. Panics if that takes more than a simulated
+    /// minute, which means something loops.
+    pub fn settle(&mut self) {
+        let limit = self.time + 60_000 * MS;
+        while let Some(Reverse(next)) = self.queue.pop() {
+            assert!(
+                next.time <= limit,
+                "the mesh did not go quiet within a minute"
+            );
+            self.time = next.time;
+            self.handle_event(next.event);
+        }
+    }
+
+    /// Runs the end-of-run checks now (every node must be up).
+    pub fn check(&mut self) -> Vec<Violation> {
+        self.final_checks();
+        self.check.take_violations()
+    }
+
+    /// Cuts the link between `a` and `b` until [`World::heal`].
+    pub fn cut(&mut self, a: usize, b: usize) {
+        self.handle_event(Event::Cut {
+            link: link_key(a, b),
+        });
+    }
+
+    pub fn heal(&mut self, a: usize, b: usize) {
+        self.handle_event(Event::Heal {
+            link: link_key(a, b),
+        });
+    }
+
+    pub fn crash_node(&mut self, n: usize) {
+        self.crash(n);
+    }
+
+    pub fn restart_node(&mut self, n: usize) {
+        self.restart(n);
+    }
+
+    /// Makes every store write so far durable (a group commit on each running node).
+    pub fn commit_all(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(e) = node.engine.as_mut() {
+                e.store_mut().commit();
+            }
+        }
+    }
+
+    pub fn fs(&self, n: usize) -> &SimFs {
+        &self.nodes[n].fs
+    }
+
+    pub fn engine(&self, n: usize) -> &Engine<MemStore> {
+        self.nodes[n].engine.as_ref().expect("node is up")
+    }
+
+    pub fn stats(&self) -> &RunStats {
+        &self.stats
     }
 
     // ---- The end ----

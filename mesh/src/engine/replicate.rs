@@ -31,8 +31,8 @@ pub(super) struct Peer {
     inflight: VecDeque<(u64, u64)>,
     /// When the last batch went out, for the idle flush of a skipped range.
     last_send_at: u64,
-    /// Records up to this position go to the peer even if they came from it (it restarted and
-    /// may have lost them).
+    /// Records up to this position go to the peer even if they came from it or it wrote them
+    /// (it restarted and may have lost them).
     unskip_upto: u64,
     // Slave side (the peer's log towards us).
     /// The peer answered our Hello.
@@ -163,6 +163,12 @@ impl<S: Store> Engine<S> {
     /// may reach a peer once per connection plus once per rewind, and never more.
     pub fn rewinds(&self, peer: &NodeId) -> u64 {
         self.peers.get(peer).map_or(0, |p| p.rewinds)
+    }
+
+    /// Records of this node's log up to this position go to `peer` on this connection even if
+    /// the peer wrote them or sent them (it restarted: see [`Message::Hello`]).
+    pub fn unskip_upto(&self, peer: &NodeId) -> u64 {
+        self.peers.get(peer).map_or(0, |p| p.unskip_upto)
     }
 
     /// The highest sequence this node has used.
@@ -388,9 +394,13 @@ impl<S: Store> Engine<S> {
         if self.cfg.planted_bug == Some(super::PlantedBug::Echo) {
             return true;
         }
+        // After a restart the peer may have lost records it wrote or sent us before it crashed
+        // (group commit keeps only a prefix): this once, send it those too.
+        if entry.seq <= self.peers[&peer].unskip_upto {
+            return true;
+        }
         let record = entry.record.as_ref().expect("log entries have records");
-        let came_from_peer = entry.from == Some(peer) && entry.seq > self.peers[&peer].unskip_upto;
-        !came_from_peer && record.author != Some(peer)
+        entry.from != Some(peer) && record.author != Some(peer)
     }
 
     /// The master replicator: fills every peer's window with batches from the log.
