@@ -27,6 +27,20 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// One direction of one connection, as a record leaves on it.
+#[derive(Clone, Copy)]
+pub struct SendContext {
+    pub from: usize,
+    pub to: usize,
+    pub to_id: NodeId,
+    /// Which connection of the link this is.
+    pub epoch: u64,
+    /// Times the sender went back in its log on this connection.
+    pub rewinds: u64,
+    /// The sender sends records up to here even to their author (who restarted).
+    pub unskip_upto: u64,
+}
+
 pub struct Checker {
     violations: Vec<Violation>,
     /// Contents owed to every node: content -> (node, path) where a user wrote it.
@@ -89,19 +103,17 @@ impl Checker {
         self.dead.insert(hash);
     }
 
-    /// A record leaves `from` for `to` on connection `epoch` of their link, after the sender
-    /// rewound its log `rewinds` times on that connection.
-    pub fn record_sent(
-        &mut self,
-        from: usize,
-        to: usize,
-        epoch: u64,
-        rewinds: u64,
-        to_id: NodeId,
-        r: &WireRecord,
-        author_may_have_lost_it: bool,
-    ) {
-        if r.record.author == Some(to_id) && !author_may_have_lost_it {
+    /// A record leaves on a connection.
+    pub fn record_sent(&mut self, link: &SendContext, r: &WireRecord) {
+        let SendContext {
+            from,
+            to,
+            epoch,
+            rewinds,
+            ..
+        } = *link;
+        let author_may_have_lost_it = r.seq <= link.unskip_upto;
+        if r.record.author == Some(link.to_id) && !author_may_have_lost_it {
             self.violate(
                 "no echo",
                 Some(r.path.to_string()),

@@ -9,7 +9,7 @@
 //! sees a lost or reordered batch as a gap and asks for a resend with `Pull`; a lost tail is
 //! resent when its acknowledgement does not come.
 
-use super::{Engine, Pending};
+use super::Engine;
 use crate::store::{Entry, Store};
 use crate::wire::{Batch, Message, WireRecord, BATCH_INLINE_BYTES_MAX};
 use rsyncfs_conflict::{settle, Decision, NodeId};
@@ -329,10 +329,7 @@ impl<S: Store> Engine<S> {
         if covered && target.is_none() {
             return;
         }
-        let p = self
-            .pending
-            .entry(path.clone())
-            .or_insert_with(Pending::default);
+        let p = self.pending.entry(path.clone()).or_default();
         if let Some(target) = target {
             p.from = (target == record).then_some(from);
             p.target = Some(target);
