@@ -97,6 +97,11 @@ impl Checker {
         }
     }
 
+    /// Contents owed to every node at the end.
+    pub fn owed(&self) -> u64 {
+        self.alive.len() as u64
+    }
+
     /// A user replaced or removed this content.
     pub fn replaced(&mut self, hash: Hash) {
         self.alive.remove(&hash);

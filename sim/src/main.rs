@@ -177,6 +177,12 @@ fn main() -> ExitCode {
                 s.virtual_ms,
                 started.elapsed().as_secs_f64() * 1e3
             );
+            if outcome.violations.is_empty() {
+                println!(
+                    "converged: {} replicas identical ({} paths, {} conflict copies), {} completed writes all kept, no echo",
+                    opts.nodes, s.final_paths, s.final_conflict_copies, s.contents_owed
+                );
+            }
             println!("digest: {}", hex(&outcome.digest));
             if outcome.violations.is_empty() {
                 ExitCode::SUCCESS

@@ -172,6 +172,11 @@ pub struct RunStats {
     pub crashes: u64,
     pub cuts: u64,
     pub virtual_ms: u64,
+    /// Paths in node 0's tree at the end, and how many of them are conflict copies.
+    pub final_paths: u64,
+    pub final_conflict_copies: u64,
+    /// Contents the checker required to survive.
+    pub contents_owed: u64,
 }
 
 pub struct World {
@@ -1317,6 +1322,13 @@ impl World {
             }
         }
         self.stats.records_stored = self.check.records_stored;
+        self.stats.final_paths = self.nodes[0].fs.iter().count() as u64;
+        self.stats.final_conflict_copies = self.nodes[0]
+            .fs
+            .iter()
+            .filter(|(p, _)| p.contains(".sync-conflict-"))
+            .count() as u64;
+        self.stats.contents_owed = self.check.owed();
         Outcome {
             digest: *self.digest.finalize().as_bytes(),
             violations: self.check.take_violations(),

@@ -1,0 +1,435 @@
+//! The replication protocol of one engine, driven by hand: handshake, batches, gaps, holds,
+//! echo rules and limits. (Whole meshes over a simulated filesystem are the simulator's tests.)
+
+use rsyncfs_conflict::{Dot, Meta, NodeId, Record, Timestamp, NTP64};
+use rsyncfs_mesh::engine::{Action, Apply, Fetch, Source};
+use rsyncfs_mesh::wire::{Batch, Message, WireRecord};
+use rsyncfs_mesh::{Config, Engine, Input, MemStore, Output, RelPath, Store};
+
+const SEC: u64 = 1_000_000_000;
+const T0: u64 = 1_795_651_200 * SEC;
+
+fn node(i: u64) -> NodeId {
+    NodeId::from_index(i)
+}
+
+fn engine(i: u64) -> Engine<MemStore> {
+    Engine::new(Config::new(node(i)), MemStore::new())
+}
+
+fn drain(e: &mut Engine<MemStore>) -> Vec<Output> {
+    std::iter::from_fn(|| e.poll_output()).collect()
+}
+
+fn sent_to(outputs: &[Output], to: NodeId) -> Vec<Message> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send { to: t, message } if *t == to => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn path(p: &str) -> RelPath {
+    RelPath::new(p).unwrap()
+}
+
+fn file(bytes: &[u8]) -> Meta {
+    Meta::file(
+        bytes.len() as u64,
+        *blake3::hash(bytes).as_bytes(),
+        0o644,
+        7,
+    )
+}
+
+/// Connects `e` to `peer` and completes the handshake as the peer would.
+fn connect(e: &mut Engine<MemStore>, peer: NodeId, peer_progress: u64) -> Vec<Output> {
+    e.handle(T0, Input::PeerUp { peer });
+    e.handle(
+        T0,
+        Input::Received {
+            from: peer,
+            message: Message::Welcome,
+        },
+    );
+    e.handle(
+        T0,
+        Input::Received {
+            from: peer,
+            message: Message::Hello {
+                progress: peer_progress,
+                fresh: false,
+            },
+        },
+    );
+    drain(e)
+}
+
+/// A record written by `author`, as a peer would send it.
+fn remote_write(author: u64, counter: u64, meta: Meta) -> Record {
+    let n = node(author);
+    Record::write(
+        None,
+        Dot { node: n, counter },
+        Timestamp::new(NTP64(counter << 32), n.hlc_id()),
+        meta,
+    )
+}
+
+#[test]
+fn handshake_is_repeated_until_welcomed() {
+    let mut e = engine(0);
+    e.handle(T0, Input::PeerUp { peer: node(1) });
+    let out = drain(&mut e);
+    assert_eq!(
+        sent_to(&out, node(1)),
+        vec![Message::Hello {
+            progress: 0,
+            fresh: true
+        }]
+    );
+    // The Hello is lost: it goes again after the resend interval, still fresh.
+    let at = e.poll_timeout().expect("a resend is due");
+    e.handle_timeout(at);
+    assert_eq!(
+        sent_to(&drain(&mut e), node(1)),
+        vec![Message::Hello {
+            progress: 0,
+            fresh: true
+        }]
+    );
+    e.handle(
+        at,
+        Input::Received {
+            from: node(1),
+            message: Message::Welcome,
+        },
+    );
+    assert!(drain(&mut e).is_empty());
+    assert_eq!(e.poll_timeout(), None, "nothing left to resend");
+    // A Hello from the peer is answered with Welcome, twice if it comes twice.
+    for _ in 0..2 {
+        e.handle(
+            at,
+            Input::Received {
+                from: node(1),
+                message: Message::Hello {
+                    progress: 0,
+                    fresh: false,
+                },
+            },
+        );
+        assert_eq!(sent_to(&drain(&mut e), node(1)), vec![Message::Welcome]);
+    }
+}
+
+#[test]
+fn local_writes_are_recorded_and_shipped_to_welcomed_peers() {
+    let mut e = engine(0);
+    connect(&mut e, node(1), 0);
+    let meta = file(b"hello");
+    e.handle(
+        T0,
+        Input::LocalChange {
+            path: path("a"),
+            observed: Some(meta.clone()),
+        },
+    );
+    let out = drain(&mut e);
+    let [Message::Batch(batch)] = &sent_to(&out, node(1))[..] else {
+        panic!("expected one batch: {out:?}");
+    };
+    assert_eq!(batch.records.len(), 1);
+    let r = &batch.records[0];
+    assert_eq!(r.record.author, Some(node(0)));
+    assert_eq!(r.record.winner().meta, meta);
+    assert_eq!(
+        r.record.winner().dot,
+        Dot {
+            node: node(0),
+            counter: r.seq
+        }
+    );
+    // The same state reported again is not a new write.
+    e.handle(
+        T0,
+        Input::LocalChange {
+            path: path("a"),
+            observed: Some(meta),
+        },
+    );
+    assert!(sent_to(&drain(&mut e), node(1)).is_empty());
+    assert_eq!(e.stats().local_writes, 1);
+}
+
+#[test]
+fn a_record_never_goes_back_to_its_author_or_source() {
+    let mut e = engine(0);
+    connect(&mut e, node(1), 0);
+    connect(&mut e, node(2), 0);
+    let data = b"from node 1";
+    let record = remote_write(1, 5, file(data));
+    let batch = Batch {
+        after: 0,
+        upto: 5,
+        records: vec![WireRecord {
+            seq: 5,
+            path: path("a"),
+            record,
+            data: Some(bytes::Bytes::from_static(data)),
+        }],
+    };
+    e.handle(
+        T0,
+        Input::Received {
+            from: node(1),
+            message: Message::Batch(batch),
+        },
+    );
+    let out = drain(&mut e);
+    assert_eq!(sent_to(&out, node(1)), vec![Message::Ack { progress: 5 }]);
+    let apply = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Apply(a) => Some(a.clone()),
+            _ => None,
+        })
+        .expect("the record is applied");
+    assert!(matches!(
+        apply.action,
+        Action::Write {
+            source: Source::Inline(_),
+            ..
+        }
+    ));
+    e.handle(
+        T0,
+        Input::ApplyDone {
+            op: apply.op,
+            result: Ok(()),
+        },
+    );
+    let out = drain(&mut e);
+    assert!(
+        sent_to(&out, node(1)).is_empty(),
+        "sent back to its author: {out:?}"
+    );
+    let to_two = sent_to(&out, node(2));
+    assert!(
+        matches!(&to_two[..], [Message::Batch(b)] if b.records.len() == 1),
+        "forwarded to the other peer: {to_two:?}"
+    );
+}
+
+#[test]
+fn a_gap_asks_for_a_resend_and_a_duplicate_is_only_acknowledged() {
+    let mut e = engine(0);
+    connect(&mut e, node(1), 0);
+    let gap = Batch {
+        after: 3,
+        upto: 4,
+        records: vec![],
+    };
+    e.handle(
+        T0,
+        Input::Received {
+            from: node(1),
+            message: Message::Batch(gap),
+        },
+    );
+    assert_eq!(
+        sent_to(&drain(&mut e), node(1)),
+        vec![Message::Pull { after: 0 }]
+    );
+    let first = Batch {
+        after: 0,
+        upto: 4,
+        records: vec![],
+    };
+    e.handle(
+        T0,
+        Input::Received {
+            from: node(1),
+            message: Message::Batch(first.clone()),
+        },
+    );
+    assert_eq!(
+        sent_to(&drain(&mut e), node(1)),
+        vec![Message::Ack { progress: 4 }]
+    );
+    e.handle(
+        T0,
+        Input::Received {
+            from: node(1),
+            message: Message::Batch(first),
+        },
+    );
+    assert_eq!(
+        sent_to(&drain(&mut e), node(1)),
+        vec![Message::Ack { progress: 4 }]
+    );
+    assert_eq!(e.store().progress(&node(1)), 4);
+}
+
+#[test]
+fn progress_is_held_back_until_fetched_content_is_applied() {
+    let mut e = engine(0);
+    connect(&mut e, node(1), 0);
+    let data = vec![9u8; 200_000];
+    let record = remote_write(1, 8, file(&data));
+    let batch = Batch {
+        after: 0,
+        upto: 9,
+        records: vec![WireRecord {
+            seq: 8,
+            path: path("big"),
+            record,
+            data: None,
+        }],
+    };
+    e.handle(
+        T0,
+        Input::Received {
+            from: node(1),
+            message: Message::Batch(batch),
+        },
+    );
+    let out = drain(&mut e);
+    let fetch: Fetch = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Fetch(f) => Some(f.clone()),
+            _ => None,
+        })
+        .expect("large content is fetched");
+    assert_eq!(fetch.from, node(1));
+    // Acknowledged to the sender, but a crash now must not lose the record: the stored
+    // progress stays before it.
+    assert_eq!(sent_to(&out, node(1)), vec![Message::Ack { progress: 9 }]);
+    assert_eq!(e.store().progress(&node(1)), 7);
+    e.handle(
+        T0,
+        Input::FetchDone {
+            op: fetch.op,
+            result: Ok(77),
+        },
+    );
+    let apply: Apply = drain(&mut e)
+        .into_iter()
+        .find_map(|o| match o {
+            Output::Apply(a) => Some(a),
+            _ => None,
+        })
+        .expect("applied once fetched");
+    assert!(matches!(
+        apply.action,
+        Action::Write {
+            source: Source::Staged(77),
+            ..
+        }
+    ));
+    e.handle(
+        T0,
+        Input::ApplyDone {
+            op: apply.op,
+            result: Ok(()),
+        },
+    );
+    drain(&mut e);
+    assert_eq!(e.store().progress(&node(1)), 9);
+    assert!(e.store().get(&path("big")).unwrap().record.is_some());
+}
+
+#[test]
+fn a_peer_claiming_more_than_was_written_gets_everything() {
+    let mut e = engine(0);
+    e.handle(
+        T0,
+        Input::LocalChange {
+            path: path("a"),
+            observed: Some(file(b"x")),
+        },
+    );
+    drain(&mut e);
+    let out = connect(&mut e, node(1), 1_000_000);
+    let batches = sent_to(&out, node(1));
+    assert!(
+        batches
+            .iter()
+            .any(|m| matches!(m, Message::Batch(b) if b.after == 0 && b.records.len() == 1)),
+        "{batches:?}"
+    );
+}
+
+#[test]
+fn too_much_pending_work_refuses_new_batches() {
+    let mut cfg = Config::new(node(0));
+    cfg.pending_max = 2;
+    let mut e = Engine::new(cfg, MemStore::new());
+    connect(&mut e, node(1), 0);
+    let records: Vec<WireRecord> = (1..=3)
+        .map(|i| WireRecord {
+            seq: i,
+            path: path(&format!("f{i}")),
+            record: remote_write(1, i, file(&vec![i as u8; 100_000])),
+            data: None,
+        })
+        .collect();
+    e.handle(
+        T0,
+        Input::Received {
+            from: node(1),
+            message: Message::Batch(Batch {
+                after: 0,
+                upto: 3,
+                records,
+            }),
+        },
+    );
+    drain(&mut e);
+    let more = Batch {
+        after: 3,
+        upto: 4,
+        records: vec![],
+    };
+    e.handle(
+        T0,
+        Input::Received {
+            from: node(1),
+            message: Message::Batch(more),
+        },
+    );
+    let out = drain(&mut e);
+    assert!(
+        sent_to(&out, node(1)).is_empty(),
+        "the batch was taken: {out:?}"
+    );
+    assert_eq!(e.stats().batches_refused_busy, 1);
+}
+
+#[test]
+fn sequences_are_never_reused_across_a_crash() {
+    let mut store = MemStore::new();
+    let mut e = Engine::new(Config::new(node(0)), store);
+    e.handle(
+        T0,
+        Input::LocalChange {
+            path: path("a"),
+            observed: Some(file(b"1")),
+        },
+    );
+    let used = e.log_end();
+    store = e.into_store();
+    store.crash();
+    let mut e = Engine::new(Config::new(node(0)), store);
+    e.handle(
+        T0,
+        Input::LocalChange {
+            path: path("b"),
+            observed: Some(file(b"2")),
+        },
+    );
+    assert!(e.log_end() > used, "{} after {used}", e.log_end());
+}
