@@ -44,6 +44,17 @@ fn file(bytes: &[u8]) -> Meta {
     )
 }
 
+fn receive(e: &mut Engine<MemStore>, from: NodeId, message: Message) {
+    e.handle(T0, Input::Received { from, message });
+}
+
+fn first_apply(outputs: &[Output]) -> Option<Apply> {
+    outputs.iter().find_map(|o| match o {
+        Output::Apply(a) => Some(a.clone()),
+        _ => None,
+    })
+}
+
 /// Connects `e` to `peer` and completes the handshake as the peer would.
 fn connect(e: &mut Engine<MemStore>, peer: NodeId, peer_progress: u64) -> Vec<Output> {
     e.handle(T0, Input::PeerUp { peer });
@@ -181,22 +192,10 @@ fn a_record_never_goes_back_to_its_author_or_source() {
             data: Some(bytes::Bytes::from_static(data)),
         }],
     };
-    e.handle(
-        T0,
-        Input::Received {
-            from: node(1),
-            message: Message::Batch(batch),
-        },
-    );
+    receive(&mut e, node(1), Message::Batch(batch));
     let out = drain(&mut e);
     assert_eq!(sent_to(&out, node(1)), vec![Message::Ack { progress: 5 }]);
-    let apply = out
-        .iter()
-        .find_map(|o| match o {
-            Output::Apply(a) => Some(a.clone()),
-            _ => None,
-        })
-        .expect("the record is applied");
+    let apply = first_apply(&out).expect("the record is applied");
     assert!(matches!(
         apply.action,
         Action::Write {
@@ -232,13 +231,7 @@ fn a_gap_asks_for_a_resend_and_a_duplicate_is_only_acknowledged() {
         upto: 4,
         records: vec![],
     };
-    e.handle(
-        T0,
-        Input::Received {
-            from: node(1),
-            message: Message::Batch(gap),
-        },
-    );
+    receive(&mut e, node(1), Message::Batch(gap));
     assert_eq!(
         sent_to(&drain(&mut e), node(1)),
         vec![Message::Pull { after: 0 }]
@@ -248,24 +241,12 @@ fn a_gap_asks_for_a_resend_and_a_duplicate_is_only_acknowledged() {
         upto: 4,
         records: vec![],
     };
-    e.handle(
-        T0,
-        Input::Received {
-            from: node(1),
-            message: Message::Batch(first.clone()),
-        },
-    );
+    receive(&mut e, node(1), Message::Batch(first.clone()));
     assert_eq!(
         sent_to(&drain(&mut e), node(1)),
         vec![Message::Ack { progress: 4 }]
     );
-    e.handle(
-        T0,
-        Input::Received {
-            from: node(1),
-            message: Message::Batch(first),
-        },
-    );
+    receive(&mut e, node(1), Message::Batch(first));
     assert_eq!(
         sent_to(&drain(&mut e), node(1)),
         vec![Message::Ack { progress: 4 }]
@@ -289,13 +270,7 @@ fn progress_is_held_back_until_fetched_content_is_applied() {
             data: None,
         }],
     };
-    e.handle(
-        T0,
-        Input::Received {
-            from: node(1),
-            message: Message::Batch(batch),
-        },
-    );
+    receive(&mut e, node(1), Message::Batch(batch));
     let out = drain(&mut e);
     let fetch: Fetch = out
         .iter()
@@ -316,13 +291,7 @@ fn progress_is_held_back_until_fetched_content_is_applied() {
             result: Ok(77),
         },
     );
-    let apply: Apply = drain(&mut e)
-        .into_iter()
-        .find_map(|o| match o {
-            Output::Apply(a) => Some(a),
-            _ => None,
-        })
-        .expect("applied once fetched");
+    let apply = first_apply(&drain(&mut e)).expect("applied once fetched");
     assert!(matches!(
         apply.action,
         Action::Write {
@@ -377,16 +346,14 @@ fn too_much_pending_work_refuses_new_batches() {
             data: None,
         })
         .collect();
-    e.handle(
-        T0,
-        Input::Received {
-            from: node(1),
-            message: Message::Batch(Batch {
-                after: 0,
-                upto: 3,
-                records,
-            }),
-        },
+    receive(
+        &mut e,
+        node(1),
+        Message::Batch(Batch {
+            after: 0,
+            upto: 3,
+            records,
+        }),
     );
     drain(&mut e);
     let more = Batch {
@@ -394,13 +361,7 @@ fn too_much_pending_work_refuses_new_batches() {
         upto: 4,
         records: vec![],
     };
-    e.handle(
-        T0,
-        Input::Received {
-            from: node(1),
-            message: Message::Batch(more),
-        },
-    );
+    receive(&mut e, node(1), Message::Batch(more));
     let out = drain(&mut e);
     assert!(
         sent_to(&out, node(1)).is_empty(),

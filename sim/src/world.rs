@@ -404,8 +404,7 @@ impl World {
                 epoch,
                 bytes,
             } => {
-                let link = self.links[&link_key(from, to)];
-                if !link.up || link.epoch != epoch {
+                if !self.on_connection(from, to, epoch) {
                     return;
                 }
                 match wire::decode(&bytes) {
@@ -430,8 +429,7 @@ impl World {
                 hash,
                 hint,
             } => {
-                let link = self.links[&link_key(client, server)];
-                if !link.up || link.epoch != epoch {
+                if !self.on_connection(client, server, epoch) {
                     return;
                 }
                 let found = self.nodes[server].fs.find_content(&hash, &hint);
@@ -454,8 +452,7 @@ impl World {
                 op,
                 found,
             } => {
-                let link = self.links[&link_key(client, server)];
-                if !link.up || link.epoch != epoch {
+                if !self.on_connection(client, server, epoch) {
                     return;
                 }
                 if self.nodes[client].fetches_out.remove(&op).is_none() {
@@ -828,13 +825,25 @@ impl World {
         node.fetches_out.clear();
         node.timer_at = None;
         node.commit_at = None;
-        for link in self
+        self.refresh_links_of(n);
+    }
+
+    /// True while connection `epoch` of the link between `a` and `b` is still up: what was sent
+    /// on an earlier connection is lost with it.
+    fn on_connection(&self, a: usize, b: usize, epoch: u64) -> bool {
+        let link = self.links[&link_key(a, b)];
+        link.up && link.epoch == epoch
+    }
+
+    /// Brings every link of node `n` up or down as its state and partitions say.
+    fn refresh_links_of(&mut self, n: usize) {
+        let links: Vec<_> = self
             .links
             .keys()
             .copied()
             .filter(|(a, b)| *a == n || *b == n)
-            .collect::<Vec<_>>()
-        {
+            .collect();
+        for link in links {
             self.refresh_link(link);
         }
     }
@@ -886,15 +895,7 @@ impl World {
                 },
             );
         }
-        for link in self
-            .links
-            .keys()
-            .copied()
-            .filter(|(a, b)| *a == n || *b == n)
-            .collect::<Vec<_>>()
-        {
-            self.refresh_link(link);
-        }
+        self.refresh_links_of(n);
     }
 
     // ---- The workload ----
