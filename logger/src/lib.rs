@@ -1,2 +1,211 @@
 //! The FUSE change logger of rsyncfs: a passthrough filesystem over a backing directory that
-//! reports every change. Not built yet: this crate is a placeholder that its own issue fills.
+//! reports every change.
+//!
+//! [`mount`] shows a backing directory at a mount point and returns a [`Mounted`] handle with
+//! the stream of [`Change`]s ([`Mounted::changes`]), the open-writer query
+//! ([`Mounted::is_open_for_writing`]), cache invalidation for updates made underneath the mount
+//! ([`Mounted::invalidate`]) and [`Mounted::unmount`].
+//!
+//! The filesystem ([`fs::LoggerFs`]) keeps one `O_PATH` descriptor per inode the kernel knows
+//! and does every operation with the `*at` system calls on them, so that inode numbers are the
+//! backing filesystem's own and survive renames and hard links. Where the kernel offers FUSE
+//! passthrough (Linux 6.9 and later), opened files are handed to the kernel and reads and
+//! writes never reach this process; changes are detected at open, release and fsync instead.
+//! The node's state folder ([`STATE_DIR_NAME`]) inside the backing directory is hidden.
+//!
+//! Status: the passthrough and the change stream are in progress (issue 3); see
+//! docs/ARCHITECTURE.md for what is done.
+
+mod fs;
+mod inodes;
+
+pub use fs::{LoggerFs, Mode};
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
+
+/// The folder a node keeps inside its backing directory; invisible through the mount.
+pub const STATE_DIR_NAME: &str = ".rsyncfs";
+
+/// Changes kept for a slow consumer before the logger reports an overflow instead.
+pub const CHANGES_QUEUED_MAX: usize = 65_536;
+
+/// What happened to a path (relative to the mount point).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A file's content changed and its last writer closed it (or it stayed open and dirty).
+    Written,
+    /// A file, FIFO or socket was created.
+    Created,
+    /// A file, symlink or other non-directory was removed.
+    Removed,
+    /// The path was renamed away to `to`.
+    RenamedTo {
+        to: PathBuf,
+    },
+    DirMade,
+    DirRemoved,
+    /// Mode, owner or times changed.
+    Attr,
+    Xattr,
+    /// A hard link to an existing file was made at this path.
+    Link,
+    Symlink,
+    /// Changes were lost because the consumer fell behind: rescan everything.
+    Overflow,
+}
+
+/// One reported change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Relative to the mount point (empty for an overflow).
+    pub path: PathBuf,
+    pub kind: ChangeKind,
+}
+
+/// Why a mount was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("/dev/fuse is missing or not usable: {0}")]
+    NoFuse(std::io::Error),
+    #[error("backing directory {0}: {1}")]
+    Backing(PathBuf, std::io::Error),
+    #[error("mount point {0}: {1}")]
+    MountPoint(PathBuf, String),
+    #[error("the backing directory {backing} is inside the mount point {mount}")]
+    BackingInsideMount { backing: PathBuf, mount: PathBuf },
+    #[error("mounting failed: {0}")]
+    Mount(std::io::Error),
+}
+
+/// A mounted logger.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    fs: Arc<fs::Shared>,
+    changes: Receiver<Change>,
+    mount_point: PathBuf,
+}
+
+impl Mounted {
+    /// The stream of changes, in the order they happened.
+    pub fn changes(&self) -> &Receiver<Change> {
+        &self.changes
+    }
+
+    /// True while a local process has `path` (relative) open for writing.
+    pub fn is_open_for_writing(&self, path: &Path) -> bool {
+        self.fs.is_open_for_writing(path)
+    }
+
+    /// Whether the kernel's FUSE passthrough mode is in use.
+    pub fn passthrough(&self) -> bool {
+        self.fs.passthrough()
+    }
+
+    pub fn mount_point(&self) -> &Path {
+        &self.mount_point
+    }
+
+    /// Drops the kernel's cached entry, attributes and data for `path` (relative), after the
+    /// node changed it in the backing directory.
+    pub fn invalidate(&self, path: &Path) {
+        if let Some(session) = &self.session {
+            self.fs.invalidate(&session.notifier(), path);
+        }
+    }
+
+    /// Unmounts and waits for the filesystem's threads to end.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+    }
+}
+
+/// Mounts `backing` at `mount_point`.
+pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, MountError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(MountError::NoFuse)?;
+    let backing = backing
+        .canonicalize()
+        .map_err(|e| MountError::Backing(backing.to_path_buf(), e))?;
+    if !backing.is_dir() {
+        return Err(MountError::Backing(
+            backing,
+            std::io::Error::from(std::io::ErrorKind::NotADirectory),
+        ));
+    }
+    clear_dead_mount(mount_point);
+    let mount_abs = mount_point
+        .canonicalize()
+        .map_err(|e| MountError::MountPoint(mount_point.to_path_buf(), e.to_string()))?;
+    if !mount_abs.is_dir() {
+        return Err(MountError::MountPoint(mount_abs, "not a directory".into()));
+    }
+    let not_empty = std::fs::read_dir(&mount_abs)
+        .map_err(|e| MountError::MountPoint(mount_abs.clone(), e.to_string()))?
+        .next()
+        .is_some();
+    if not_empty {
+        return Err(MountError::MountPoint(mount_abs, "is not empty".into()));
+    }
+    if backing.starts_with(&mount_abs) {
+        return Err(MountError::BackingInsideMount {
+            backing,
+            mount: mount_abs,
+        });
+    }
+    let (tx, rx): (SyncSender<Change>, Receiver<Change>) =
+        std::sync::mpsc::sync_channel(CHANGES_QUEUED_MAX);
+    let (filesystem, shared) =
+        LoggerFs::new(&backing, mode, tx).map_err(|e| MountError::Backing(backing.clone(), e))?;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("rsyncfs:{}", backing.display())),
+        fuser::MountOption::Subtype("rsyncfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Suid,
+        fuser::MountOption::Dev,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let session = fuser::Session::new(filesystem, &mount_abs, &config)
+        .and_then(fuser::Session::spawn)
+        .map_err(MountError::Mount)?;
+    Ok(Mounted {
+        session: Some(session),
+        fs: shared,
+        changes: rx,
+        mount_point: mount_abs,
+    })
+}
+
+/// A logger killed with SIGKILL leaves a dead mount ("Transport endpoint is not connected")
+/// behind; a plain detach clears it so that the mount point can be used again.
+fn clear_dead_mount(mount_point: &Path) {
+    if let Err(e) = std::fs::metadata(mount_point) {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            if let Ok(path) = std::ffi::CString::new(mount_point.as_os_str().as_encoded_bytes()) {
+                // SAFETY: a valid NUL-terminated path; umount2 only reads it.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+                }
+            }
+        }
+    }
+}

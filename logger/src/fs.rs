@@ -1,0 +1,1193 @@
+//! The passthrough filesystem: every operation is done on the backing directory with the `*at`
+//! system calls on the inodes' `O_PATH` descriptors, and every change is reported.
+
+use crate::inodes::{Inodes, ROOT};
+use crate::{Change, ChangeKind, STATE_DIR_NAME};
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow,
+};
+use parking_lot::Mutex;
+use rustix::fs::{AtFlags, Mode as FileMode, OFlags, Stat, CWD};
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache entries and attributes. Remote updates invalidate explicitly.
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write request the kernel may send (ordinary FUSE I/O).
+const MAX_WRITE: u32 = 1 << 20;
+
+/// Whether the mount takes local writes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    ReadWrite,
+    /// Every write through the mount fails with EROFS.
+    ReceiveOnly,
+}
+
+/// A directory's entries as read at opendir: (backing inode, kind, name).
+type DirEntries = Vec<(u64, FileType, OsString)>;
+
+/// An open file.
+struct Handle {
+    file: File,
+    id: u64,
+    writable: bool,
+    /// ctime and size at open, to tell at release whether the file changed.
+    before: (i64, i64, u64),
+    /// Keeps the kernel's passthrough mapping of the inode alive until release.
+    _backing: Option<Arc<BackingId>>,
+}
+
+/// State shared by the filesystem's worker threads and the [`crate::Mounted`] handle.
+pub(crate) struct Shared {
+    root: PathBuf,
+    inodes: Inodes,
+    mode: Mode,
+    passthrough: AtomicBool,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// The kernel maps one backing file per inode: every open of the inode shares it.
+    backings: Mutex<HashMap<u64, std::sync::Weak<BackingId>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirEntries>>>,
+    next_fh: AtomicU64,
+    writers: Mutex<HashMap<u64, u32>>,
+    changes: SyncSender<Change>,
+    overflowed: AtomicBool,
+}
+
+/// The filesystem fuser runs.
+pub struct LoggerFs {
+    shared: Arc<Shared>,
+}
+
+fn errno(e: impl Into<std::io::Error>) -> Errno {
+    Errno::from(e.into())
+}
+
+fn proc_path(fd: BorrowedFd<'_>) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
+}
+
+fn stat_fd(fd: BorrowedFd<'_>) -> rustix::io::Result<Stat> {
+    rustix::fs::statat(fd, c"", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::new((-sec) as u64, 0) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn attr(id: u64, st: &Stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(id),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: time(st.st_atime, st.st_atime_nsec as i64),
+        mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
+        ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
+        crtime: UNIX_EPOCH,
+        kind: file_type(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+impl Shared {
+    fn emit(&self, path: PathBuf, kind: ChangeKind) {
+        if self.overflowed.load(Ordering::Relaxed) {
+            let overflow = Change {
+                path: PathBuf::new(),
+                kind: ChangeKind::Overflow,
+            };
+            if self.changes.try_send(overflow).is_ok() {
+                self.overflowed.store(false, Ordering::Relaxed);
+            } else {
+                return;
+            }
+        }
+        match self.changes.try_send(Change { path, kind }) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => self.overflowed.store(true, Ordering::Relaxed),
+        }
+    }
+
+    /// The path of an inode relative to the mount, from the kernel's own record of where its
+    /// descriptor points. None for an unlinked inode.
+    fn path_of(&self, id: u64) -> Option<PathBuf> {
+        if id == ROOT {
+            return Some(PathBuf::new());
+        }
+        let inode = self.inodes.get(id)?;
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", inode.fd().as_raw_fd())).ok()?;
+        let rel = link.strip_prefix(&self.root).ok()?.to_path_buf();
+        if rel.as_os_str().as_bytes().ends_with(b" (deleted)") {
+            return None;
+        }
+        Some(rel)
+    }
+
+    fn child_path(&self, parent: u64, name: &OsStr) -> Option<PathBuf> {
+        self.path_of(parent).map(|p| p.join(name))
+    }
+
+    fn hidden(&self, parent: u64, name: &OsStr) -> bool {
+        parent == ROOT && name.as_bytes() == STATE_DIR_NAME.as_bytes()
+    }
+
+    pub(crate) fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_open_for_writing(&self, path: &Path) -> bool {
+        let Ok(st) = rustix::fs::statat(
+            self.inodes.get(ROOT).expect("root").fd(),
+            path,
+            AtFlags::SYMLINK_NOFOLLOW,
+        ) else {
+            return false;
+        };
+        let Some(id) = self.inodes.id_of(st.st_dev, st.st_ino) else {
+            return false;
+        };
+        self.writers.lock().get(&id).is_some_and(|&n| n > 0)
+    }
+
+    pub(crate) fn invalidate(&self, notifier: &fuser::Notifier, path: &Path) {
+        let root = self.inodes.get(ROOT).expect("root");
+        if let Ok(st) = rustix::fs::statat(root.fd(), path, AtFlags::SYMLINK_NOFOLLOW) {
+            if let Some(id) = self.inodes.id_of(st.st_dev, st.st_ino) {
+                let _ = notifier.inval_inode(INodeNo(id), 0, 0);
+            }
+        }
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let parent_id = if parent.as_os_str().is_empty() {
+            Some(ROOT)
+        } else {
+            rustix::fs::statat(root.fd(), parent, AtFlags::SYMLINK_NOFOLLOW)
+                .ok()
+                .and_then(|st| self.inodes.id_of(st.st_dev, st.st_ino))
+        };
+        if let (Some(parent_id), Some(name)) = (parent_id, path.file_name()) {
+            let _ = notifier.inval_entry(INodeNo(parent_id), name);
+        }
+    }
+
+    /// Looks `name` up in `parent` and makes it known to the kernel.
+    fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr, Errno> {
+        if self.hidden(parent, name) {
+            return Err(Errno::ENOENT);
+        }
+        let dir = self.inodes.get(parent).ok_or(Errno::ESTALE)?;
+        let fd = rustix::fs::openat(
+            dir.fd(),
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            FileMode::empty(),
+        )
+        .map_err(errno)?;
+        let st = stat_fd(fd.as_fd()).map_err(errno)?;
+        let id = self.inodes.remember(fd, st.st_dev, st.st_ino);
+        Ok(attr(id, &st))
+    }
+
+    fn writable(&self) -> Result<(), Errno> {
+        match self.mode {
+            Mode::ReadWrite => Ok(()),
+            Mode::ReceiveOnly => Err(Errno::EROFS),
+        }
+    }
+
+    fn new_handle(&self, handle: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed) + 1;
+        if handle.writable {
+            *self.writers.lock().entry(handle.id).or_insert(0) += 1;
+        }
+        self.handles.lock().insert(fh, Arc::new(handle));
+        fh
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+}
+
+/// Open flags the reopen through /proc must not see: the kernel resolved the path and handled
+/// creation already, and O_NOFOLLOW would refuse the /proc magic link itself.
+fn backing_flags(flags: i32) -> OFlags {
+    let drop = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW;
+    OFlags::from_bits_retain((flags & !drop) as u32) | OFlags::CLOEXEC
+}
+
+impl LoggerFs {
+    pub(crate) fn new(
+        backing: &Path,
+        mode: Mode,
+        changes: SyncSender<Change>,
+    ) -> std::io::Result<(LoggerFs, Arc<Shared>)> {
+        let root_fd = rustix::fs::open(
+            backing,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            FileMode::empty(),
+        )?;
+        let st = stat_fd(root_fd.as_fd())?;
+        // The kernel applied the caller's umask already; ours must not apply it again.
+        rustix::process::umask(FileMode::empty());
+        let shared = Arc::new(Shared {
+            root: backing.to_path_buf(),
+            inodes: Inodes::new(root_fd, st.st_dev, st.st_ino),
+            mode,
+            passthrough: AtomicBool::new(false),
+            handles: Mutex::new(HashMap::new()),
+            backings: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(0),
+            writers: Mutex::new(HashMap::new()),
+            changes,
+            overflowed: AtomicBool::new(false),
+        });
+        Ok((
+            LoggerFs {
+                shared: Arc::clone(&shared),
+            },
+            shared,
+        ))
+    }
+
+    fn inode(&self, id: INodeNo) -> Result<Arc<crate::inodes::Inode>, Errno> {
+        self.shared.inodes.get(id.0).ok_or(Errno::ESTALE)
+    }
+
+    fn entry_reply(&self, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        match self.shared.lookup(parent, name) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Opens an inode's file as a real descriptor.
+    fn reopen(&self, id: u64, flags: i32) -> Result<File, Errno> {
+        let inode = self.shared.inodes.get(id).ok_or(Errno::ESTALE)?;
+        let fd = rustix::fs::open(
+            proc_path(inode.fd()).as_c_str(),
+            backing_flags(flags),
+            FileMode::empty(),
+        )
+        .map_err(errno)?;
+        Ok(File::from(fd))
+    }
+
+    fn open_handle(&self, id: u64, file: File, flags: i32) -> Result<Handle, Errno> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let st = stat_fd(file.as_fd()).map_err(errno)?;
+        Ok(Handle {
+            file,
+            id,
+            writable,
+            before: (st.st_ctime, st.st_ctime_nsec as i64, st.st_size as u64),
+            _backing: None,
+        })
+    }
+}
+
+impl LoggerFs {
+    /// The inode's passthrough backing, shared by all its open files. The backing file is
+    /// opened read-write where it can be, so that a later writer can use it too; the kernel
+    /// checks each open's own mode.
+    fn backing_for(
+        &self,
+        id: u64,
+        register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> std::io::Result<Arc<BackingId>> {
+        let mut backings = self.shared.backings.lock();
+        if let Some(b) = backings.get(&id).and_then(std::sync::Weak::upgrade) {
+            return Ok(b);
+        }
+        let file = self
+            .reopen(id, libc::O_RDWR)
+            .or_else(|_| self.reopen(id, libc::O_RDONLY))
+            .map_err(|e| std::io::Error::from_raw_os_error(i32::from(e)))?;
+        let backing = Arc::new(register(file.as_fd())?);
+        backings.retain(|_, w| w.strong_count() > 0);
+        backings.insert(id, Arc::downgrade(&backing));
+        Ok(backing)
+    }
+
+    /// Whether the inode is a symlink: its extended attributes are not reachable through the
+    /// descriptor's /proc path, which would follow it.
+    fn is_symlink(&self, inode: &crate::inodes::Inode) -> bool {
+        stat_fd(inode.fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+    }
+}
+
+impl Filesystem for LoggerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_BIG_WRITES
+                | InitFlags::FUSE_ASYNC_READ
+                | InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_MAX_PAGES,
+        );
+        let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.shared
+            .passthrough
+            .store(passthrough, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry_reply(parent.0, name, reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.shared.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode(ino).and_then(|i| stat_fd(i.fd()).map_err(errno)) {
+            Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let result = (|| -> Result<Stat, Errno> {
+            self.shared.writable()?;
+            let inode = self.inode(ino)?;
+            let path = proc_path(inode.fd());
+            if let Some(mode) = mode {
+                rustix::fs::chmodat(
+                    CWD,
+                    path.as_c_str(),
+                    FileMode::from_raw_mode(mode),
+                    AtFlags::empty(),
+                )
+                .map_err(errno)?;
+            }
+            if uid.is_some() || gid.is_some() {
+                rustix::fs::chownat(
+                    inode.fd(),
+                    c"",
+                    uid.map(rustix::fs::Uid::from_raw),
+                    gid.map(rustix::fs::Gid::from_raw),
+                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(errno)?;
+            }
+            if let Some(size) = size {
+                match fh.map(|fh| self.shared.handle(fh)) {
+                    Some(Ok(h)) => h.file.set_len(size).map_err(errno)?,
+                    _ => {
+                        let f = self.reopen(ino.0, libc::O_WRONLY)?;
+                        f.set_len(size).map_err(errno)?;
+                    }
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                let spec = |t: Option<TimeOrNow>| match t {
+                    None => rustix::fs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                    Some(TimeOrNow::Now) => rustix::fs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_NOW,
+                    },
+                    Some(TimeOrNow::SpecificTime(t)) => {
+                        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                        rustix::fs::Timespec {
+                            tv_sec: d.as_secs() as i64,
+                            tv_nsec: d.subsec_nanos() as i64,
+                        }
+                    }
+                };
+                let times = rustix::fs::Timestamps {
+                    last_access: spec(atime),
+                    last_modification: spec(mtime),
+                };
+                rustix::fs::utimensat(CWD, path.as_c_str(), &times, AtFlags::empty())
+                    .map_err(errno)?;
+            }
+            stat_fd(inode.fd()).map_err(errno)
+        })();
+        match result {
+            Ok(st) => {
+                if let Some(p) = self.shared.path_of(ino.0) {
+                    let kind = if size.is_some() {
+                        ChangeKind::Written
+                    } else {
+                        ChangeKind::Attr
+                    };
+                    self.shared.emit(p, kind);
+                }
+                reply.attr(&TTL, &attr(ino.0, &st));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .inode(ino)
+            .and_then(|i| rustix::fs::readlinkat(i.fd(), c"", Vec::new()).map_err(errno))
+        {
+            Ok(target) => reply.data(target.as_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            self.shared.writable()?;
+            if self.shared.hidden(parent.0, name) {
+                return Err(Errno::EACCES);
+            }
+            let dir = self.inode(parent)?;
+            let kind = rustix::fs::FileType::from_raw_mode(mode);
+            rustix::fs::mknodat(
+                dir.fd(),
+                name,
+                kind,
+                FileMode::from_raw_mode(mode & !umask & 0o7777),
+                rdev as u64,
+            )
+            .map_err(errno)
+        })();
+        if let Err(e) = result {
+            reply.error(e);
+            return;
+        }
+        if let Some(p) = self.shared.child_path(parent.0, name) {
+            self.shared.emit(p, ChangeKind::Created);
+        }
+        self.entry_reply(parent.0, name, reply);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            self.shared.writable()?;
+            if self.shared.hidden(parent.0, name) {
+                return Err(Errno::EACCES);
+            }
+            let dir = self.inode(parent)?;
+            rustix::fs::mkdirat(
+                dir.fd(),
+                name,
+                FileMode::from_raw_mode(mode & !umask & 0o7777),
+            )
+            .map_err(errno)
+        })();
+        if let Err(e) = result {
+            reply.error(e);
+            return;
+        }
+        if let Some(p) = self.shared.child_path(parent.0, name) {
+            self.shared.emit(p, ChangeKind::DirMade);
+        }
+        self.entry_reply(parent.0, name, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, AtFlags::empty(), ChangeKind::Removed, reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(
+            parent,
+            name,
+            AtFlags::REMOVEDIR,
+            ChangeKind::DirRemoved,
+            reply,
+        );
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            self.shared.writable()?;
+            if self.shared.hidden(parent.0, link_name) {
+                return Err(Errno::EACCES);
+            }
+            let dir = self.inode(parent)?;
+            rustix::fs::symlinkat(target, dir.fd(), link_name).map_err(errno)
+        })();
+        if let Err(e) = result {
+            reply.error(e);
+            return;
+        }
+        if let Some(p) = self.shared.child_path(parent.0, link_name) {
+            self.shared.emit(p, ChangeKind::Symlink);
+        }
+        self.entry_reply(parent.0, link_name, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let from = self.shared.child_path(parent.0, name);
+        let to = self.shared.child_path(newparent.0, newname);
+        let result = (|| {
+            self.shared.writable()?;
+            if self.shared.hidden(parent.0, name) || self.shared.hidden(newparent.0, newname) {
+                return Err(Errno::EACCES);
+            }
+            let a = self.inode(parent)?;
+            let b = self.inode(newparent)?;
+            let flags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
+            rustix::fs::renameat_with(a.fd(), name, b.fd(), newname, flags).map_err(errno)
+        })();
+        match result {
+            Ok(()) => {
+                if let (Some(from), Some(to)) = (from, to) {
+                    if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                        self.shared
+                            .emit(to.clone(), ChangeKind::RenamedTo { to: from.clone() });
+                    }
+                    self.shared.emit(from, ChangeKind::RenamedTo { to });
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            self.shared.writable()?;
+            if self.shared.hidden(newparent.0, newname) {
+                return Err(Errno::EACCES);
+            }
+            let inode = self.inode(ino)?;
+            let dir = self.inode(newparent)?;
+            rustix::fs::linkat(inode.fd(), c"", dir.fd(), newname, AtFlags::EMPTY_PATH)
+                .map_err(errno)
+        })();
+        if let Err(e) = result {
+            reply.error(e);
+            return;
+        }
+        if let Some(p) = self.shared.child_path(newparent.0, newname) {
+            self.shared.emit(p, ChangeKind::Link);
+        }
+        self.entry_reply(newparent.0, newname, reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let flags = flags.0;
+        let wants_write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if wants_write {
+            if let Err(e) = self.shared.writable() {
+                reply.error(e);
+                return;
+            }
+        }
+        let mut handle = match self
+            .reopen(ino.0, flags)
+            .and_then(|f| self.open_handle(ino.0, f, flags))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        if flags & libc::O_TRUNC != 0 {
+            if let Some(p) = self.shared.path_of(ino.0) {
+                self.shared.emit(p, ChangeKind::Written);
+            }
+        }
+        if self.shared.passthrough() {
+            match self.backing_for(ino.0, |f| reply.open_backing(f)) {
+                Ok(backing) => {
+                    handle._backing = Some(Arc::clone(&backing));
+                    let fh = self.shared.new_handle(handle);
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                    return;
+                }
+                Err(_) => self.shared.passthrough.store(false, Ordering::Relaxed),
+            }
+        }
+        let fh = self.shared.new_handle(handle);
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let result = self.shared.handle(fh).and_then(|h| {
+            let mut buf = vec![0u8; size as usize];
+            let mut filled = 0;
+            while filled < buf.len() {
+                match h.file.read_at(&mut buf[filled..], offset + filled as u64) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(errno(e)),
+                }
+            }
+            buf.truncate(filled);
+            Ok(buf)
+        });
+        match result {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let result = self.shared.handle(fh).and_then(|h| {
+            if flags.0 & libc::O_APPEND != 0 {
+                use std::io::Write;
+                (&h.file).write_all(data).map_err(errno)?;
+            } else {
+                h.file.write_all_at(data, offset).map_err(errno)?;
+            }
+            Ok(data.len() as u32)
+        });
+        match result {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let handle = self.shared.handles.lock().remove(&fh.0);
+        if let Some(h) = handle {
+            if h.writable {
+                let last = {
+                    let mut writers = self.shared.writers.lock();
+                    let n = writers.entry(h.id).or_insert(1);
+                    *n -= 1;
+                    let last = *n == 0;
+                    if last {
+                        writers.remove(&h.id);
+                    }
+                    last
+                };
+                let changed = stat_fd(h.file.as_fd())
+                    .map(|st| (st.st_ctime, st.st_ctime_nsec as i64, st.st_size as u64) != h.before)
+                    .unwrap_or(true);
+                if last && changed {
+                    if let Some(p) = self.shared.path_of(h.id) {
+                        self.shared.emit(p, ChangeKind::Written);
+                    }
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.shared.handle(fh).and_then(|h| {
+            if datasync {
+                h.file.sync_data().map_err(errno)
+            } else {
+                h.file.sync_all().map_err(errno)
+            }
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let result = (|| {
+            let inode = self.inode(ino)?;
+            let fd = rustix::fs::openat(
+                inode.fd(),
+                c".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                FileMode::empty(),
+            )
+            .map_err(errno)?;
+            let mut dir = rustix::fs::Dir::read_from(&fd).map_err(errno)?;
+            let mut entries = Vec::new();
+            while let Some(entry) = dir.read() {
+                let entry = entry.map_err(errno)?;
+                let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
+                if ino.0 == ROOT && name.as_bytes() == STATE_DIR_NAME.as_bytes() {
+                    continue;
+                }
+                let kind = match entry.file_type() {
+                    rustix::fs::FileType::Directory => FileType::Directory,
+                    rustix::fs::FileType::Symlink => FileType::Symlink,
+                    rustix::fs::FileType::Fifo => FileType::NamedPipe,
+                    rustix::fs::FileType::Socket => FileType::Socket,
+                    rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
+                    rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
+                    _ => FileType::RegularFile,
+                };
+                entries.push((entry.ino(), kind, name));
+            }
+            let fh = self.shared.next_fh.fetch_add(1, Ordering::Relaxed) + 1;
+            self.shared.dirs.lock().insert(fh, Arc::new(entries));
+            Ok(fh)
+        })();
+        match result {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.shared.dirs.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.shared.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.reopen(ino.0, libc::O_RDONLY | libc::O_DIRECTORY) {
+            Ok(f) => match f.sync_all() {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let root = self.shared.inodes.get(ROOT).expect("root");
+        let path = proc_path(root.fd());
+        match rustix::fs::statvfs(path.as_c_str()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let result = (|| {
+            self.shared.writable()?;
+            let inode = self.inode(ino)?;
+            if self.is_symlink(&inode) {
+                return Err(Errno::EPERM);
+            }
+            let flags = rustix::fs::XattrFlags::from_bits_retain(flags as u32);
+            rustix::fs::setxattr(proc_path(inode.fd()).as_c_str(), name, value, flags)
+                .map_err(errno)
+        })();
+        match result {
+            Ok(()) => {
+                if let Some(p) = self.shared.path_of(ino.0) {
+                    self.shared.emit(p, ChangeKind::Xattr);
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let result = self.inode(ino).and_then(|inode| {
+            if self.is_symlink(&inode) {
+                return Err(Errno::NO_XATTR);
+            }
+            let path = proc_path(inode.fd());
+            if size == 0 {
+                let empty: &mut [u8] = &mut [];
+                rustix::fs::getxattr(path.as_c_str(), name, empty)
+                    .map(|n| (n, Vec::new()))
+                    .map_err(errno)
+            } else {
+                let mut buf = vec![0u8; size as usize];
+                let n = rustix::fs::getxattr(path.as_c_str(), name, &mut buf[..]).map_err(errno)?;
+                buf.truncate(n);
+                Ok((n, buf))
+            }
+        });
+        match result {
+            Ok((n, _)) if size == 0 => reply.size(n as u32),
+            Ok((_, data)) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let result = self.inode(ino).and_then(|inode| {
+            if self.is_symlink(&inode) {
+                return Ok((0, Vec::new()));
+            }
+            let path = proc_path(inode.fd());
+            let mut buf = vec![0u8; size as usize];
+            let n = rustix::fs::listxattr(path.as_c_str(), &mut buf[..]).map_err(errno)?;
+            buf.truncate(n);
+            Ok((n, buf))
+        });
+        match result {
+            Ok((n, _)) if size == 0 => reply.size(n as u32),
+            Ok((_, data)) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = (|| {
+            self.shared.writable()?;
+            let inode = self.inode(ino)?;
+            if self.is_symlink(&inode) {
+                return Err(Errno::NO_XATTR);
+            }
+            rustix::fs::removexattr(proc_path(inode.fd()).as_c_str(), name).map_err(errno)
+        })();
+        match result {
+            Ok(()) => {
+                if let Some(p) = self.shared.path_of(ino.0) {
+                    self.shared.emit(p, ChangeKind::Xattr);
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        let result = self.inode(ino).and_then(|inode| {
+            let access = rustix::fs::Access::from_bits_retain(mask.bits() as u32);
+            rustix::fs::accessat(
+                CWD,
+                proc_path(inode.fd()).as_c_str(),
+                access,
+                AtFlags::empty(),
+            )
+            .map_err(errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let result = (|| {
+            self.shared.writable()?;
+            if self.shared.hidden(parent.0, name) {
+                return Err(Errno::EACCES);
+            }
+            let dir = self.inode(parent)?;
+            let oflags = OFlags::from_bits_retain((flags & !libc::O_NOCTTY) as u32)
+                | OFlags::CREATE
+                | OFlags::CLOEXEC;
+            let fd: OwnedFd = rustix::fs::openat(
+                dir.fd(),
+                name,
+                oflags,
+                FileMode::from_raw_mode(mode & !umask & 0o7777),
+            )
+            .map_err(errno)?;
+            let attr = self.shared.lookup(parent.0, name)?;
+            let handle = self.open_handle(attr.ino.0, File::from(fd), flags | libc::O_WRONLY)?;
+            Ok((attr, handle))
+        })();
+        let (attr, mut handle) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        handle.writable = true;
+        if let Some(p) = self.shared.child_path(parent.0, name) {
+            self.shared.emit(p, ChangeKind::Created);
+        }
+        if self.shared.passthrough() {
+            match self.backing_for(attr.ino.0, |f| reply.open_backing(f)) {
+                Ok(backing) => {
+                    handle._backing = Some(Arc::clone(&backing));
+                    let fh = self.shared.new_handle(handle);
+                    reply.created_passthrough(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &backing,
+                    );
+                    return;
+                }
+                Err(_) => self.shared.passthrough.store(false, Ordering::Relaxed),
+            }
+        }
+        let fh = self.shared.new_handle(handle);
+        reply.created(
+            &TTL,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::empty(),
+        );
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.shared.handle(fh).and_then(|h| {
+            rustix::fs::fallocate(
+                &h.file,
+                rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+                offset,
+                length,
+            )
+            .map_err(errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        let result = self.shared.handle(fh).and_then(|h| {
+            let pos = match whence {
+                libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
+                libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),
+                libc::SEEK_SET => rustix::fs::SeekFrom::Start(offset as u64),
+                libc::SEEK_END => rustix::fs::SeekFrom::End(offset),
+                _ => rustix::fs::SeekFrom::Current(offset),
+            };
+            rustix::fs::seek(&h.file, pos).map_err(errno)
+        });
+        match result {
+            Ok(off) => reply.offset(off as i64),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+impl LoggerFs {
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        flags: AtFlags,
+        kind: ChangeKind,
+        reply: ReplyEmpty,
+    ) {
+        let path = self.shared.child_path(parent.0, name);
+        let result = (|| {
+            self.shared.writable()?;
+            if self.shared.hidden(parent.0, name) {
+                return Err(Errno::ENOENT);
+            }
+            let dir = self.inode(parent)?;
+            rustix::fs::unlinkat(dir.fd(), name, flags).map_err(errno)
+        })();
+        match result {
+            Ok(()) => {
+                if let Some(p) = path {
+                    self.shared.emit(p, kind);
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+}

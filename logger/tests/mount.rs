@@ -1,0 +1,541 @@
+//! Real mounts: the logger over a temporary backing directory. These need /dev/fuse and root;
+//! elsewhere each test prints why it did not run.
+
+use rsyncfs_logger::{mount, Change, ChangeKind, Mode, Mounted};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Why FUSE tests cannot run here, if they cannot.
+fn cannot_mount() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    if let Err(e) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        return Some(format!("/dev/fuse is not usable: {e}"));
+    }
+    None
+}
+
+macro_rules! need_fuse {
+    () => {
+        if let Some(why) = cannot_mount() {
+            println!("SKIPPED: this test needs a FUSE mount: {why}");
+            return;
+        }
+    };
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+    mounted: Option<Mounted>,
+}
+
+impl Fixture {
+    fn new(mode: Mode) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&backing).unwrap();
+        fs::create_dir(&mnt).unwrap();
+        let mounted = mount(&backing, &mnt, mode).expect("mount");
+        Fixture {
+            _dir: dir,
+            backing,
+            mnt,
+            mounted: Some(mounted),
+        }
+    }
+
+    fn changes(&self) -> Vec<Change> {
+        std::thread::sleep(Duration::from_millis(50));
+        self.mounted
+            .as_ref()
+            .unwrap()
+            .changes()
+            .try_iter()
+            .collect()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            m.unmount().expect("unmount");
+        }
+    }
+}
+
+/// A scripted run of file operations; each step records its result or errno.
+fn script(root: &Path) -> Vec<String> {
+    let mut log = Vec::new();
+    let p = |name: &str| root.join(name);
+    let mut note = |what: &str, r: std::io::Result<String>| {
+        log.push(match r {
+            Ok(v) => format!("{what}: ok {v}"),
+            Err(e) => format!("{what}: errno {:?}", e.raw_os_error()),
+        })
+    };
+    note(
+        "write",
+        fs::write(p("a.txt"), b"hello world").map(|_| String::new()),
+    );
+    note(
+        "read",
+        fs::read(p("a.txt")).map(|d| String::from_utf8_lossy(&d).into_owned()),
+    );
+    note(
+        "create excl existing",
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p("a.txt"))
+            .map(|_| String::new()),
+    );
+    note("mkdir", fs::create_dir(p("d")).map(|_| String::new()));
+    note("mkdir again", fs::create_dir(p("d")).map(|_| String::new()));
+    note(
+        "write inside",
+        fs::write(p("d/inner"), b"x").map(|_| String::new()),
+    );
+    note(
+        "rmdir non-empty",
+        fs::remove_dir(p("d")).map(|_| String::new()),
+    );
+    note(
+        "unlink a directory",
+        fs::remove_file(p("d")).map(|_| String::new()),
+    );
+    note(
+        "read missing",
+        fs::read(p("missing")).map(|_| String::new()),
+    );
+    note(
+        "symlink",
+        std::os::unix::fs::symlink("a.txt", p("link")).map(|_| String::new()),
+    );
+    note(
+        "readlink",
+        fs::read_link(p("link")).map(|t| t.display().to_string()),
+    );
+    note(
+        "hard link",
+        fs::hard_link(p("a.txt"), p("hard")).map(|_| String::new()),
+    );
+    note(
+        "nlink",
+        fs::metadata(p("a.txt")).map(|m| m.nlink().to_string()),
+    );
+    note(
+        "chmod",
+        fs::set_permissions(p("a.txt"), fs::Permissions::from_mode(0o640)).map(|_| String::new()),
+    );
+    note(
+        "mode",
+        fs::metadata(p("a.txt")).map(|m| format!("{:o}", m.mode() & 0o7777)),
+    );
+    note(
+        "truncate",
+        fs::OpenOptions::new()
+            .write(true)
+            .open(p("a.txt"))
+            .and_then(|f| f.set_len(5))
+            .map(|_| String::new()),
+    );
+    note(
+        "read truncated",
+        fs::read(p("a.txt")).map(|d| String::from_utf8_lossy(&d).into_owned()),
+    );
+    note(
+        "append",
+        fs::OpenOptions::new()
+            .append(true)
+            .open(p("a.txt"))
+            .and_then(|mut f| f.write_all(b"++"))
+            .map(|_| String::new()),
+    );
+    note(
+        "read appended",
+        fs::read(p("a.txt")).map(|d| String::from_utf8_lossy(&d).into_owned()),
+    );
+    note(
+        "rename noreplace onto existing",
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            p("hard"),
+            rustix::fs::CWD,
+            p("d/inner"),
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map(|_| String::new())
+        .map_err(std::io::Error::from),
+    );
+    note(
+        "rename exchange",
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            p("hard"),
+            rustix::fs::CWD,
+            p("d/inner"),
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .map(|_| String::new())
+        .map_err(std::io::Error::from),
+    );
+    note(
+        "read exchanged",
+        fs::read(p("hard")).map(|d| String::from_utf8_lossy(&d).into_owned()),
+    );
+    note(
+        "setxattr",
+        rustix::fs::setxattr(
+            p("a.txt").as_path(),
+            "user.colour",
+            b"blue",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map(|_| String::new())
+        .map_err(std::io::Error::from),
+    );
+    let mut buf = [0u8; 64];
+    note(
+        "getxattr",
+        rustix::fs::getxattr(p("a.txt").as_path(), "user.colour", &mut buf[..])
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+            .map_err(std::io::Error::from),
+    );
+    note(
+        "getxattr missing",
+        rustix::fs::getxattr(p("a.txt").as_path(), "user.none", &mut buf[..])
+            .map(|_| String::new())
+            .map_err(std::io::Error::from),
+    );
+    note(
+        "sparse file",
+        (|| {
+            let mut f = fs::File::create(p("sparse"))?;
+            f.seek(SeekFrom::Start(1 << 20))?;
+            f.write_all(b"end")?;
+            let data = rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(0))
+                .map_err(std::io::Error::from)?;
+            let hole = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(0))
+                .map_err(std::io::Error::from)?;
+            Ok(format!("data at {data}, hole at {hole}"))
+        })(),
+    );
+    note(
+        "rmdir missing",
+        fs::remove_dir(p("nope")).map(|_| String::new()),
+    );
+    note("unlink", fs::remove_file(p("link")).map(|_| String::new()));
+    note("readdir", {
+        let mut names: Vec<String> = fs::read_dir(root)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        Ok(names.join(","))
+    });
+    log
+}
+
+/// Everything about a tree that must match: kind, mode, size, content, target, links, xattrs.
+fn describe(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            if rel == ".rsyncfs" {
+                continue;
+            }
+            let m = fs::symlink_metadata(&path).unwrap();
+            let mut list = [0u8; 256];
+            let xattrs = rustix::fs::llistxattr(path.as_path(), &mut list[..]).unwrap_or(0);
+            let what = if m.is_dir() {
+                walk(root, &path, out);
+                "dir".to_string()
+            } else if m.file_type().is_symlink() {
+                format!("link -> {}", fs::read_link(&path).unwrap().display())
+            } else {
+                format!(
+                    "file {:?} nlink {}",
+                    fs::read(&path).unwrap().len(),
+                    m.nlink()
+                )
+            };
+            out.insert(
+                rel,
+                format!(
+                    "{what} mode {:o} xattrs {:?}",
+                    m.mode() & 0o7777,
+                    &list[..xattrs]
+                ),
+            );
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}
+
+#[test]
+fn operations_behave_as_on_the_backing_filesystem() {
+    need_fuse!();
+    let native = tempfile::tempdir().unwrap();
+    let expected = script(native.path());
+    let f = Fixture::new(Mode::ReadWrite);
+    let got = script(&f.mnt);
+    for (e, g) in expected.iter().zip(got.iter()) {
+        assert_eq!(e, g);
+    }
+    assert_eq!(expected.len(), got.len());
+    assert_eq!(describe(native.path()), describe(&f.backing));
+    assert_eq!(describe(&f.mnt), describe(&f.backing));
+}
+
+#[test]
+fn inode_numbers_are_the_backing_ones_and_survive_renames() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    fs::write(f.mnt.join("x"), b"1").unwrap();
+    let ino = fs::metadata(f.mnt.join("x")).unwrap().ino();
+    assert_eq!(ino, fs::metadata(f.backing.join("x")).unwrap().ino());
+    fs::rename(f.mnt.join("x"), f.mnt.join("y")).unwrap();
+    fs::hard_link(f.mnt.join("y"), f.mnt.join("z")).unwrap();
+    assert_eq!(fs::metadata(f.mnt.join("y")).unwrap().ino(), ino);
+    assert_eq!(fs::metadata(f.mnt.join("z")).unwrap().ino(), ino);
+}
+
+#[test]
+fn the_state_folder_is_hidden_and_untouchable() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    fs::create_dir(f.backing.join(".rsyncfs")).unwrap();
+    fs::write(f.backing.join(".rsyncfs/store"), b"secret").unwrap();
+    let names: Vec<_> = fs::read_dir(&f.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    assert!(fs::read(f.mnt.join(".rsyncfs/store")).is_err());
+    assert!(fs::create_dir(f.mnt.join(".rsyncfs")).is_err());
+    assert!(fs::write(f.mnt.join(".rsyncfs"), b"x").is_err());
+    assert_eq!(
+        fs::read(f.backing.join(".rsyncfs/store")).unwrap(),
+        b"secret"
+    );
+}
+
+#[test]
+fn every_change_is_reported() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    fs::write(f.mnt.join("f"), b"data").unwrap();
+    fs::create_dir(f.mnt.join("d")).unwrap();
+    fs::rename(f.mnt.join("f"), f.mnt.join("d/g")).unwrap();
+    std::os::unix::fs::symlink("g", f.mnt.join("d/s")).unwrap();
+    fs::set_permissions(f.mnt.join("d/g"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(f.mnt.join("d/s")).unwrap();
+    fs::remove_file(f.mnt.join("d/g")).unwrap();
+    fs::remove_dir(f.mnt.join("d")).unwrap();
+    let changes = f.changes();
+    let has = |path: &str, kind: ChangeKind| {
+        changes
+            .iter()
+            .any(|c| c.path == Path::new(path) && c.kind == kind)
+    };
+    assert!(has("f", ChangeKind::Created), "{changes:?}");
+    assert!(has("f", ChangeKind::Written), "{changes:?}");
+    assert!(has("d", ChangeKind::DirMade), "{changes:?}");
+    assert!(
+        has(
+            "f",
+            ChangeKind::RenamedTo {
+                to: PathBuf::from("d/g")
+            }
+        ),
+        "{changes:?}"
+    );
+    assert!(has("d/s", ChangeKind::Symlink), "{changes:?}");
+    assert!(has("d/g", ChangeKind::Attr), "{changes:?}");
+    assert!(has("d/s", ChangeKind::Removed), "{changes:?}");
+    assert!(has("d/g", ChangeKind::Removed), "{changes:?}");
+    assert!(has("d", ChangeKind::DirRemoved), "{changes:?}");
+}
+
+#[test]
+fn a_burst_of_writes_to_an_open_file_is_one_change() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    let mut file = fs::File::create(f.mnt.join("log")).unwrap();
+    let before = f.changes().len();
+    assert!(f
+        .mounted
+        .as_ref()
+        .unwrap()
+        .is_open_for_writing(Path::new("log")));
+    for i in 0..10_000 {
+        writeln!(file, "line {i}").unwrap();
+    }
+    drop(file);
+    let after = f.changes();
+    assert!(before <= 1 && after.len() <= 2, "{before} then {after:?}");
+    assert!(after.iter().any(|c| c.kind == ChangeKind::Written));
+    assert!(!f
+        .mounted
+        .as_ref()
+        .unwrap()
+        .is_open_for_writing(Path::new("log")));
+    assert_eq!(
+        fs::read_to_string(f.backing.join("log"))
+            .unwrap()
+            .lines()
+            .count(),
+        10_000
+    );
+}
+
+#[test]
+fn receive_only_refuses_writes() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReceiveOnly);
+    fs::write(f.backing.join("there"), b"from a peer").unwrap();
+    assert_eq!(fs::read(f.mnt.join("there")).unwrap(), b"from a peer");
+    let err = fs::write(f.mnt.join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(f.mnt.join("there"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(
+        fs::remove_file(f.mnt.join("there"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+}
+
+/// Runs a program in `dir`, failing the test with its output if it fails.
+fn run(dir: &Path, program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn have(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok()
+}
+
+#[test]
+fn real_programs_work_on_the_mount() {
+    need_fuse!();
+    for program in ["git", "tar", "sqlite3", "cp"] {
+        if !have(program) {
+            println!("SKIPPED: {program} is not installed (.ci/run installs it)");
+            return;
+        }
+    }
+    let f = Fixture::new(Mode::ReadWrite);
+    let m = &f.mnt;
+    // git: init, commits, a checkout, fsck.
+    run(m, "git", &["init", "-q", "repo"]);
+    let repo = m.join("repo");
+    let git = |args: &[&str]| {
+        let mut all = vec![
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "commit.gpgsign=false",
+        ];
+        all.extend_from_slice(args);
+        run(&repo, "git", &all)
+    };
+    fs::write(repo.join("a"), b"one\n").unwrap();
+    git(&["add", "a"]);
+    git(&["commit", "-q", "-m", "one"]);
+    git(&["checkout", "-q", "-b", "side"]);
+    fs::write(repo.join("a"), b"two\n").unwrap();
+    git(&["commit", "-q", "-am", "two"]);
+    git(&["checkout", "-q", "-"]);
+    assert_eq!(fs::read(repo.join("a")).unwrap(), b"one\n");
+    git(&["fsck", "--strict"]);
+    // tar: archive the repository, extract it again, compare.
+    run(m, "tar", &["cf", "repo.tar", "repo"]);
+    fs::create_dir(m.join("untar")).unwrap();
+    run(&m.join("untar"), "tar", &["xf", "../repo.tar"]);
+    assert_eq!(describe(&m.join("repo")), describe(&m.join("untar/repo")));
+    // An editor's atomic save: temp file, fsync, rename over.
+    let mut tmp = fs::File::create(m.join(".a.swp")).unwrap();
+    tmp.write_all(b"saved").unwrap();
+    tmp.sync_all().unwrap();
+    drop(tmp);
+    fs::rename(m.join(".a.swp"), m.join("a.txt")).unwrap();
+    assert_eq!(fs::read(f.backing.join("a.txt")).unwrap(), b"saved");
+    // SQLite with its journal and locks.
+    let db = m.join("test.db");
+    let db = db.to_str().unwrap();
+    run(
+        m,
+        "sqlite3",
+        &[
+            db,
+            "create table t(x); begin; insert into t values (1),(2),(3); commit;",
+        ],
+    );
+    run(
+        m,
+        "sqlite3",
+        &[
+            db,
+            "pragma journal_mode=wal; insert into t select x+3 from t;",
+        ],
+    );
+    assert_eq!(
+        run(m, "sqlite3", &[db, "select count(*) from t;"]).trim(),
+        "6"
+    );
+    assert_eq!(
+        run(m, "sqlite3", &[db, "pragma integrity_check;"]).trim(),
+        "ok"
+    );
+    // cp -a in and out keeps modes, links and times.
+    let outside = tempfile::tempdir().unwrap();
+    run(
+        m,
+        "cp",
+        &["-a", "repo", outside.path().join("copy").to_str().unwrap()],
+    );
+    run(
+        m,
+        "cp",
+        &["-a", outside.path().join("copy").to_str().unwrap(), "back"],
+    );
+    assert_eq!(describe(&m.join("repo")), describe(&m.join("back")));
+    let _ = OpenOptionsExt::mode(&mut fs::OpenOptions::new(), 0o644);
+}
