@@ -37,6 +37,13 @@ pub enum Mode {
     ReceiveOnly,
 }
 
+/// ctime (seconds, nanoseconds) and size: moves with every write.
+type Fingerprint = (i64, i64, u64);
+
+fn fingerprint(st: &Stat) -> Fingerprint {
+    (st.st_ctime, st.st_ctime_nsec as i64, st.st_size as u64)
+}
+
 /// A directory's entries as read at opendir: (backing inode, kind, name).
 type DirEntries = Vec<(u64, FileType, OsString)>;
 
@@ -45,8 +52,8 @@ struct Handle {
     file: File,
     id: u64,
     writable: bool,
-    /// ctime and size at open, to tell at release whether the file changed.
-    before: (i64, i64, u64),
+    /// ctime and size when opened or last reported, to tell whether the file changed since.
+    before: Mutex<Fingerprint>,
     /// Keeps the kernel's passthrough mapping of the inode alive until release.
     _backing: Option<Arc<BackingId>>,
 }
@@ -164,6 +171,36 @@ impl Shared {
 
     fn hidden(&self, parent: u64, name: &OsStr) -> bool {
         parent == ROOT && name.as_bytes() == STATE_DIR_NAME.as_bytes()
+    }
+
+    /// Reports files that are open for writing and changed since their last report, so that a
+    /// file a process keeps open (a log, a database) still replicates. Called periodically.
+    pub(crate) fn report_dirty_open_files(&self) {
+        let handles: Vec<Arc<Handle>> = self
+            .handles
+            .lock()
+            .values()
+            .filter(|h| h.writable)
+            .cloned()
+            .collect();
+        let mut reported = std::collections::HashSet::new();
+        for h in handles {
+            let Ok(st) = stat_fd(h.file.as_fd()) else {
+                continue;
+            };
+            let now = fingerprint(&st);
+            let changed = {
+                let mut before = h.before.lock();
+                let changed = *before != now;
+                *before = now;
+                changed
+            };
+            if changed && reported.insert(h.id) {
+                if let Some(p) = self.path_of(h.id) {
+                    self.emit(p, ChangeKind::Written);
+                }
+            }
+        }
     }
 
     pub(crate) fn passthrough(&self) -> bool {
@@ -315,7 +352,7 @@ impl LoggerFs {
             file,
             id,
             writable,
-            before: (st.st_ctime, st.st_ctime_nsec as i64, st.st_size as u64),
+            before: Mutex::new(fingerprint(&st)),
             _backing: None,
         })
     }
@@ -792,7 +829,7 @@ impl Filesystem for LoggerFs {
                     last
                 };
                 let changed = stat_fd(h.file.as_fd())
-                    .map(|st| (st.st_ctime, st.st_ctime_nsec as i64, st.st_size as u64) != h.before)
+                    .map(|st| fingerprint(&st) != *h.before.lock())
                     .unwrap_or(true);
                 if last && changed {
                     if let Some(p) = self.shared.path_of(h.id) {

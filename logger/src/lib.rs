@@ -28,6 +28,9 @@ use std::sync::Arc;
 /// The folder a node keeps inside its backing directory; invisible through the mount.
 pub const STATE_DIR_NAME: &str = ".rsyncfs";
 
+/// How often a file that stays open for writing and keeps changing is reported.
+pub const DIRTY_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Changes kept for a slow consumer before the logger reports an overflow instead.
 pub const CHANGES_QUEUED_MAX: usize = 65_536;
 
@@ -82,6 +85,10 @@ pub enum MountError {
 /// A mounted logger.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    reporter: Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
     fs: Arc<fs::Shared>,
     changes: Receiver<Change>,
     mount_point: PathBuf,
@@ -117,6 +124,7 @@ impl Mounted {
 
     /// Unmounts and waits for the filesystem's threads to end.
     pub fn unmount(mut self) -> std::io::Result<()> {
+        self.stop_reporter();
         match self.session.take() {
             Some(s) => s.umount_and_join(),
             None => Ok(()),
@@ -124,8 +132,18 @@ impl Mounted {
     }
 }
 
+impl Mounted {
+    fn stop_reporter(&mut self) {
+        if let Some((stop, thread)) = self.reporter.take() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = thread.join();
+        }
+    }
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
+        self.stop_reporter();
         if let Some(s) = self.session.take() {
             let _ = s.umount_and_join();
         }
@@ -186,8 +204,29 @@ pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, 
     let session = fuser::Session::new(filesystem, &mount_abs, &config)
         .and_then(fuser::Session::spawn)
         .map_err(MountError::Mount)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reporter = {
+        let (stop, shared) = (Arc::clone(&stop), Arc::clone(&shared));
+        std::thread::Builder::new()
+            .name("rsyncfs-dirty".into())
+            .spawn(move || {
+                // Sleep in short steps so that unmounting does not wait a whole interval.
+                let step = std::time::Duration::from_millis(50);
+                let mut waited = std::time::Duration::ZERO;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(step);
+                    waited += step;
+                    if waited >= DIRTY_REPORT_INTERVAL {
+                        waited = std::time::Duration::ZERO;
+                        shared.report_dirty_open_files();
+                    }
+                }
+            })
+            .map_err(MountError::Mount)?
+    };
     Ok(Mounted {
         session: Some(session),
+        reporter: Some((stop, reporter)),
         fs: shared,
         changes: rx,
         mount_point: mount_abs,

@@ -410,6 +410,43 @@ fn a_burst_of_writes_to_an_open_file_is_one_change() {
 }
 
 #[test]
+fn a_file_kept_open_and_written_is_reported_while_open() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    let mut file = fs::File::create(f.mnt.join("kept-open")).unwrap();
+    f.changes();
+    file.write_all(b"first part").unwrap();
+    std::thread::sleep(rsyncfs_logger::DIRTY_REPORT_INTERVAL * 2);
+    let while_open = f.changes();
+    assert!(
+        while_open
+            .iter()
+            .any(|c| c.path == Path::new("kept-open") && c.kind == ChangeKind::Written),
+        "{while_open:?}"
+    );
+    // Nothing new written: nothing new reported, even after another interval and the close.
+    std::thread::sleep(rsyncfs_logger::DIRTY_REPORT_INTERVAL * 2);
+    drop(file);
+    assert!(f.changes().is_empty());
+}
+
+#[test]
+fn invalidation_shows_changes_made_underneath() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    fs::write(f.mnt.join("x"), b"old").unwrap();
+    assert_eq!(fs::read(f.mnt.join("x")).unwrap(), b"old");
+    // The node replaces the file in the backing directory (write a temp file, rename over).
+    fs::write(f.backing.join("x.tmp"), b"new content").unwrap();
+    fs::rename(f.backing.join("x.tmp"), f.backing.join("x")).unwrap();
+    f.mounted.as_ref().unwrap().invalidate(Path::new("x"));
+    assert_eq!(fs::read(f.mnt.join("x")).unwrap(), b"new content");
+    fs::remove_file(f.backing.join("x")).unwrap();
+    f.mounted.as_ref().unwrap().invalidate(Path::new("x"));
+    assert!(fs::metadata(f.mnt.join("x")).is_err());
+}
+
+#[test]
 fn receive_only_refuses_writes() {
     need_fuse!();
     let f = Fixture::new(Mode::ReceiveOnly);
