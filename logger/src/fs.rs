@@ -396,7 +396,9 @@ impl Filesystem for LoggerFs {
             InitFlags::FUSE_BIG_WRITES
                 | InitFlags::FUSE_ASYNC_READ
                 | InitFlags::FUSE_PARALLEL_DIROPS
-                | InitFlags::FUSE_MAX_PAGES,
+                | InitFlags::FUSE_MAX_PAGES
+                | InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO,
         );
         let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok();
@@ -919,6 +921,85 @@ impl Filesystem for LoggerFs {
             }
         }
         reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.shared.dirs.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        for (i, (_, _, name)) in entries.iter().enumerate().skip(offset as usize) {
+            let dot = name.as_bytes() == b"." || name.as_bytes() == b"..";
+            // The kernel does not link "." and "..": they take no lookup reference.
+            let attr = if dot {
+                match self.inode(ino).and_then(|d| stat_fd(d.fd()).map_err(errno)) {
+                    Ok(st) => attr(ino.0, &st),
+                    Err(e) => {
+                        reply.error(e);
+                        return;
+                    }
+                }
+            } else {
+                match self.shared.lookup(ino.0, name) {
+                    Ok(a) => a,
+                    // Gone since opendir: leave it out, as a fresh readdir would.
+                    Err(_) => continue,
+                }
+            };
+            if reply.add(attr.ino, (i + 1) as u64, name, &TTL, &attr, Generation(0)) {
+                if !dot {
+                    // Not sent: give back the reference the lookup took.
+                    self.shared.inodes.forget(attr.ino.0, 1);
+                }
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let result = (|| {
+            self.shared.writable()?;
+            let (src, dst) = (self.shared.handle(fh_in)?, self.shared.handle(fh_out)?);
+            let (mut off_in, mut off_out) = (offset_in, offset_out);
+            let len = usize::try_from(len)
+                .unwrap_or(usize::MAX)
+                .min(u32::MAX as usize);
+            rustix::fs::copy_file_range(
+                &src.file,
+                Some(&mut off_in),
+                &dst.file,
+                Some(&mut off_out),
+                len,
+            )
+            .map_err(errno)
+        })();
+        match result {
+            Ok(n) => {
+                let _ = ino_out;
+                reply.written(n as u32)
+            }
+            Err(e) => reply.error(e),
+        }
     }
 
     fn releasedir(
