@@ -23,8 +23,11 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How long the kernel may cache entries and attributes. Remote updates invalidate explicitly.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache entries and attributes. Every change through the mount is
+/// seen by the kernel, and the node invalidates explicitly after it changes the backing
+/// directory underneath; only a program writing to the backing directory directly, behind both,
+/// would be seen late (the node's rescan finds such changes).
+const TTL: Duration = Duration::from_secs(60);
 /// Largest write request the kernel may send (ordinary FUSE I/O).
 const MAX_WRITE: u32 = 1 << 20;
 
@@ -381,6 +384,27 @@ impl LoggerFs {
         Ok(backing)
     }
 
+    /// Like [`LoggerFs::backing_for`], but a freshly created file's own read-write descriptor
+    /// becomes the backing when the inode has none yet, saving a reopen.
+    fn backing_for_new(
+        &self,
+        id: u64,
+        own: Option<BorrowedFd<'_>>,
+        register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> std::io::Result<Arc<BackingId>> {
+        let Some(fd) = own else {
+            return self.backing_for(id, register);
+        };
+        let mut backings = self.shared.backings.lock();
+        if let Some(b) = backings.get(&id).and_then(std::sync::Weak::upgrade) {
+            return Ok(b);
+        }
+        let backing = Arc::new(register(fd)?);
+        backings.retain(|_, w| w.strong_count() > 0);
+        backings.insert(id, Arc::downgrade(&backing));
+        Ok(backing)
+    }
+
     /// Whether the inode is a symlink: its extended attributes are not reachable through the
     /// descriptor's /proc path, which would follow it.
     fn is_symlink(&self, inode: &crate::inodes::Inode) -> bool {
@@ -398,8 +422,12 @@ impl Filesystem for LoggerFs {
                 | InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_MAX_PAGES
                 | InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO,
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_CACHE_SYMLINKS,
         );
+        // The backing filesystem clears set-id bits and capabilities itself on write, truncate
+        // and chown; without this the kernel asks for security.capability before every write.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok();
         self.shared
@@ -804,7 +832,9 @@ impl Filesystem for LoggerFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at flush: writes are not buffered here and file locks are the kernel's
+        // own. ENOSYS tells the kernel so, and it stops sending flush on every close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -898,7 +928,12 @@ impl Filesystem for LoggerFs {
             Ok(fh)
         })();
         match result {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // The kernel may keep the listing; it drops it itself when an entry changes through
+            // the mount, and the node invalidates the directory after changes underneath.
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -1176,7 +1211,15 @@ impl Filesystem for LoggerFs {
                 return Err(Errno::EACCES);
             }
             let dir = self.inode(parent)?;
-            let oflags = OFlags::from_bits_retain((flags & !libc::O_NOCTTY) as u32)
+            // Read-write even for a write-only create, so that the same descriptor can be the
+            // inode's passthrough backing for later readers too (the kernel checks each open's
+            // own mode).
+            let access = if flags & libc::O_APPEND == 0 {
+                (flags & !libc::O_ACCMODE) | libc::O_RDWR
+            } else {
+                flags
+            };
+            let oflags = OFlags::from_bits_retain((access & !libc::O_NOCTTY) as u32)
                 | OFlags::CREATE
                 | OFlags::CLOEXEC;
             let fd: OwnedFd = rustix::fs::openat(
@@ -1202,7 +1245,8 @@ impl Filesystem for LoggerFs {
             self.shared.emit(p, ChangeKind::Created);
         }
         if self.shared.passthrough() {
-            match self.backing_for(attr.ino.0, |f| reply.open_backing(f)) {
+            let own = (flags & libc::O_APPEND == 0).then(|| handle.file.as_fd());
+            match self.backing_for_new(attr.ino.0, own, |f| reply.open_backing(f)) {
                 Ok(backing) => {
                     handle._backing = Some(Arc::clone(&backing));
                     let fh = self.shared.new_handle(handle);

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The change logger against the same backing filesystem used natively (and bindfs, an ordinary
+# FUSE passthrough, where it can be installed), in one run. Run as root.
+#   bench/logger.sh            1 GiB file, 10,000 files (the figures in docs/BENCHMARKS.md)
+#   bench/logger.sh --quick    64 MiB, 2,000 files
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=1024 files=10000
+[ "${1:-}" = "--quick" ] && size=64 files=2000
+
+if ! command -v bindfs >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq bindfs) >/dev/null 2>&1 || echo "bindfs not installable: left out"
+fi
+cargo build --release --quiet -p rsyncfs-node
+work=$(mktemp -d /var/tmp/rsyncfs-bench.XXXXXX)
+pids=()
+mounts=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  for m in "${mounts[@]}"; do mountpoint -q "$m" && umount -l "$m" || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+mkdir -p "$work"/{native,backing,mnt,bbacking,bmnt}
+
+./target/release/rsyncfs-node logger --backing "$work/backing" --mount "$work/mnt" >/dev/null 2>"$work/logger.err" &
+pids+=($!)
+mounts+=("$work/mnt")
+for _ in $(seq 100); do mountpoint -q "$work/mnt" && break; sleep 0.05; done
+mountpoint -q "$work/mnt" || { cat "$work/logger.err"; exit 1; }
+head -1 "$work/logger.err"
+targets=("native=$work/native" "rsyncfs=$work/mnt")
+if command -v bindfs >/dev/null && bindfs "$work/bbacking" "$work/bmnt"; then
+  mounts+=("$work/bmnt")
+  targets+=("bindfs=$work/bmnt")
+fi
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r), $(df -T "$work" | awk 'NR==2{print $2}') on $(df "$work" | awk 'NR==2{print $1}')"
+python3 bench/fsbench.py --size-mib "$size" --files "$files" "${targets[@]}"
