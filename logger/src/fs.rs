@@ -421,7 +421,9 @@ impl Filesystem for LoggerFs {
                 | InitFlags::FUSE_ASYNC_READ
                 | InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_MAX_PAGES
-                | InitFlags::FUSE_CACHE_SYMLINKS,
+                | InitFlags::FUSE_CACHE_SYMLINKS
+                // O_TRUNC arrives with the open instead of as a separate setattr.
+                | InitFlags::FUSE_ATOMIC_O_TRUNC,
         );
         // The backing filesystem clears set-id bits and capabilities itself on write, truncate
         // and chown; without this the kernel asks for security.capability before every write.

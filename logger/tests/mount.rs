@@ -165,6 +165,14 @@ fn script(root: &Path) -> Vec<String> {
             .map(|_| String::new()),
     );
     note(
+        "overwrite (O_TRUNC)",
+        fs::write(p("d/inner"), b"shorter").map(|_| String::new()),
+    );
+    note(
+        "read overwritten",
+        fs::read(p("d/inner")).map(|d| String::from_utf8_lossy(&d).into_owned()),
+    );
+    note(
         "read appended",
         fs::read(p("a.txt")).map(|d| String::from_utf8_lossy(&d).into_owned()),
     );

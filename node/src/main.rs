@@ -46,6 +46,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Logs go to standard error, filtered by RUST_LOG (default: warnings); the filesystem
+    // library's own log lines come through too.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Logger {
