@@ -242,6 +242,27 @@ fn script(root: &Path) -> Vec<String> {
         })(),
     );
     note(
+        "mkfifo",
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            p("fifo").as_path(),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o640),
+            0,
+        )
+        .map(|_| String::new())
+        .map_err(std::io::Error::from),
+    );
+    note(
+        "fifo kind",
+        fs::symlink_metadata(p("fifo")).map(|m| {
+            format!(
+                "{:?}",
+                std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type())
+            )
+        }),
+    );
+    note(
         "rmdir missing",
         fs::remove_dir(p("nope")).map(|_| String::new()),
     );
@@ -279,6 +300,8 @@ fn describe(root: &Path) -> BTreeMap<String, String> {
                 "dir".to_string()
             } else if m.file_type().is_symlink() {
                 format!("link -> {}", fs::read_link(&path).unwrap().display())
+            } else if !m.is_file() {
+                format!("special {:o}", m.mode() & 0o170000)
             } else {
                 format!(
                     "file {:?} nlink {}",
@@ -535,6 +558,29 @@ fn real_programs_work_on_the_mount() {
     fs::create_dir(m.join("untar")).unwrap();
     run(&m.join("untar"), "tar", &["xf", "../repo.tar"]);
     assert_eq!(describe(&m.join("repo")), describe(&m.join("untar/repo")));
+    // A real source tree (this repository's working files, without build output and without
+    // .git, whose objects may be hard-linked to another clone) archived into the mount,
+    // extracted there, and compared with the original.
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tarball = m.join("src.tar");
+    run(
+        &source,
+        "tar",
+        &[
+            "--exclude=./target",
+            "--exclude=./.git",
+            "-cf",
+            tarball.to_str().unwrap(),
+            ".",
+        ],
+    );
+    fs::create_dir(m.join("src")).unwrap();
+    run(&m.join("src"), "tar", &["-xf", "../src.tar"]);
+    let extracted = describe(&m.join("src"));
+    let mut original = describe(&source);
+    original.retain(|k, _| !k.starts_with("target") && !k.starts_with(".git/") && k != ".git");
+    assert_eq!(original.len(), extracted.len());
+    assert_eq!(original, extracted);
     // An editor's atomic save: temp file, fsync, rename over.
     let mut tmp = fs::File::create(m.join(".a.swp")).unwrap();
     tmp.write_all(b"saved").unwrap();
