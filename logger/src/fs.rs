@@ -564,30 +564,11 @@ impl Filesystem for LoggerFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let result = (|| {
-            self.shared.writable()?;
-            if self.shared.hidden(parent.0, name) {
-                return Err(Errno::EACCES);
-            }
-            let dir = self.inode(parent)?;
+        self.make_entry(parent, name, ChangeKind::Created, reply, |dir| {
             let kind = rustix::fs::FileType::from_raw_mode(mode);
-            rustix::fs::mknodat(
-                dir.fd(),
-                name,
-                kind,
-                FileMode::from_raw_mode(mode & !umask & 0o7777),
-                rdev as u64,
-            )
-            .map_err(errno)
-        })();
-        if let Err(e) = result {
-            reply.error(e);
-            return;
-        }
-        if let Some(p) = self.shared.child_path(parent.0, name) {
-            self.shared.emit(p, ChangeKind::Created);
-        }
-        self.entry_reply(parent.0, name, reply);
+            let perm = FileMode::from_raw_mode(mode & !umask & 0o7777);
+            rustix::fs::mknodat(dir, name, kind, perm, rdev as u64)
+        });
     }
 
     fn mkdir(
@@ -599,27 +580,9 @@ impl Filesystem for LoggerFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let result = (|| {
-            self.shared.writable()?;
-            if self.shared.hidden(parent.0, name) {
-                return Err(Errno::EACCES);
-            }
-            let dir = self.inode(parent)?;
-            rustix::fs::mkdirat(
-                dir.fd(),
-                name,
-                FileMode::from_raw_mode(mode & !umask & 0o7777),
-            )
-            .map_err(errno)
-        })();
-        if let Err(e) = result {
-            reply.error(e);
-            return;
-        }
-        if let Some(p) = self.shared.child_path(parent.0, name) {
-            self.shared.emit(p, ChangeKind::DirMade);
-        }
-        self.entry_reply(parent.0, name, reply);
+        self.make_entry(parent, name, ChangeKind::DirMade, reply, |dir| {
+            rustix::fs::mkdirat(dir, name, FileMode::from_raw_mode(mode & !umask & 0o7777))
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -644,22 +607,9 @@ impl Filesystem for LoggerFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let result = (|| {
-            self.shared.writable()?;
-            if self.shared.hidden(parent.0, link_name) {
-                return Err(Errno::EACCES);
-            }
-            let dir = self.inode(parent)?;
-            rustix::fs::symlinkat(target, dir.fd(), link_name).map_err(errno)
-        })();
-        if let Err(e) = result {
-            reply.error(e);
-            return;
-        }
-        if let Some(p) = self.shared.child_path(parent.0, link_name) {
-            self.shared.emit(p, ChangeKind::Symlink);
-        }
-        self.entry_reply(parent.0, link_name, reply);
+        self.make_entry(parent, link_name, ChangeKind::Symlink, reply, |dir| {
+            rustix::fs::symlinkat(target, dir, link_name)
+        });
     }
 
     fn rename(
@@ -707,24 +657,16 @@ impl Filesystem for LoggerFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let result = (|| {
-            self.shared.writable()?;
-            if self.shared.hidden(newparent.0, newname) {
-                return Err(Errno::EACCES);
+        let inode = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => {
+                reply.error(e);
+                return;
             }
-            let inode = self.inode(ino)?;
-            let dir = self.inode(newparent)?;
-            rustix::fs::linkat(inode.fd(), c"", dir.fd(), newname, AtFlags::EMPTY_PATH)
-                .map_err(errno)
-        })();
-        if let Err(e) = result {
-            reply.error(e);
-            return;
-        }
-        if let Some(p) = self.shared.child_path(newparent.0, newname) {
-            self.shared.emit(p, ChangeKind::Link);
-        }
-        self.entry_reply(newparent.0, newname, reply);
+        };
+        self.make_entry(newparent, newname, ChangeKind::Link, reply, |dir| {
+            rustix::fs::linkat(inode.fd(), c"", dir, newname, AtFlags::EMPTY_PATH)
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -1327,6 +1269,34 @@ impl Filesystem for LoggerFs {
 }
 
 impl LoggerFs {
+    /// Makes the new entry `name` in `parent` with `make` (given the directory's descriptor),
+    /// reports it as `kind` and answers with the entry.
+    fn make_entry(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: ChangeKind,
+        reply: ReplyEntry,
+        make: impl FnOnce(BorrowedFd<'_>) -> rustix::io::Result<()>,
+    ) {
+        let result = (|| {
+            self.shared.writable()?;
+            if self.shared.hidden(parent.0, name) {
+                return Err(Errno::EACCES);
+            }
+            let dir = self.inode(parent)?;
+            make(dir.fd()).map_err(errno)
+        })();
+        if let Err(e) = result {
+            reply.error(e);
+            return;
+        }
+        if let Some(p) = self.shared.child_path(parent.0, name) {
+            self.shared.emit(p, kind);
+        }
+        self.entry_reply(parent.0, name, reply);
+    }
+
     fn remove(
         &self,
         parent: INodeNo,

@@ -150,6 +150,22 @@ impl Drop for Mounted {
     }
 }
 
+/// Why this process cannot mount the logger here, if it cannot: not root, or no usable
+/// `/dev/fuse`. (Tests print it when they skip.)
+pub fn why_no_fuse() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not running as root".into());
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/fuse is not usable: {e}")),
+    }
+}
+
 /// Mounts `backing` at `mount_point`.
 pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, MountError> {
     std::fs::OpenOptions::new()

@@ -12,17 +12,7 @@ use std::time::Duration;
 
 /// Why FUSE tests cannot run here, if they cannot.
 fn cannot_mount() -> Option<String> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("not root".into());
-    }
-    if let Err(e) = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        return Some(format!("/dev/fuse is not usable: {e}"));
-    }
-    None
+    rsyncfs_logger::why_no_fuse()
 }
 
 macro_rules! need_fuse {

@@ -9,17 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn cannot_mount() -> Option<String> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("not root".into());
-    }
-    if let Err(e) = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        return Some(format!("/dev/fuse is not usable: {e}"));
-    }
-    None
+    rsyncfs_logger::why_no_fuse()
 }
 
 fn is_mounted(path: &Path) -> bool {
