@@ -43,7 +43,8 @@ pub enum ChangeKind {
     Created,
     /// A file, symlink or other non-directory was removed.
     Removed,
-    /// The path was renamed away to `to`.
+    /// The path was renamed away to `to`. For a directory, everything below it moved too and
+    /// is not reported one by one.
     RenamedTo {
         to: PathBuf,
     },
@@ -62,7 +63,8 @@ pub enum ChangeKind {
 /// One reported change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
-    /// Relative to the mount point (empty for an overflow).
+    /// Relative to the mount point (empty for an overflow). A write to a file with several hard
+    /// links is reported under one of its names.
     pub path: PathBuf,
     pub kind: ChangeKind,
 }

@@ -465,6 +465,27 @@ fn invalidation_shows_changes_made_underneath() {
     fs::remove_file(f.backing.join("x")).unwrap();
     f.mounted.as_ref().unwrap().invalidate(Path::new("x"));
     assert!(fs::metadata(f.mnt.join("x")).is_err());
+    // A new entry made underneath shows in a listing the kernel had cached.
+    fs::create_dir(f.mnt.join("d")).unwrap();
+    let names = |dir: &Path| {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(names(&f.mnt.join("d")).is_empty());
+    fs::write(f.backing.join("d/arrived"), b"from a peer").unwrap();
+    f.mounted
+        .as_ref()
+        .unwrap()
+        .invalidate(Path::new("d/arrived"));
+    assert_eq!(
+        names(&f.mnt.join("d")),
+        vec![std::ffi::OsString::from("arrived")]
+    );
+    assert_eq!(fs::read(f.mnt.join("d/arrived")).unwrap(), b"from a peer");
 }
 
 #[test]
