@@ -204,6 +204,7 @@ pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, 
             mount: mount_abs,
         });
     }
+    raise_open_file_limit();
     let (tx, rx): (SyncSender<Change>, Receiver<Change>) =
         std::sync::mpsc::sync_channel(CHANGES_QUEUED_MAX);
     let (filesystem, shared) =
@@ -264,5 +265,33 @@ fn clear_dead_mount(mount_point: &Path) {
                 }
             }
         }
+    }
+}
+
+/// The logger holds a descriptor for every inode the kernel caches, which soon passes the usual
+/// soft limit of 1,024: raise it as far as the system allows (root may go up to fs.nr_open).
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let system_max = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let hard = match (limit.maximum, system_max) {
+        (Some(h), Some(m)) => Some(h.max(m)),
+        (h, _) => h,
+    };
+    let raised = Rlimit {
+        current: hard,
+        maximum: hard,
+    };
+    if setrlimit(Resource::Nofile, raised).is_err() {
+        // Not allowed to raise the hard limit: take the soft one up to it.
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
     }
 }

@@ -39,7 +39,27 @@ impl Drop for Logger {
 }
 
 fn start(backing: &Path, mnt: &Path, extra: &[&str]) -> Logger {
-    let child = Command::new(env!("CARGO_BIN_EXE_rsyncfs-node"))
+    start_with_fd_limit(backing, mnt, extra, None)
+}
+
+/// Starts the logger, optionally under a low soft limit of open files (as `ulimit -n` sets).
+fn start_with_fd_limit(
+    backing: &Path,
+    mnt: &Path,
+    extra: &[&str],
+    fd_limit: Option<u32>,
+) -> Logger {
+    let mut command = match fd_limit {
+        Some(n) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("ulimit -S -n {n} && exec \"$0\" \"$@\""))
+                .arg(env!("CARGO_BIN_EXE_rsyncfs-node"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_rsyncfs-node")),
+    };
+    let child = command
         .arg("logger")
         .arg("--backing")
         .arg(backing)
@@ -152,4 +172,26 @@ fn refuses_bad_mount_points_clearly() {
     let err = refusal(&["up"]);
     assert!(err.contains("not built yet"), "{err}");
     assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn many_files_work_under_a_low_open_file_limit() {
+    if let Some(why) = cannot_mount() {
+        println!("SKIPPED: this test needs a FUSE mount: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, mnt) = (dir.path().join("b"), dir.path().join("m"));
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    // The logger keeps a descriptor per inode the kernel caches: 3,000 files pass a limit of
+    // 256 unless it raises its own limit.
+    let _logger = start_with_fd_limit(&backing, &mnt, &[], Some(256));
+    for i in 0..3000 {
+        fs::write(mnt.join(format!("f{i}")), b"x").unwrap();
+    }
+    for i in 0..3000 {
+        fs::metadata(mnt.join(format!("f{i}"))).unwrap();
+    }
+    assert_eq!(fs::read_dir(&mnt).unwrap().count(), 3000);
 }
