@@ -40,6 +40,56 @@ pub enum Mode {
     ReceiveOnly,
 }
 
+/// Who a new entry belongs to: the calling process, as on a local filesystem. The daemon creates
+/// as root and hands the entry over; in a set-group-ID directory the group stays the directory's,
+/// as the backing filesystem set it.
+#[derive(Copy, Clone)]
+struct Owner {
+    uid: u32,
+    gid: u32,
+    /// Permission bits to set again after the chown, which clears set-ID bits.
+    mode: u32,
+}
+
+impl Owner {
+    fn of(req: &Request, mode: u32) -> Owner {
+        Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+            mode,
+        }
+    }
+
+    fn give(self, dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
+        let (euid, egid) = (rustix::process::geteuid(), rustix::process::getegid());
+        if self.uid == euid.as_raw() && self.gid == egid.as_raw() {
+            return Ok(());
+        }
+        let dir_st = rustix::fs::statat(dir, c"", AtFlags::EMPTY_PATH)?;
+        let gid = if dir_st.st_mode & libc::S_ISGID != 0 {
+            None
+        } else {
+            Some(rustix::fs::Gid::from_raw(self.gid))
+        };
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(self.uid)),
+            gid,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if self.mode & 0o6000 != 0 {
+            rustix::fs::chmodat(
+                dir,
+                name,
+                FileMode::from_raw_mode(self.mode),
+                AtFlags::empty(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// ctime (seconds, nanoseconds) and size: moves with every write.
 type Fingerprint = (i64, i64, u64);
 
@@ -556,7 +606,7 @@ impl Filesystem for LoggerFs {
 
     fn mknod(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -564,25 +614,39 @@ impl Filesystem for LoggerFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.make_entry(parent, name, ChangeKind::Created, reply, |dir| {
-            let kind = rustix::fs::FileType::from_raw_mode(mode);
-            let perm = FileMode::from_raw_mode(mode & !umask & 0o7777);
-            rustix::fs::mknodat(dir, name, kind, perm, rdev as u64)
-        });
+        let owner = Owner::of(req, mode & !umask & 0o7777);
+        self.make_entry(
+            parent,
+            name,
+            ChangeKind::Created,
+            Some(owner),
+            reply,
+            |dir| {
+                let kind = rustix::fs::FileType::from_raw_mode(mode);
+                let perm = FileMode::from_raw_mode(mode & !umask & 0o7777);
+                rustix::fs::mknodat(dir, name, kind, perm, rdev as u64)
+            },
+        );
     }
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
         reply: ReplyEntry,
     ) {
-        self.make_entry(parent, name, ChangeKind::DirMade, reply, |dir| {
-            rustix::fs::mkdirat(dir, name, FileMode::from_raw_mode(mode & !umask & 0o7777))
-        });
+        let owner = Owner::of(req, mode & !umask & 0o7777);
+        self.make_entry(
+            parent,
+            name,
+            ChangeKind::DirMade,
+            Some(owner),
+            reply,
+            |dir| rustix::fs::mkdirat(dir, name, FileMode::from_raw_mode(mode & !umask & 0o7777)),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -601,15 +665,21 @@ impl Filesystem for LoggerFs {
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.make_entry(parent, link_name, ChangeKind::Symlink, reply, |dir| {
-            rustix::fs::symlinkat(target, dir, link_name)
-        });
+        let owner = Owner::of(req, 0);
+        self.make_entry(
+            parent,
+            link_name,
+            ChangeKind::Symlink,
+            Some(owner),
+            reply,
+            |dir| rustix::fs::symlinkat(target, dir, link_name),
+        );
     }
 
     fn rename(
@@ -664,7 +734,7 @@ impl Filesystem for LoggerFs {
                 return;
             }
         };
-        self.make_entry(newparent, newname, ChangeKind::Link, reply, |dir| {
+        self.make_entry(newparent, newname, ChangeKind::Link, None, reply, |dir| {
             rustix::fs::linkat(inode.fd(), c"", dir, newname, AtFlags::EMPTY_PATH)
         });
     }
@@ -1141,7 +1211,7 @@ impl Filesystem for LoggerFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -1173,6 +1243,9 @@ impl Filesystem for LoggerFs {
                 FileMode::from_raw_mode(mode & !umask & 0o7777),
             )
             .map_err(errno)?;
+            Owner::of(req, mode & !umask & 0o7777)
+                .give(dir.fd(), name)
+                .map_err(errno)?;
             let attr = self.shared.lookup(parent.0, name)?;
             let handle = self.open_handle(attr.ino.0, File::from(fd), flags | libc::O_WRONLY)?;
             Ok((attr, handle))
@@ -1276,6 +1349,7 @@ impl LoggerFs {
         parent: INodeNo,
         name: &OsStr,
         kind: ChangeKind,
+        owner: Option<Owner>,
         reply: ReplyEntry,
         make: impl FnOnce(BorrowedFd<'_>) -> rustix::io::Result<()>,
     ) {
@@ -1285,7 +1359,11 @@ impl LoggerFs {
                 return Err(Errno::EACCES);
             }
             let dir = self.inode(parent)?;
-            make(dir.fd()).map_err(errno)
+            make(dir.fd()).map_err(errno)?;
+            if let Some(owner) = owner {
+                owner.give(dir.fd(), name).map_err(errno)?;
+            }
+            Ok(())
         })();
         if let Err(e) = result {
             reply.error(e);

@@ -489,6 +489,55 @@ fn invalidation_shows_changes_made_underneath() {
 }
 
 #[test]
+fn new_entries_belong_to_the_process_that_made_them() {
+    need_fuse!();
+    if !have("setpriv") {
+        println!("SKIPPED: setpriv (util-linux) is not installed");
+        return;
+    }
+    let f = Fixture::new(Mode::ReadWrite);
+    let shared = f.mnt.join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+    let as_nobody = |script: &str| {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+            ])
+            .current_dir(&shared)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    as_nobody("echo x > file && mkdir dir && ln -s file link && mkfifo fifo");
+    for name in ["file", "dir", "link", "fifo"] {
+        let m = fs::symlink_metadata(f.backing.join("shared").join(name)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{name}");
+    }
+    // A process that is not root cannot read what root keeps private.
+    fs::write(f.mnt.join("secret"), b"root only").unwrap();
+    fs::set_permissions(f.mnt.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(f.mnt.join("secret"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "nobody read a 0600 root file through the mount"
+    );
+}
+
+#[test]
 fn receive_only_refuses_writes() {
     need_fuse!();
     let f = Fixture::new(Mode::ReceiveOnly);
