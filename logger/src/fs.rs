@@ -1118,15 +1118,7 @@ impl Filesystem for LoggerFs {
             rustix::fs::setxattr(proc_path(inode.fd()).as_c_str(), name, value, flags)
                 .map_err(errno)
         })();
-        match result {
-            Ok(()) => {
-                if let Some(p) = self.shared.path_of(ino.0) {
-                    self.shared.emit(p, ChangeKind::Xattr);
-                }
-                reply.ok();
-            }
-            Err(e) => reply.error(e),
-        }
+        self.reply_changed(ino, ChangeKind::Xattr, result, reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1181,15 +1173,7 @@ impl Filesystem for LoggerFs {
             }
             rustix::fs::removexattr(proc_path(inode.fd()).as_c_str(), name).map_err(errno)
         })();
-        match result {
-            Ok(()) => {
-                if let Some(p) = self.shared.path_of(ino.0) {
-                    self.shared.emit(p, ChangeKind::Xattr);
-                }
-                reply.ok();
-            }
-            Err(e) => reply.error(e),
-        }
+        self.reply_changed(ino, ChangeKind::Xattr, result, reply);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -1342,6 +1326,25 @@ impl Filesystem for LoggerFs {
 }
 
 impl LoggerFs {
+    /// Answers an operation that changed an inode in place, reporting the change if it worked.
+    fn reply_changed(
+        &self,
+        ino: INodeNo,
+        kind: ChangeKind,
+        result: Result<(), Errno>,
+        reply: ReplyEmpty,
+    ) {
+        match result {
+            Ok(()) => {
+                if let Some(p) = self.shared.path_of(ino.0) {
+                    self.shared.emit(p, kind);
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
     /// Makes the new entry `name` in `parent` with `make` (given the directory's descriptor),
     /// reports it as `kind` and answers with the entry.
     fn make_entry(

@@ -12,6 +12,20 @@ fn cannot_mount() -> Option<String> {
     rsyncfs_logger::why_no_fuse()
 }
 
+/// A temporary backing directory and mount point, or None (after saying why) where FUSE
+/// mounts cannot run.
+fn mountable_dirs() -> Option<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
+    if let Some(why) = cannot_mount() {
+        println!("SKIPPED: this test needs a FUSE mount: {why}");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, mnt) = (dir.path().join("b"), dir.path().join("m"));
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    Some((dir, backing, mnt))
+}
+
 fn is_mounted(path: &Path) -> bool {
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     fs::read_to_string("/proc/mounts")
@@ -83,14 +97,9 @@ fn start_with_fd_limit(
 
 #[test]
 fn streams_changed_paths_and_unmounts_on_sigterm() {
-    if let Some(why) = cannot_mount() {
-        println!("SKIPPED: this test needs a FUSE mount: {why}");
+    let Some((_dir, backing, mnt)) = mountable_dirs() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (backing, mnt) = (dir.path().join("b"), dir.path().join("m"));
-    fs::create_dir(&backing).unwrap();
-    fs::create_dir(&mnt).unwrap();
+    };
     let mut logger = start(&backing, &mnt, &["--from0"]);
     fs::write(mnt.join("one.txt"), b"1").unwrap();
     fs::create_dir(mnt.join("sub")).unwrap();
@@ -176,14 +185,9 @@ fn refuses_bad_mount_points_clearly() {
 
 #[test]
 fn many_files_work_under_a_low_open_file_limit() {
-    if let Some(why) = cannot_mount() {
-        println!("SKIPPED: this test needs a FUSE mount: {why}");
+    let Some((_dir, backing, mnt)) = mountable_dirs() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (backing, mnt) = (dir.path().join("b"), dir.path().join("m"));
-    fs::create_dir(&backing).unwrap();
-    fs::create_dir(&mnt).unwrap();
+    };
     // The logger keeps a descriptor per inode the kernel caches: 3,000 files pass a limit of
     // 256 unless it raises its own limit.
     let _logger = start_with_fd_limit(&backing, &mnt, &[], Some(256));
