@@ -132,6 +132,15 @@ pub struct LoggerFs {
     shared: Arc<Shared>,
 }
 
+/// Answers getxattr and listxattr: with a size of zero the caller asks how big the value is.
+fn reply_xattr(result: Result<(usize, Vec<u8>), Errno>, size: u32, reply: ReplyXattr) {
+    match result {
+        Ok((n, _)) if size == 0 => reply.size(n as u32),
+        Ok((_, data)) => reply.data(&data),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn errno(e: impl Into<std::io::Error>) -> Errno {
     Errno::from(e.into())
 }
@@ -1139,11 +1148,7 @@ impl Filesystem for LoggerFs {
                 Ok((n, buf))
             }
         });
-        match result {
-            Ok((n, _)) if size == 0 => reply.size(n as u32),
-            Ok((_, data)) => reply.data(&data),
-            Err(e) => reply.error(e),
-        }
+        reply_xattr(result, size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -1157,11 +1162,7 @@ impl Filesystem for LoggerFs {
             buf.truncate(n);
             Ok((n, buf))
         });
-        match result {
-            Ok((n, _)) if size == 0 => reply.size(n as u32),
-            Ok((_, data)) => reply.data(&data),
-            Err(e) => reply.error(e),
-        }
+        reply_xattr(result, size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
