@@ -3,10 +3,19 @@
 # FUSE passthrough, where it can be installed), in one run. Run as root.
 #   bench/logger.sh            1 GiB file, 10,000 files (the figures in docs/BENCHMARKS.md)
 #   bench/logger.sh --quick    64 MiB, 2,000 files
+#   bench/logger.sh --pin CPU  daemon and benchmark on one CPU (shows the cost of cross-CPU
+#                              wake-ups in each FUSE round trip); combines with --quick
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=1024 files=10000
-[ "${1:-}" = "--quick" ] && size=64 files=2000
+size=1024 files=10000 pin=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) size=64 files=2000 ;;
+    --pin) pin=(taskset -c "${2:?--pin needs a CPU number}"); shift ;;
+    *) echo "usage: $0 [--quick] [--pin CPU]" >&2; exit 2 ;;
+  esac
+  shift
+done
 
 if ! command -v bindfs >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq bindfs) >/dev/null 2>&1 || echo "bindfs not installable: left out"
@@ -23,16 +32,16 @@ cleanup() {
 trap cleanup EXIT INT TERM
 mkdir -p "$work"/{native,backing,mnt,bbacking,bmnt}
 
-./target/release/rsyncfs-node logger --backing "$work/backing" --mount "$work/mnt" >/dev/null 2>"$work/logger.err" &
+"${pin[@]}" ./target/release/rsyncfs-node logger --backing "$work/backing" --mount "$work/mnt" >/dev/null 2>"$work/logger.err" &
 pids+=($!)
 mounts+=("$work/mnt")
 for _ in $(seq 100); do mountpoint -q "$work/mnt" && break; sleep 0.05; done
 mountpoint -q "$work/mnt" || { cat "$work/logger.err"; exit 1; }
 head -1 "$work/logger.err"
 targets=("native=$work/native" "rsyncfs=$work/mnt")
-if command -v bindfs >/dev/null && bindfs "$work/bbacking" "$work/bmnt"; then
+if command -v bindfs >/dev/null && "${pin[@]}" bindfs "$work/bbacking" "$work/bmnt"; then
   mounts+=("$work/bmnt")
   targets+=("bindfs=$work/bmnt")
 fi
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r), $(df -T "$work" | awk 'NR==2{print $2}') on $(df "$work" | awk 'NR==2{print $1}')"
-python3 bench/fsbench.py --size-mib "$size" --files "$files" "${targets[@]}"
+"${pin[@]}" python3 bench/fsbench.py --size-mib "$size" --files "$files" "${targets[@]}"

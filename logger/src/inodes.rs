@@ -36,9 +36,15 @@ struct Table {
 #[derive(Debug)]
 pub(crate) struct Inodes {
     table: Mutex<Table>,
+    /// Inodes the kernel forgot, whose descriptors a low-priority thread closes later: closing
+    /// ten thousand descriptors after a cache drop would otherwise delay the lookups that follow.
+    forgotten: Mutex<Vec<Arc<Inode>>>,
     root_dev: u64,
     root_ino: u64,
 }
+
+/// Forgotten inodes waiting to be closed, beyond which `forget` closes them itself.
+pub(crate) const FORGOTTEN_MAX: usize = 65_536;
 
 pub(crate) const ROOT: u64 = 1;
 const FOREIGN: u64 = 1 << 63;
@@ -59,6 +65,7 @@ impl Inodes {
         table.by_key.insert((dev, ino), ROOT);
         Inodes {
             table: Mutex::new(table),
+            forgotten: Mutex::new(Vec::new()),
             root_dev: dev,
             root_ino: ino,
         }
@@ -88,22 +95,39 @@ impl Inodes {
         id
     }
 
-    /// The kernel dropped `n` references.
-    pub fn forget(&self, id: u64, n: u64) {
-        if id == ROOT {
-            return;
-        }
-        let mut t = self.table.lock();
-        let Some(count) = t.lookups.get_mut(&id) else {
-            return;
-        };
-        *count = count.saturating_sub(n);
-        if *count == 0 {
-            t.lookups.remove(&id);
-            if let Some(inode) = t.by_id.remove(&id) {
-                t.by_key.remove(&(inode.dev, inode.ino));
+    /// The kernel dropped `n` references to each of `(id, n)`.
+    pub fn forget<const N: usize>(&self, nodes: [(u64, u64); N]) {
+        let mut gone = Vec::new();
+        {
+            let mut t = self.table.lock();
+            for (id, n) in nodes {
+                if id == ROOT {
+                    continue;
+                }
+                let Some(count) = t.lookups.get_mut(&id) else {
+                    continue;
+                };
+                *count = count.saturating_sub(n);
+                if *count == 0 {
+                    t.lookups.remove(&id);
+                    if let Some(inode) = t.by_id.remove(&id) {
+                        t.by_key.remove(&(inode.dev, inode.ino));
+                        gone.push(inode);
+                    }
+                }
             }
         }
+        let mut forgotten = self.forgotten.lock();
+        if forgotten.len() + gone.len() <= FORGOTTEN_MAX {
+            forgotten.append(&mut gone);
+        }
+        // Otherwise `gone` is dropped here, closing its descriptors on this thread.
+    }
+
+    /// Closes the descriptors of forgotten inodes; returns how many.
+    pub fn reap(&self) -> usize {
+        let gone = std::mem::take(&mut *self.forgotten.lock());
+        gone.len()
     }
 
     /// The FUSE number the inode `(dev, ino)` would have, if the kernel knows it.

@@ -87,9 +87,10 @@ pub enum MountError {
 /// A mounted logger.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    /// The flag that stops the housekeeping threads, and the threads.
     reporter: Option<(
         Arc<std::sync::atomic::AtomicBool>,
-        std::thread::JoinHandle<()>,
+        Vec<std::thread::JoinHandle<()>>,
     )>,
     fs: Arc<fs::Shared>,
     changes: Receiver<Change>,
@@ -136,9 +137,11 @@ impl Mounted {
 
 impl Mounted {
     fn stop_reporter(&mut self) {
-        if let Some((stop, thread)) = self.reporter.take() {
+        if let Some((stop, threads)) = self.reporter.take() {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let _ = thread.join();
+            for thread in threads {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -243,9 +246,25 @@ pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, 
             })
             .map_err(MountError::Mount)?
     };
+    let reaper = {
+        let (stop, shared) = (Arc::clone(&stop), Arc::clone(&shared));
+        std::thread::Builder::new()
+            .name("rsyncfs-reaper".into())
+            .spawn(move || {
+                // Closing the descriptors of forgotten inodes is nobody's critical path: it runs
+                // at the lowest priority, so that it yields to the requests that follow a cache drop.
+                let _ = rustix::process::setpriority_process(None, 19);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    shared.reap_forgotten();
+                }
+                shared.reap_forgotten();
+            })
+            .map_err(MountError::Mount)?
+    };
     Ok(Mounted {
         session: Some(session),
-        reporter: Some((stop, reporter)),
+        reporter: Some((stop, vec![reporter, reaper])),
         fs: shared,
         changes: rx,
         mount_point: mount_abs,
