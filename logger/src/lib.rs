@@ -93,14 +93,23 @@ pub struct Mounted {
         Vec<std::thread::JoinHandle<()>>,
     )>,
     fs: Arc<fs::Shared>,
-    changes: Receiver<Change>,
+    changes: Option<Receiver<Change>>,
     mount_point: PathBuf,
 }
 
 impl Mounted {
     /// The stream of changes, in the order they happened.
+    ///
+    /// # Panics
+    /// When the stream was taken with [`Mounted::take_changes`].
     pub fn changes(&self) -> &Receiver<Change> {
-        &self.changes
+        self.changes.as_ref().expect("the change stream was taken")
+    }
+
+    /// Takes the stream of changes, for a consumer on another thread (the rest of the handle
+    /// can then be shared between threads).
+    pub fn take_changes(&mut self) -> Option<Receiver<Change>> {
+        self.changes.take()
     }
 
     /// True while a local process has `path` (relative) open for writing.
@@ -266,7 +275,7 @@ pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, 
         session: Some(session),
         reporter: Some((stop, vec![reporter, reaper])),
         fs: shared,
-        changes: rx,
+        changes: Some(rx),
         mount_point: mount_abs,
     })
 }

@@ -10,7 +10,7 @@ use rsyncfs_conflict::{Hash, Meta, NodeId, Record};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// What a node knows about one path.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// The replicated version of the path; `None` for a directory that exists here only because
     /// something inside it does.

@@ -1,11 +1,20 @@
-//! `rsyncfs-node`: the daemon and its commands.
-//!
-//! Today only `logger` works: it mounts the change logger alone and prints every changed path,
-//! as the 2005 proposal's change stream, for `rsync --from0 --files-from=-` to follow. The
-//! replicating daemon (`up`, `join`, ...) comes with the node issue and says so when called.
+//! `rsyncfs-node`: the daemon (`up`) and the commands that talk to it through its control
+//! socket, plus `logger`, which mounts the change logger alone and prints every changed path (the
+//! 2005 proposal's change stream, for `rsync --from0 --files-from=-` to follow).
 
-use clap::{Parser, Subcommand};
+mod control;
+mod delta;
+mod files;
+mod identity;
+mod peers;
+mod runtime;
+mod store;
+mod tls;
+mod transport;
+
+use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +32,91 @@ struct Cli {
     command: Command,
 }
 
+/// Where a node keeps its identity, store, peers and control socket when `--state` is not given
+/// (one node per host).
+const DEFAULT_STATE: &str = "/var/lib/rsyncfs";
+
+#[derive(Copy, Clone, ValueEnum)]
+enum ModeArg {
+    /// Local changes are shipped and peers' changes applied.
+    TwoWay,
+    /// Local changes are shipped; peers' changes are not applied here.
+    SendOnly,
+    /// Peers' changes are applied; the mount refuses local writes with EROFS.
+    ReceiveOnly,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node in the foreground: mount, replicate, serve the control socket.
+    Up {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// The directory that holds this host's copy of the tree.
+        #[arg(long)]
+        backing: PathBuf,
+        /// An empty directory to mount the tree on; programs use this one.
+        #[arg(long)]
+        mount: PathBuf,
+        /// Address and UDP port to listen on (default port 7431).
+        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], transport::DEFAULT_PORT)))]
+        listen: SocketAddr,
+        #[arg(long, value_enum, default_value = "two-way")]
+        mode: ModeArg,
+    },
+    /// Print this node's id (making its identity if there is none yet).
+    Id {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+    },
+    /// Print a token that lets another node join this node's mesh (valid for an hour).
+    Invite {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// The address other nodes reach this one at (default: the listening address).
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Make the running local node join the mesh of a member.
+    Join {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// The member: HOST or HOST:PORT.
+        #[arg(long)]
+        peer: Option<String>,
+        /// A token from `rsyncfs-node invite` on the member; without one, the member's operator
+        /// must run `rsyncfs-node accept`.
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// Let in a node that asked to join without a token.
+    Accept {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        node_id: String,
+    },
+    /// Show the node, its peers, pending joins, conflicts and replication latency.
+    Status {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the conflict copies and the versions they keep.
+    Conflicts {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream the paths the running node changes (local writes and applied updates).
+    Chglog {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// Separate paths with NUL bytes (for rsync --from0).
+        #[arg(long)]
+        from0: bool,
+    },
     /// Mount the change logger alone and print each changed path (relative to the mount).
     Logger {
         /// The directory whose contents the mount shows.
@@ -40,9 +132,6 @@ enum Command {
         #[arg(long)]
         receive_only: bool,
     },
-    /// Run the replicating node (not built yet).
-    #[command(external_subcommand)]
-    Other(Vec<String>),
 }
 
 fn main() -> ExitCode {
@@ -63,14 +152,194 @@ fn main() -> ExitCode {
             from0,
             receive_only,
         } => logger(backing, mount, from0, receive_only),
-        Command::Other(args) => {
-            eprintln!(
-                "rsyncfs-node: '{}' is not built yet; only 'rsyncfs-node logger' works today \
-                 (see README.md)",
-                args.first().map(String::as_str).unwrap_or("")
-            );
-            ExitCode::from(2)
+        Command::Up {
+            state,
+            backing,
+            mount,
+            listen,
+            mode,
+        } => up(state, backing, mount, listen, mode),
+        Command::Id { state } => match identity::Identity::load_or_create(&state) {
+            Ok(id) => {
+                println!("{}", id.id.long());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("identity in {}: {e}", state.display())),
+        },
+        Command::Invite { state, address } => {
+            match control::call(&state, &control::Wire::Invite { addr: address }) {
+                Ok(v) => {
+                    println!("{}", v["token"].as_str().unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
         }
+        Command::Join { state, peer, token } => {
+            if peer.is_none() && token.is_none() {
+                return fail("join needs --peer HOST[:PORT] (and optionally --token)".into());
+            }
+            if token.is_none() {
+                if let Ok(id) = identity::Identity::load_or_create(&state) {
+                    eprintln!(
+                        "rsyncfs-node: asking to join; on the member run: rsyncfs-node accept {}",
+                        id.id.long()
+                    );
+                }
+            }
+            match control::call(&state, &control::Wire::Join { peer, token }) {
+                Ok(v) => {
+                    println!(
+                        "joined: member {}",
+                        v["member"].as_str().unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Accept { state, node_id } => {
+            match control::call(&state, &control::Wire::Accept { id: node_id }) {
+                Ok(v) => {
+                    println!("accepted {}", v["accepted"].as_str().unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Status { state, json } => match control::call(&state, &control::Wire::Status) {
+            Ok(v) if json => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Ok(v) => {
+                print_status(&v);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Conflicts { state, json } => {
+            match control::call(&state, &control::Wire::Conflicts) {
+                Ok(v) if json => {
+                    println!("{v}");
+                    ExitCode::SUCCESS
+                }
+                Ok(v) => {
+                    for c in v.as_array().into_iter().flatten() {
+                        println!(
+                            "{}\tcopy of {} written on {} at {}",
+                            c["path"].as_str().unwrap_or_default(),
+                            c["of"].as_str().unwrap_or_default(),
+                            c["origin"].as_str().unwrap_or_default(),
+                            humantime::format_rfc3339_millis(
+                                std::time::UNIX_EPOCH
+                                    + Duration::from_millis(
+                                        c["written_at_ms"].as_u64().unwrap_or(0)
+                                    )
+                            )
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Chglog { state, from0 } => {
+            let mut out = std::io::stdout().lock();
+            match control::chglog(&state, if from0 { 0 } else { b'\n' }, &mut out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("rsyncfs-node: {message}");
+    ExitCode::from(1)
+}
+
+fn up(
+    state: PathBuf,
+    backing: PathBuf,
+    mount: PathBuf,
+    listen: SocketAddr,
+    mode: ModeArg,
+) -> ExitCode {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&stop)) {
+            return fail(format!("cannot handle signal {signal}: {e}"));
+        }
+    }
+    let mode = match mode {
+        ModeArg::TwoWay => rsyncfs_mesh::engine::Mode::TwoWay,
+        ModeArg::SendOnly => rsyncfs_mesh::engine::Mode::SendOnly,
+        ModeArg::ReceiveOnly => rsyncfs_mesh::engine::Mode::ReceiveOnly,
+    };
+    let options = runtime::Options {
+        state,
+        backing,
+        mount,
+        listen,
+        mode,
+    };
+    match runtime::run(options, stop) {
+        Ok(()) => {
+            eprintln!("rsyncfs-node: stopped, unmounted");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn print_status(v: &serde_json::Value) {
+    let s = |k: &str| v[k].to_string().trim_matches('"').to_string();
+    println!("node      {} ({})", s("node"), s("mode"));
+    println!("listening {}", s("listen"));
+    println!(
+        "state     {}, {} paths pending, {} conflicts so far",
+        if v["idle"].as_bool() == Some(true) {
+            "idle"
+        } else {
+            "busy"
+        },
+        s("pending_paths"),
+        s("conflicts")
+    );
+    let l = &v["latency_ms"];
+    if l["count"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "latency   p50 {:.1} ms, p99 {:.1} ms over the last {} applied updates",
+            l["p50"].as_f64().unwrap_or(0.0),
+            l["p99"].as_f64().unwrap_or(0.0),
+            l["count"]
+        );
+    }
+    for p in v["peers"].as_array().into_iter().flatten() {
+        println!(
+            "peer      {} {} {}{}",
+            p["id"].as_str().unwrap_or_default(),
+            p["addr"].as_str().unwrap_or("(no address)"),
+            if p["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "not connected"
+            },
+            match p["behind"].as_u64() {
+                Some(n) if n > 0 => format!(", {n} of our records not yet acknowledged"),
+                _ => String::new(),
+            }
+        );
+    }
+    for j in v["pending_joins"].as_array().into_iter().flatten() {
+        println!(
+            "join?     {} from {} (waiting {} s): rsyncfs-node accept {}",
+            j["id"].as_str().unwrap_or_default(),
+            j["addr"].as_str().unwrap_or_default(),
+            j["waiting_s"],
+            j["id"].as_str().unwrap_or_default()
+        );
     }
 }
 

@@ -1,0 +1,558 @@
+//! The node's own access to its backing directory: what a path holds ([`Tree::observe`]), the
+//! engine's applies ([`Tree::apply`]), content for peers, and staging files for fetches.
+//!
+//! Every path is resolved below the backing root without following symlinks (`openat2` with
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so that no path, whatever a peer sends and whatever
+//! the tree holds, reaches outside the tree. Writes go to the backing directory directly (not
+//! through the mount) and are not reported by the change logger.
+
+use parking_lot::Mutex;
+use rsyncfs_conflict::{Content, Hash, Meta, DIR_MODE_DEFAULT};
+use rsyncfs_mesh::engine::{Action, Apply, ApplyError, Source};
+use rsyncfs_mesh::path::RelPath;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The folder inside the backing directory for the node's temporary files.
+pub const TMP_DIR: &str = "tmp";
+/// Hashes remembered by file identity, so that a file is read once per change.
+const HASH_CACHE_MAX: usize = 100_000;
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// What identifies one state of a file's content without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Stamp {
+    fn of(st: &rustix::fs::Stat) -> Stamp {
+        Stamp {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: mtime_ns(st),
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
+        }
+    }
+}
+
+fn mtime_ns(st: &rustix::fs::Stat) -> i64 {
+    st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64
+}
+
+/// The backing directory as the node sees it.
+pub struct Tree {
+    root: PathBuf,
+    root_fd: OwnedFd,
+    tmp_fd: OwnedFd,
+    tmp_path: PathBuf,
+    hashes: Mutex<HashMap<Stamp, Hash>>,
+    next_tmp: AtomicU64,
+    /// Directories whose entries changed since the last [`Tree::sync_dirs`].
+    touched: Mutex<HashSet<PathBuf>>,
+}
+
+/// Why a path cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("{0}: the symlink target is not UTF-8; it is not replicated")]
+    BadTarget(String),
+}
+
+impl Tree {
+    /// Opens the backing directory and makes its state folder (`.rsyncfs/tmp`), emptying the
+    /// temporary folder of what an earlier run left.
+    pub fn open(root: &Path) -> std::io::Result<Tree> {
+        let root_fd = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let state = root.join(rsyncfs_logger::STATE_DIR_NAME);
+        let tmp_path = state.join(TMP_DIR);
+        std::fs::create_dir_all(&tmp_path)?;
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        for entry in std::fs::read_dir(&tmp_path)? {
+            let entry = entry?;
+            let _ = std::fs::remove_file(entry.path());
+        }
+        let tmp_fd = rustix::fs::open(
+            &tmp_path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Tree {
+            root: root.to_path_buf(),
+            root_fd,
+            tmp_fd,
+            tmp_path,
+            hashes: Mutex::new(HashMap::new()),
+            next_tmp: AtomicU64::new(0),
+            touched: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Opens the directory holding `path`, below the root, following no symlink.
+    fn parent_of<'p>(&self, path: &'p RelPath) -> std::io::Result<(OwnedFd, &'p OsStr)> {
+        let name = OsStr::new(path.name());
+        let parent = match path.parent() {
+            Some(p) => rustix::fs::openat2(
+                &self.root_fd,
+                p.as_str(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                RESOLVE,
+            )?,
+            None => rustix::fs::openat(
+                &self.root_fd,
+                c".",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?,
+        };
+        Ok((parent, name))
+    }
+
+    /// What `path` holds now: `None` when nothing is there, or something that is not
+    /// replicated (a FIFO, a socket, a device) is.
+    pub fn observe(&self, path: &RelPath) -> Result<Option<Meta>, ObserveError> {
+        let io = |e: std::io::Error| ObserveError::Io(path.to_string(), e);
+        let (dir, name) = match self.parent_of(path) {
+            Ok(x) => x,
+            // A missing or non-directory parent (or a symlink above) means nothing is here.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(io(e)),
+        };
+        self.observe_at(dir.as_fd(), name, path)
+    }
+
+    fn observe_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &RelPath,
+    ) -> Result<Option<Meta>, ObserveError> {
+        let io = |e: std::io::Error| ObserveError::Io(path.to_string(), e);
+        let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(io(e.into())),
+        };
+        let mode = st.st_mode & 0o7777;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => Ok(Some(Meta::dir(mode))),
+            FileType::Symlink => {
+                let target =
+                    rustix::fs::readlinkat(dir, name, Vec::new()).map_err(|e| io(e.into()))?;
+                let target = String::from_utf8(target.into_bytes())
+                    .map_err(|_| ObserveError::BadTarget(path.to_string()))?;
+                Ok(Some(Meta::symlink(target)))
+            }
+            FileType::RegularFile => {
+                let stamp = Stamp::of(&st);
+                let hash = match self.cached_hash(&stamp) {
+                    Some(h) => h,
+                    None => {
+                        let fd = rustix::fs::openat(
+                            dir,
+                            name,
+                            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                            Mode::empty(),
+                        )
+                        .map_err(|e| io(e.into()))?;
+                        let file = File::from(fd);
+                        let (hash, after) = hash_file(&file).map_err(io)?;
+                        if Stamp::of(&after) != stamp {
+                            // Written while we read: report what is there now; the change that
+                            // is still going on is reported when its writer closes.
+                            return self.observe_at(dir, name, path);
+                        }
+                        self.remember_hash(stamp, hash);
+                        hash
+                    }
+                };
+                Ok(Some(Meta::file(stamp.size, hash, mode, stamp.mtime_ns)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn cached_hash(&self, stamp: &Stamp) -> Option<Hash> {
+        self.hashes.lock().get(stamp).copied()
+    }
+
+    fn remember_hash(&self, stamp: Stamp, hash: Hash) {
+        let mut hashes = self.hashes.lock();
+        if hashes.len() >= HASH_CACHE_MAX {
+            hashes.clear();
+        }
+        hashes.insert(stamp, hash);
+    }
+
+    /// Opens the file at `path` for reading if it holds content `hash` of `size` bytes.
+    pub fn open_content(&self, path: &RelPath, hash: &Hash, size: u64) -> Option<File> {
+        let (dir, name) = self.parent_of(path).ok()?;
+        let meta = self.observe_at(dir.as_fd(), name, path).ok()??;
+        if meta.file_hash() != Some((*hash, size)) {
+            return None;
+        }
+        let fd = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        Some(File::from(fd))
+    }
+
+    /// The content of a small file, if `path` still holds content `hash` (checked on the bytes
+    /// read).
+    pub fn read_small(&self, path: &RelPath, hash: &Hash, size: u64) -> Option<Vec<u8>> {
+        let mut file = self.open_content(path, hash, size)?;
+        let mut data = Vec::with_capacity(size as usize);
+        Read::by_ref(&mut file)
+            .take(size + 1)
+            .read_to_end(&mut data)
+            .ok()?;
+        (data.len() as u64 == size && blake3::hash(&data).as_bytes() == hash).then_some(data)
+    }
+
+    /// A new temporary file in the state folder (same filesystem as the tree), with its path.
+    pub fn staging_file(&self) -> std::io::Result<(File, PathBuf)> {
+        let name = format!(
+            "s{}-{}",
+            std::process::id(),
+            self.next_tmp.fetch_add(1, Ordering::Relaxed)
+        );
+        let fd = rustix::fs::openat(
+            &self.tmp_fd,
+            name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        Ok((File::from(fd), self.tmp_path.join(name)))
+    }
+
+    /// Makes the directories above `path` that are missing; a non-directory above it is a
+    /// local change the engine has not seen.
+    fn make_parents(&self, path: &RelPath) -> Result<(), ApplyError> {
+        let ancestors: Vec<RelPath> = path.ancestors().collect();
+        for dir in ancestors.iter().rev() {
+            let (parent, name) = self.parent_of(dir).map_err(|_| ApplyError::Stale)?;
+            match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
+                Ok(_) => return Err(ApplyError::Stale),
+                Err(rustix::io::Errno::NOENT) => {
+                    match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(DIR_MODE_DEFAULT))
+                    {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(io_error(dir, e.into())),
+                    }
+                    self.touch(dir.parent());
+                }
+                Err(e) => return Err(io_error(dir, e.into())),
+            }
+        }
+        Ok(())
+    }
+
+    fn touch(&self, dir: Option<RelPath>) {
+        let path = match dir {
+            Some(d) => self.root.join(d.as_str()),
+            None => self.root.clone(),
+        };
+        self.touched.lock().insert(path);
+    }
+
+    /// Makes the directory entries changed since the last call durable (before the store
+    /// records what they show).
+    pub fn sync_dirs(&self) -> std::io::Result<()> {
+        let dirs = std::mem::take(&mut *self.touched.lock());
+        for dir in dirs {
+            match File::open(&dir) {
+                Ok(f) => f.sync_all()?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out one of the engine's applies. `staged` is the file of a
+    /// [`Source::Staged`] content; `busy` says whether a local process has a path open for
+    /// writing.
+    pub fn apply(
+        &self,
+        apply: &Apply,
+        staged: Option<&Path>,
+        busy: &dyn Fn(&RelPath) -> bool,
+    ) -> Result<(), ApplyError> {
+        let path = &apply.path;
+        if busy(path) {
+            return Err(ApplyError::Busy);
+        }
+        self.make_parents(path)?;
+        let (dir, name) = self.parent_of(path).map_err(|_| ApplyError::Stale)?;
+        let now = self
+            .observe_at(dir.as_fd(), name, path)
+            .map_err(|e| ApplyError::Io(e.to_string()))?;
+        if now != apply.expect {
+            return Err(ApplyError::Stale);
+        }
+        let io = |e: std::io::Error| io_error(path, e);
+        match &apply.action {
+            Action::Write { meta, source } => {
+                let Content::File { size, hash } = &meta.content else {
+                    return Err(ApplyError::Io(format!("{path}: write of a non-file")));
+                };
+                let tmp_name = match source {
+                    Source::Staged(_) => {
+                        let staged = staged.ok_or_else(|| {
+                            ApplyError::Io(format!("{path}: staged content is gone"))
+                        })?;
+                        let file = File::options()
+                            .read(true)
+                            .write(true)
+                            .open(staged)
+                            .map_err(io)?;
+                        finish_file(&file, meta).map_err(io)?;
+                        staged
+                            .file_name()
+                            .expect("staging files have names")
+                            .to_os_string()
+                    }
+                    Source::Inline(bytes) => {
+                        if bytes.len() as u64 != *size || blake3::hash(bytes).as_bytes() != hash {
+                            return Err(ApplyError::Io(format!(
+                                "{path}: inline content does not match"
+                            )));
+                        }
+                        let (mut file, tmp) = self.staging_file().map_err(io)?;
+                        let written = file.write_all(bytes).and_then(|_| finish_file(&file, meta));
+                        if let Err(e) = written {
+                            let _ = std::fs::remove_file(&tmp);
+                            return Err(io(e));
+                        }
+                        tmp.file_name().expect("named").to_os_string()
+                    }
+                    Source::Local(from) => {
+                        let Some(src) = self.open_content(from, hash, *size) else {
+                            return Err(ApplyError::Stale);
+                        };
+                        let (file, tmp) = self.staging_file().map_err(io)?;
+                        let copied =
+                            copy_all(&src, &file, *size).and_then(|_| finish_file(&file, meta));
+                        if let Err(e) = copied {
+                            let _ = std::fs::remove_file(&tmp);
+                            return Err(io(e));
+                        }
+                        tmp.file_name().expect("named").to_os_string()
+                    }
+                };
+                let result = self.replace_with(dir.as_fd(), name, &tmp_name, now.as_ref());
+                if result.is_err() {
+                    if !matches!(source, Source::Staged(_)) {
+                        let _ = rustix::fs::unlinkat(
+                            &self.tmp_fd,
+                            tmp_name.as_os_str(),
+                            AtFlags::empty(),
+                        );
+                    }
+                    return result.map_err(io);
+                }
+                if let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    self.remember_hash(Stamp::of(&st), *hash);
+                }
+            }
+            Action::SetAttr { meta } => {
+                set_attrs_at(dir.as_fd(), name, meta).map_err(io)?;
+            }
+            Action::Mkdir { mode } => {
+                match &now {
+                    Some(m) if m.is_dir() => {}
+                    Some(_) => {
+                        rustix::fs::unlinkat(&dir, name, AtFlags::empty())
+                            .map_err(|e| io(e.into()))?;
+                        rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(*mode))
+                            .map_err(|e| io(e.into()))?;
+                    }
+                    None => {
+                        rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(*mode))
+                            .map_err(|e| io(e.into()))?;
+                    }
+                }
+                rustix::fs::chmodat(
+                    &dir,
+                    name,
+                    Mode::from_raw_mode(*mode & 0o7777),
+                    AtFlags::empty(),
+                )
+                .map_err(|e| io(e.into()))?;
+            }
+            Action::Symlink { target } => {
+                let tmp_name = format!(
+                    "l{}-{}",
+                    std::process::id(),
+                    self.next_tmp.fetch_add(1, Ordering::Relaxed)
+                );
+                rustix::fs::symlinkat(target.as_str(), &self.tmp_fd, tmp_name.as_str())
+                    .map_err(|e| io(e.into()))?;
+                let tmp_name = std::ffi::OsString::from(tmp_name);
+                if let Err(e) = self.replace_with(dir.as_fd(), name, &tmp_name, now.as_ref()) {
+                    let _ =
+                        rustix::fs::unlinkat(&self.tmp_fd, tmp_name.as_os_str(), AtFlags::empty());
+                    return Err(io(e));
+                }
+            }
+            Action::Remove => {
+                let flags = if now.as_ref().is_some_and(Meta::is_dir) {
+                    AtFlags::REMOVEDIR
+                } else {
+                    AtFlags::empty()
+                };
+                match rustix::fs::unlinkat(&dir, name, flags) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST) => {
+                        return Err(ApplyError::Stale)
+                    }
+                    Err(e) => return Err(io(e.into())),
+                }
+            }
+        }
+        self.touch(path.parent());
+        Ok(())
+    }
+
+    /// Renames the temporary `tmp_name` over `name` in `dir`; an (empty) directory there is
+    /// removed first.
+    fn replace_with(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        tmp_name: &OsStr,
+        now: Option<&Meta>,
+    ) -> std::io::Result<()> {
+        if now.is_some_and(Meta::is_dir) {
+            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
+        }
+        rustix::fs::renameat(&self.tmp_fd, tmp_name, dir, name)?;
+        Ok(())
+    }
+}
+
+fn io_error(path: &RelPath, e: std::io::Error) -> ApplyError {
+    ApplyError::Io(format!("{path}: {e}"))
+}
+
+/// Mode and mtime of a finished file, then its data to disk (before it is renamed into place).
+fn finish_file(file: &File, meta: &Meta) -> std::io::Result<()> {
+    rustix::fs::fchmod(file, Mode::from_raw_mode(meta.mode & 0o7777))?;
+    let mtime = timespec(meta.mtime_ns);
+    rustix::fs::futimens(
+        file,
+        &Timestamps {
+            last_access: mtime,
+            last_modification: mtime,
+        },
+    )?;
+    file.sync_data()
+}
+
+fn set_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta) -> std::io::Result<()> {
+    if let Content::File { .. } | Content::Dir = meta.content {
+        rustix::fs::chmodat(
+            dir,
+            name,
+            Mode::from_raw_mode(meta.mode & 0o7777),
+            AtFlags::empty(),
+        )?;
+    }
+    if let Content::File { .. } = meta.content {
+        let mtime = timespec(meta.mtime_ns);
+        rustix::fs::utimensat(
+            dir,
+            name,
+            &Timestamps {
+                last_access: mtime,
+                last_modification: mtime,
+            },
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+    }
+    Ok(())
+}
+
+fn timespec(ns: i64) -> Timespec {
+    Timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    }
+}
+
+/// Copies `size` bytes (the kernel may share blocks where the filesystem can).
+fn copy_all(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
+    let mut done = 0u64;
+    while done < size {
+        let n = rustix::fs::copy_file_range(src, None, dst, None, (size - done) as usize)?;
+        if n == 0 {
+            return Err(std::io::Error::other("source file shrank while copying"));
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// BLAKE3 of a whole file, and its stat after reading.
+pub fn hash_file(file: &File) -> std::io::Result<(Hash, rustix::fs::Stat)> {
+    let mut hasher = blake3::Hasher::new();
+    let st = rustix::fs::fstat(file)?;
+    if st.st_size > 1 << 20 {
+        hasher.update_mmap(proc_fd_path(file))?;
+    } else {
+        let mut f = file;
+        hasher.update_reader(&mut f)?;
+    }
+    let after = rustix::fs::fstat(file)?;
+    Ok((*hasher.finalize().as_bytes(), after))
+}
+
+fn proc_fd_path(file: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// A relative path from the tree as the engine names it; `None` for names that are not UTF-8
+/// or not allowed (they are not replicated).
+pub fn rel_path(path: &Path) -> Option<RelPath> {
+    let s = std::str::from_utf8(path.as_os_str().as_bytes()).ok()?;
+    RelPath::new(s.to_string()).ok()
+}

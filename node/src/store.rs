@@ -1,0 +1,329 @@
+//! The engine's [`Store`] on redb: one database file in the state directory.
+//!
+//! Tables: `entries` (path → postcard [`Entry`]), `log` (store sequence → path), `by_hash`
+//! (content hash ‖ path → nothing, for "a local file with this content"), `progress` (peer →
+//! sequence) and `counters` (the sequence reservation).
+//!
+//! Group commit: every write goes into one open write transaction, which [`RedbStore::commit`]
+//! makes durable; the runtime commits on a short timer and before anything that must not run
+//! ahead of the store (see docs/ARCHITECTURE.md, "Crashes"). Reads see the open transaction, so
+//! the engine always reads its own writes. [`Store::reserve_seq`] commits at once, as the trait
+//! asks. A failed commit is fatal to the daemon: the engine assumes its writes hold, so the
+//! daemon stops, and the next start repairs from the last commit like after a crash.
+
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use rsyncfs_conflict::{Hash, NodeId};
+use rsyncfs_mesh::path::RelPath;
+use rsyncfs_mesh::store::{Entry, Store};
+use std::path::Path;
+
+const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
+const LOG: TableDefinition<u64, &str> = TableDefinition::new("log");
+const BY_HASH: TableDefinition<&[u8], ()> = TableDefinition::new("by_hash");
+const PROGRESS: TableDefinition<&[u8], u64> = TableDefinition::new("progress");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const RESERVED: &str = "seq_reserved";
+
+/// Why the store failed. The daemon stops on any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store entry for {0} does not decode: {1}")]
+    Corrupt(String, postcard::Error),
+    #[error("store holds an invalid path {0:?}")]
+    BadPath(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> StoreError {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub struct RedbStore {
+    db: Database,
+    txn: Option<WriteTransaction>,
+    /// Writes since the last commit.
+    uncommitted: usize,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            // Create every table, so that reads never meet a missing one.
+            txn.open_table(ENTRIES)?;
+            txn.open_table(LOG)?;
+            txn.open_table(BY_HASH)?;
+            txn.open_table(PROGRESS)?;
+            txn.open_table(COUNTERS)?;
+        }
+        txn.commit()?;
+        let mut store = RedbStore {
+            db,
+            txn: None,
+            uncommitted: 0,
+        };
+        store.begin()?;
+        Ok(store)
+    }
+
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.txn = Some(self.db.begin_write()?);
+        Ok(())
+    }
+
+    fn txn(&self) -> &WriteTransaction {
+        self.txn
+            .as_ref()
+            .expect("a write transaction is always open")
+    }
+
+    /// Writes waiting for the next commit.
+    pub fn uncommitted(&self) -> usize {
+        self.uncommitted
+    }
+
+    /// Makes every write so far durable.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        if let Some(txn) = self.txn.take() {
+            txn.commit()?;
+        }
+        self.uncommitted = 0;
+        self.begin()
+    }
+
+    /// Every entry, in path order (for status, conflicts and tests), read from the open
+    /// transaction.
+    pub fn entries(&self) -> Result<Vec<(RelPath, Entry)>, StoreError> {
+        let table = self.txn().open_table(ENTRIES)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Paths strictly below `dir` (every path when `dir` is `None`) that have an entry.
+    pub fn paths_under(&self, dir: Option<&RelPath>) -> Result<Vec<RelPath>, StoreError> {
+        let table = self.txn().open_table(ENTRIES)?;
+        let mut out = Vec::new();
+        let mut push = |k: &str| {
+            if let Ok(p) = RelPath::new(k.to_string()) {
+                out.push(p);
+            }
+        };
+        match dir {
+            Some(dir) => {
+                let (lo, hi) = dir.under_bounds();
+                for item in table.range(lo.as_str()..hi.as_str())? {
+                    push(item?.0.value());
+                }
+            }
+            None => {
+                for item in table.iter()? {
+                    push(item?.0.value());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn try_get(&self, path: &RelPath) -> Result<Option<Entry>, StoreError> {
+        let table = self.txn().open_table(ENTRIES)?;
+        let value = table.get(path.as_str())?;
+        value
+            .map(|v| decode(path.as_str(), v.value()).map(|(_, e)| e))
+            .transpose()
+    }
+
+    fn try_remove(&mut self, path: &RelPath) -> Result<(), StoreError> {
+        let txn = self.txn();
+        let mut entries = txn.open_table(ENTRIES)?;
+        let Some(old) = entries.remove(path.as_str())? else {
+            return Ok(());
+        };
+        let (_, old) = decode(path.as_str(), old.value())?;
+        if old.record.is_some() {
+            txn.open_table(LOG)?.remove(old.seq)?;
+        }
+        if let Some((hash, _)) = old.local.as_ref().and_then(|m| m.file_hash()) {
+            txn.open_table(BY_HASH)?
+                .remove(hash_key(&hash, path).as_slice())?;
+        }
+        Ok(())
+    }
+
+    fn try_put(&mut self, path: &RelPath, entry: &Entry) -> Result<(), StoreError> {
+        self.try_remove(path)?;
+        let txn = self.txn();
+        if entry.record.is_some() {
+            assert!(entry.seq > 0, "a record needs a log position");
+            let mut log = txn.open_table(LOG)?;
+            let previous = log.insert(entry.seq, path.as_str())?;
+            assert!(previous.is_none(), "log position {} used twice", entry.seq);
+        }
+        if let Some((hash, _)) = entry.local.as_ref().and_then(|m| m.file_hash()) {
+            txn.open_table(BY_HASH)?
+                .insert(hash_key(&hash, path).as_slice(), ())?;
+        }
+        let bytes = postcard::to_stdvec(entry).expect("encoding to memory cannot fail");
+        txn.open_table(ENTRIES)?
+            .insert(path.as_str(), bytes.as_slice())?;
+        Ok(())
+    }
+
+    fn try_after(&self, seq: u64, limit: usize) -> Result<Vec<(RelPath, Entry)>, StoreError> {
+        let log = self.txn().open_table(LOG)?;
+        let mut out = Vec::new();
+        for item in log.range(seq.saturating_add(1)..)?.take(limit) {
+            let (_, path) = item?;
+            let path = RelPath::new(path.value().to_string())
+                .map_err(|_| StoreError::BadPath(path.value().to_string()))?;
+            if let Some(entry) = self.try_get(&path)? {
+                out.push((path, entry));
+            }
+        }
+        Ok(out)
+    }
+
+    fn try_any_under(
+        &self,
+        dir: &RelPath,
+        pred: &mut dyn FnMut(&RelPath, &Entry) -> bool,
+    ) -> Result<bool, StoreError> {
+        let table = self.txn().open_table(ENTRIES)?;
+        let (lo, hi) = dir.under_bounds();
+        for item in table.range(lo.as_str()..hi.as_str())? {
+            let (k, v) = item?;
+            let (path, entry) = decode(k.value(), v.value())?;
+            if pred(&path, &entry) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn try_find_local(&self, hash: &Hash) -> Result<Option<RelPath>, StoreError> {
+        let table = self.txn().open_table(BY_HASH)?;
+        let lo = hash.to_vec();
+        let mut range = table.range(lo.as_slice()..)?;
+        let Some(item) = range.next() else {
+            return Ok(None);
+        };
+        let (k, _) = item?;
+        let k = k.value();
+        if k.len() <= 32 || &k[..32] != hash.as_slice() {
+            return Ok(None);
+        }
+        Ok(std::str::from_utf8(&k[32..])
+            .ok()
+            .and_then(|p| RelPath::new(p.to_string()).ok()))
+    }
+
+    fn try_progress(&self, peer: &NodeId) -> Result<u64, StoreError> {
+        let table = self.txn().open_table(PROGRESS)?;
+        let value = table.get(peer.0.as_slice())?;
+        Ok(value.map_or(0, |v| v.value()))
+    }
+
+    fn try_set_progress(&mut self, peer: &NodeId, seq: u64) -> Result<(), StoreError> {
+        self.txn()
+            .open_table(PROGRESS)?
+            .insert(peer.0.as_slice(), seq)?;
+        Ok(())
+    }
+
+    fn try_reserved(&self) -> Result<u64, StoreError> {
+        let table = self.txn().open_table(COUNTERS)?;
+        let value = table.get(RESERVED)?;
+        Ok(value.map_or(0, |v| v.value()))
+    }
+
+    fn try_reserve(&mut self, upto: u64) -> Result<(), StoreError> {
+        self.txn().open_table(COUNTERS)?.insert(RESERVED, upto)?;
+        self.commit()
+    }
+}
+
+fn hash_key(hash: &Hash, path: &RelPath) -> Vec<u8> {
+    let mut key = Vec::with_capacity(32 + path.as_str().len());
+    key.extend_from_slice(hash);
+    key.extend_from_slice(path.as_str().as_bytes());
+    key
+}
+
+fn decode(path: &str, bytes: &[u8]) -> Result<(RelPath, Entry), StoreError> {
+    let entry: Entry =
+        postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(path.to_string(), e))?;
+    let path = RelPath::new(path.to_string()).map_err(|_| StoreError::BadPath(path.to_string()))?;
+    Ok((path, entry))
+}
+
+/// The engine's calls cannot fail; a store that fails stops the daemon (see the module text).
+fn fatal(e: StoreError) -> ! {
+    tracing::error!("the store failed, stopping: {e}");
+    eprintln!("rsyncfs-node: the store failed: {e}; stopping (the next start repairs)");
+    std::process::exit(3)
+}
+
+impl Store for RedbStore {
+    fn get(&self, path: &RelPath) -> Option<Entry> {
+        self.try_get(path).unwrap_or_else(|e| fatal(e))
+    }
+
+    fn put(&mut self, path: &RelPath, entry: Entry) {
+        self.uncommitted += 1;
+        self.try_put(path, &entry).unwrap_or_else(|e| fatal(e))
+    }
+
+    fn remove(&mut self, path: &RelPath) {
+        self.uncommitted += 1;
+        self.try_remove(path).unwrap_or_else(|e| fatal(e))
+    }
+
+    fn after(&self, seq: u64, limit: usize) -> Vec<(RelPath, Entry)> {
+        self.try_after(seq, limit).unwrap_or_else(|e| fatal(e))
+    }
+
+    fn any_under(&self, dir: &RelPath, pred: &mut dyn FnMut(&RelPath, &Entry) -> bool) -> bool {
+        self.try_any_under(dir, pred).unwrap_or_else(|e| fatal(e))
+    }
+
+    fn find_local(&self, hash: &Hash) -> Option<RelPath> {
+        self.try_find_local(hash).unwrap_or_else(|e| fatal(e))
+    }
+
+    fn progress(&self, peer: &NodeId) -> u64 {
+        self.try_progress(peer).unwrap_or_else(|e| fatal(e))
+    }
+
+    fn set_progress(&mut self, peer: &NodeId, seq: u64) {
+        self.uncommitted += 1;
+        self.try_set_progress(peer, seq)
+            .unwrap_or_else(|e| fatal(e))
+    }
+
+    fn seq_reserved(&self) -> u64 {
+        self.try_reserved().unwrap_or_else(|e| fatal(e))
+    }
+
+    fn reserve_seq(&mut self, upto: u64) {
+        self.try_reserve(upto).unwrap_or_else(|e| fatal(e))
+    }
+}

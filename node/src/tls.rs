@@ -1,0 +1,216 @@
+//! QUIC endpoint configuration: TLS 1.3 with mutual authentication, where each side proves it
+//! holds its key and is identified by the hash of its public key (its node id).
+//!
+//! The client side pins the server: a dial to a known peer accepts only that peer's id. The
+//! server side asks every client for its certificate and checks its signature; whether the
+//! client is trusted is decided right after the handshake from its id and the protocol it asked
+//! for ([`ALPN`] for replication, [`ALPN_JOIN`] for a join request). See `transport.rs`.
+
+use crate::identity::{id_of_cert, Identity};
+use rsyncfs_conflict::NodeId;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The replication protocol.
+pub const ALPN: &[u8] = b"rsyncfs/1";
+/// A node asking to join (it is not trusted yet).
+pub const ALPN_JOIN: &[u8] = b"rsyncfs-join/1";
+/// The name a client puts in its hello; certificates are checked by id, not by name.
+pub const SERVER_NAME: &str = "rsyncfs";
+
+/// Stream receive window: one stream can have this much in flight (a 100 ms round trip at
+/// 160 MB/s).
+const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
+/// Connection receive window and send window, across streams.
+const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[derive(Debug)]
+struct Verifier {
+    /// The server id a client accepts; `None` accepts any (a join without a token, which learns
+    /// the member's id from this handshake).
+    expect: Option<NodeId>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl Verifier {
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<NodeId, rustls::Error> {
+        let id = id_of_cert(cert).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        match self.expect {
+            Some(expect) if expect != id => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(id),
+        }
+    }
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for Verifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("a small timeout"),
+        ))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
+    Arc::new(t)
+}
+
+/// The server side of a node's endpoint.
+pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, rustls::Error> {
+    let provider = provider();
+    let verifier = Arc::new(Verifier {
+        expect: None,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![identity.cert.clone()], identity.private_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec(), ALPN_JOIN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport_config());
+    Ok(config)
+}
+
+/// The client side of one dial: to `expect` (any server when `None`), speaking `alpn`.
+pub fn client_config(
+    identity: &Identity,
+    expect: Option<NodeId>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, rustls::Error> {
+    let provider = provider();
+    let verifier = Arc::new(Verifier {
+        expect,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![identity.cert.clone()], identity.private_key())?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport_config());
+    Ok(config)
+}
+
+/// The id of the node at the other end of an established connection.
+pub fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    id_of_cert(certs.first()?).ok()
+}
+
+/// The protocol an established connection speaks.
+pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}

@@ -1,0 +1,959 @@
+//! The QUIC transport between nodes: one connection per peer, the engine's messages on one
+//! stream in each direction, each content transfer on a stream of its own (so that a large file
+//! never holds small updates back), membership news, and joins.
+//!
+//! Every stream starts with a tag byte. Each frame on a stream is a big-endian `u32` length and
+//! that many bytes, checked against a limit before anything is allocated. Anything a peer sends
+//! that does not decode, or breaks a limit, closes that peer's connection with an error in the
+//! log; the node goes on serving the others.
+
+use crate::delta;
+use crate::files::Tree;
+use crate::identity::Identity;
+use crate::peers::Book;
+use crate::runtime::Event;
+use crate::tls;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rsyncfs_conflict::NodeId;
+use rsyncfs_mesh::engine::{Fetch, FetchError, Input};
+use rsyncfs_mesh::wire;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// The port a node listens on when none is given.
+pub const DEFAULT_PORT: u16 = 7431;
+
+const TAG_ENGINE: u8 = 1;
+const TAG_MEMBERS: u8 = 2;
+const TAG_FETCH: u8 = 3;
+const TAG_JOIN: u8 = 4;
+
+/// Engine frames queued for one peer; beyond this a frame is dropped (the engine resends).
+const SEND_QUEUE_FRAMES: usize = 8;
+/// Largest frame of the node's own small messages (fetch requests, joins, membership).
+pub const SMALL_FRAME_MAX: usize = 1 << 20;
+/// Bytes of UDP socket buffer asked for (quinn leaves the small system default otherwise).
+const UDP_BUFFER_BYTES: usize = 4 << 20;
+/// Longest wait between two dials of an unreachable peer.
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// How long a join without a token waits for an operator's accept.
+pub const JOIN_WAIT: Duration = Duration::from_secs(3600);
+/// Pending join requests a node keeps.
+const PENDING_JOINS_MAX: usize = 64;
+/// How long an invitation token stays valid.
+pub const INVITE_VALID: Duration = Duration::from_secs(3600);
+/// Content fetches a node serves at once; more wait.
+const SERVES_MAX: usize = 32;
+
+/// Application error codes on connection close.
+const CLOSE_DUPLICATE: u32 = 1;
+const CLOSE_UNTRUSTED: u32 = 2;
+const CLOSE_PROTOCOL: u32 = 3;
+const CLOSE_SHUTDOWN: u32 = 4;
+
+/// A connected peer.
+struct Link {
+    conn: quinn::Connection,
+    tx: mpsc::Sender<Bytes>,
+    /// The node that dialled this connection; of two, the one dialled by the lower id stays.
+    dialer: NodeId,
+    generation: u64,
+    since: Instant,
+}
+
+/// A node waiting for an operator's `accept`.
+pub struct PendingJoin {
+    pub id: NodeId,
+    pub addr: String,
+    pub since: std::time::SystemTime,
+    accepted: Option<oneshot::Sender<()>>,
+}
+
+struct Invite {
+    secret: [u8; 16],
+    until: Instant,
+}
+
+/// What an invitation token carries.
+#[derive(Serialize, Deserialize)]
+struct Token {
+    addr: String,
+    id: NodeId,
+    secret: [u8; 16],
+}
+
+const TOKEN_PREFIX: &str = "rsyncfs1-";
+
+#[derive(Serialize, Deserialize)]
+enum JoinRequest {
+    Join {
+        secret: Option<[u8; 16]>,
+        /// The port the joining node listens on (its address is the one it dialled from).
+        port: u16,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+enum JoinReply {
+    /// Trusted; these are the other members.
+    Accepted {
+        members: Vec<(NodeId, String)>,
+    },
+    /// Waiting for an operator's accept on the member.
+    Pending,
+    Refused {
+        why: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+enum MembersMsg {
+    /// Members the sender trusts, with addresses, for the receiver to trust and dial.
+    Introduce { members: Vec<(NodeId, String)> },
+}
+
+/// Transfer counters, for status and the benchmarks.
+#[derive(Default)]
+pub struct Counters {
+    /// Content bytes received by fetches / sent when serving them.
+    pub fetched_bytes: AtomicU64,
+    pub served_bytes: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub frames_dropped: AtomicU64,
+}
+
+/// What status shows of one trusted peer.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkStatus {
+    pub id: String,
+    pub addr: Option<String>,
+    pub connected: bool,
+    pub connected_for_s: Option<u64>,
+    pub rtt_ms: Option<f64>,
+}
+
+pub struct Net {
+    me: NodeId,
+    identity: Arc<Identity>,
+    endpoint: quinn::Endpoint,
+    port: u16,
+    links: Mutex<HashMap<NodeId, Link>>,
+    generation: AtomicU64,
+    book: Mutex<Book>,
+    events: mpsc::Sender<Event>,
+    tree: Arc<Tree>,
+    dialing: Mutex<HashMap<NodeId, bool>>,
+    pending: Mutex<Vec<PendingJoin>>,
+    invites: Mutex<Vec<Invite>>,
+    serving: tokio::sync::Semaphore,
+    pub counters: Counters,
+    /// Peers whose messages are accepted: set by `up`'s mode (a send-only node takes none).
+    accept_messages: bool,
+}
+
+impl Net {
+    /// Binds the endpoint and starts accepting; dials every trusted peer with an address.
+    pub fn start(
+        identity: Arc<Identity>,
+        listen: SocketAddr,
+        book: Book,
+        events: mpsc::Sender<Event>,
+        tree: Arc<Tree>,
+        accept_messages: bool,
+    ) -> std::io::Result<Arc<Net>> {
+        let socket = std::net::UdpSocket::bind(listen)?;
+        for set in [
+            rustix::net::sockopt::set_socket_recv_buffer_size_force,
+            rustix::net::sockopt::set_socket_send_buffer_size_force,
+        ] {
+            if set(&socket, UDP_BUFFER_BYTES).is_err() {
+                tracing::debug!("could not force the UDP socket buffer size");
+            }
+        }
+        let port = socket.local_addr()?.port();
+        let server = tls::server_config(&identity).map_err(std::io::Error::other)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let net = Arc::new(Net {
+            me: identity.id,
+            identity,
+            endpoint,
+            port,
+            links: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            book: Mutex::new(book),
+            events,
+            tree,
+            dialing: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
+            invites: Mutex::new(Vec::new()),
+            serving: tokio::sync::Semaphore::new(SERVES_MAX),
+            counters: Counters::default(),
+            accept_messages,
+        });
+        tokio::spawn(Arc::clone(&net).accept_loop());
+        for (id, addr) in net.book.lock().list() {
+            if addr.is_some() {
+                net.dial_soon(id);
+            }
+        }
+        Ok(net)
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    /// Closes every connection and the endpoint.
+    pub async fn shutdown(&self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    async fn accept_loop(self: Arc<Net>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let net = Arc::clone(&self);
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("connection from {remote} failed: {e}");
+                        return;
+                    }
+                };
+                let Some(id) = tls::peer_id(&conn) else {
+                    conn.close(quinn::VarInt::from_u32(CLOSE_UNTRUSTED), b"no identity");
+                    return;
+                };
+                if tls::alpn(&conn).as_deref() == Some(tls::ALPN_JOIN) {
+                    net.serve_join(conn, id).await;
+                    return;
+                }
+                if !net.book.lock().is_trusted(&id) {
+                    tracing::warn!("refused {remote}: node {} is not trusted", id.short());
+                    conn.close(quinn::VarInt::from_u32(CLOSE_UNTRUSTED), b"not trusted");
+                    return;
+                }
+                net.register(conn, id, id);
+            });
+        }
+    }
+
+    /// Dials `id` unless a link or a dial is there already, again and again with backoff until
+    /// a link is up.
+    fn dial_soon(self: &Arc<Net>, id: NodeId) {
+        if id == self.me {
+            return;
+        }
+        {
+            let mut dialing = self.dialing.lock();
+            if dialing.get(&id) == Some(&true) || self.links.lock().contains_key(&id) {
+                return;
+            }
+            dialing.insert(id, true);
+        }
+        let net = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut backoff = DIAL_BACKOFF_MIN;
+            loop {
+                if net.links.lock().contains_key(&id) {
+                    break;
+                }
+                let Some(addr) = net.book.lock().addr(&id) else {
+                    break;
+                };
+                match net.dial(&addr, Some(id), tls::ALPN).await {
+                    Ok(conn) => {
+                        net.register(conn, id, net.me);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!("dialling {} at {addr}: {e}", id.short());
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+            }
+            net.dialing.lock().insert(id, false);
+        });
+    }
+
+    async fn dial(
+        &self,
+        addr: &str,
+        expect: Option<NodeId>,
+        alpn: &[u8],
+    ) -> Result<quinn::Connection, String> {
+        let target = resolve(addr).await?;
+        let config = tls::client_config(&self.identity, expect, alpn).map_err(|e| e.to_string())?;
+        let connecting = self
+            .endpoint
+            .connect_with(config, target, tls::SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(conn)
+    }
+
+    /// Takes a new authenticated connection to a trusted peer into use, keeping one per peer.
+    fn register(self: &Arc<Net>, conn: quinn::Connection, id: NodeId, dialer: NodeId) {
+        let preferred = self.me.min(id);
+        let (tx, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let replaced = {
+            let mut links = self.links.lock();
+            if let Some(old) = links.get(&id) {
+                let old_alive = old.conn.close_reason().is_none();
+                if old_alive && (old.dialer == preferred || dialer != preferred) {
+                    drop(links);
+                    conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
+                    return;
+                }
+            }
+            links
+                .insert(
+                    id,
+                    Link {
+                        conn: conn.clone(),
+                        tx,
+                        dialer,
+                        generation,
+                        since: Instant::now(),
+                    },
+                )
+                .map(|old| old.conn)
+        };
+        if let Some(old) = replaced {
+            old.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
+            self.to_engine(Event::Input(Input::PeerDown { peer: id }));
+        }
+        tracing::info!("connected to {} at {}", id.short(), conn.remote_address());
+        self.to_engine(Event::Input(Input::PeerUp { peer: id }));
+        tokio::spawn(Arc::clone(self).writer(conn.clone(), rx));
+        tokio::spawn(Arc::clone(self).readers(conn.clone(), id));
+        tokio::spawn(Arc::clone(self).bi_streams(conn.clone(), id));
+        let net = Arc::clone(self);
+        tokio::spawn(async move {
+            let reason = conn.closed().await;
+            let mine = {
+                let mut links = net.links.lock();
+                if links.get(&id).is_some_and(|l| l.generation == generation) {
+                    links.remove(&id);
+                    true
+                } else {
+                    false
+                }
+            };
+            if mine {
+                tracing::info!("disconnected from {}: {reason}", id.short());
+                net.to_engine(Event::Input(Input::PeerDown { peer: id }));
+                net.dial_soon(id);
+            }
+        });
+        // Tell the peer who else is in the mesh.
+        let members = self.members_except(id);
+        if !members.is_empty() {
+            let net = Arc::clone(self);
+            tokio::spawn(async move {
+                let msg = postcard::to_stdvec(&MembersMsg::Introduce { members })
+                    .expect("encoding to memory");
+                if let Err(e) = net.send_once(&id, TAG_MEMBERS, &msg).await {
+                    tracing::debug!("introducing members to {}: {e}", id.short());
+                }
+            });
+        }
+    }
+
+    fn members_except(&self, id: NodeId) -> Vec<(NodeId, String)> {
+        self.book
+            .lock()
+            .list()
+            .into_iter()
+            .filter(|(m, _)| *m != id)
+            .filter_map(|(m, a)| a.map(|a| (m, a)))
+            .collect()
+    }
+
+    fn to_engine(&self, event: Event) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let _ = events.send(event).await;
+        });
+    }
+
+    /// Queues an engine frame for `to`; dropped when the link is down or its queue is full (the
+    /// engine sends again what is not acknowledged).
+    pub fn send(&self, to: &NodeId, frame: Bytes) {
+        let tx = self.links.lock().get(to).map(|l| l.tx.clone());
+        match tx.map(|tx| tx.try_send(frame)) {
+            Some(Ok(())) => {
+                self.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.counters.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn writer(self: Arc<Net>, conn: quinn::Connection, mut rx: mpsc::Receiver<Bytes>) {
+        let result: Result<(), String> = async {
+            let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+            stream
+                .write_all(&[TAG_ENGINE])
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(frame) = rx.recv().await {
+                stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!("engine stream to {} ended: {e}", conn.remote_address());
+        }
+    }
+
+    async fn readers(self: Arc<Net>, conn: quinn::Connection, id: NodeId) {
+        while let Ok(mut stream) = conn.accept_uni().await {
+            let net = Arc::clone(&self);
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let mut tag = [0u8; 1];
+                if stream.read_exact(&mut tag).await.is_err() {
+                    return;
+                }
+                let result = match tag[0] {
+                    TAG_ENGINE => net.read_engine(&mut stream, id).await,
+                    TAG_MEMBERS => net.read_members(&mut stream, id).await,
+                    other => Err(FrameError::Bad(format!("unknown stream tag {other}"))),
+                };
+                match result {
+                    Ok(()) => {}
+                    Err(FrameError::Lost(e)) => tracing::debug!("stream from {}: {e}", id.short()),
+                    Err(FrameError::Bad(e)) => {
+                        tracing::error!(
+                            "peer {} sent bad data, closing its connection: {e}",
+                            id.short()
+                        );
+                        conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), e.as_bytes());
+                    }
+                }
+            });
+        }
+    }
+
+    async fn read_engine(
+        &self,
+        stream: &mut quinn::RecvStream,
+        id: NodeId,
+    ) -> Result<(), FrameError> {
+        while let Some(frame) = read_frame(stream, wire::FRAME_BYTES_MAX).await? {
+            let message = wire::decode(&frame).map_err(|e| FrameError::Bad(e.to_string()))?;
+            if !self.accept_messages {
+                continue;
+            }
+            if self
+                .events
+                .send(Event::Input(Input::Received { from: id, message }))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_members(
+        &self,
+        stream: &mut quinn::RecvStream,
+        id: NodeId,
+    ) -> Result<(), FrameError> {
+        let Some(frame) = read_frame(stream, SMALL_FRAME_MAX).await? else {
+            return Ok(());
+        };
+        let MembersMsg::Introduce { members } = postcard::from_bytes(&frame)
+            .map_err(|e| FrameError::Bad(format!("membership message: {e}")))?;
+        if members.len() > crate::peers::PEERS_MAX {
+            return Err(FrameError::Bad("too many members introduced".into()));
+        }
+        let mut new = Vec::new();
+        for (member, addr) in members {
+            if member == self.me || addr.len() > 300 {
+                continue;
+            }
+            match self.book.lock().trust(member, Some(addr)) {
+                Ok(true) => new.push(member),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    "cannot trust {} introduced by {}: {e}",
+                    member.short(),
+                    id.short()
+                ),
+            }
+        }
+        for member in new {
+            tracing::info!("{} introduced member {}", id.short(), member.short());
+            self.events_dial(member);
+        }
+        Ok(())
+    }
+
+    fn events_dial(&self, id: NodeId) {
+        let _ = self.events.try_send(Event::Dial(id));
+    }
+
+    /// Dials a newly trusted peer (called from the runtime, which holds the `Arc`).
+    pub fn dial_new(self: &Arc<Net>, id: NodeId) {
+        self.dial_soon(id);
+    }
+
+    /// Sends one small message on a stream of its own.
+    async fn send_once(&self, to: &NodeId, tag: u8, body: &[u8]) -> Result<(), String> {
+        let conn = self
+            .links
+            .lock()
+            .get(to)
+            .map(|l| l.conn.clone())
+            .ok_or("not connected")?;
+        let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+        stream.write_all(&[tag]).await.map_err(|e| e.to_string())?;
+        write_frame(&mut stream, body).await?;
+        stream.finish().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    async fn bi_streams(self: Arc<Net>, conn: quinn::Connection, id: NodeId) {
+        while let Ok((send, mut recv)) = conn.accept_bi().await {
+            let net = Arc::clone(&self);
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let mut tag = [0u8; 1];
+                if recv.read_exact(&mut tag).await.is_err() {
+                    return;
+                }
+                let result = match tag[0] {
+                    TAG_FETCH => net.serve_fetch(send, recv).await,
+                    other => Err(format!("unknown stream tag {other}")),
+                };
+                if let Err(e) = result {
+                    tracing::error!(
+                        "peer {} sent a bad request, closing its connection: {e}",
+                        id.short()
+                    );
+                    conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), e.as_bytes());
+                }
+            });
+        }
+    }
+
+    /// Answers one content request.
+    async fn serve_fetch(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), String> {
+        let Some(frame) = read_frame(&mut recv, delta::REQUEST_MAX).await? else {
+            return Ok(());
+        };
+        let request: delta::Request =
+            postcard::from_bytes(&frame).map_err(|e| format!("fetch request: {e}"))?;
+        request.check()?;
+        let _permit = self.serving.acquire().await.map_err(|e| e.to_string())?;
+        let tree = Arc::clone(&self.tree);
+        let served = delta::serve(&tree, request, &mut send, &mut recv).await;
+        match served {
+            Ok(bytes) => {
+                self.counters
+                    .served_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
+                let _ = send.finish();
+                Ok(())
+            }
+            // A peer that went away or stopped reading is not a protocol error.
+            Err(delta::ServeError::Io(e)) => {
+                tracing::debug!("serving content: {e}");
+                Ok(())
+            }
+            Err(delta::ServeError::Protocol(e)) => Err(e),
+        }
+    }
+
+    /// Fetches content from a peer into a staging file, checked against its hash.
+    pub async fn fetch(&self, f: &Fetch) -> Result<PathBuf, FetchError> {
+        let conn = self
+            .links
+            .lock()
+            .get(&f.from)
+            .map(|l| l.conn.clone())
+            .ok_or(FetchError::Unreachable)?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|_| FetchError::Unreachable)?;
+        send.write_all(&[TAG_FETCH])
+            .await
+            .map_err(|_| FetchError::Unreachable)?;
+        let (path, received) = delta::fetch(&self.tree, f, &mut send, &mut recv).await?;
+        self.counters
+            .fetched_bytes
+            .fetch_add(received, Ordering::Relaxed);
+        Ok(path)
+    }
+
+    /// Makes an invitation token for this node, valid for [`INVITE_VALID`].
+    pub fn invite(&self, addr: String) -> String {
+        let secret: [u8; 16] = rand::random();
+        let mut invites = self.invites.lock();
+        invites.retain(|i| i.until > Instant::now());
+        invites.push(Invite {
+            secret,
+            until: Instant::now() + INVITE_VALID,
+        });
+        let token = Token {
+            addr,
+            id: self.me,
+            secret,
+        };
+        format!(
+            "{TOKEN_PREFIX}{}",
+            data_encoding::BASE32_NOPAD
+                .encode(&postcard::to_stdvec(&token).expect("encoding to memory"))
+                .to_lowercase()
+        )
+    }
+
+    /// Asks the member at `peer` (or the one a token names) to let this node join; waits for an
+    /// operator's accept there when there is no token. Returns the member's id.
+    pub async fn join(
+        self: &Arc<Net>,
+        peer: Option<String>,
+        token: Option<String>,
+    ) -> Result<NodeId, String> {
+        let token = token.map(|t| parse_token(&t)).transpose()?;
+        let addr = match (&peer, &token) {
+            (Some(p), _) => with_default_port(p),
+            (None, Some(t)) => t.addr.clone(),
+            (None, None) => return Err("join needs --peer or --token".into()),
+        };
+        let conn = self
+            .dial(&addr, token.as_ref().map(|t| t.id), tls::ALPN_JOIN)
+            .await
+            .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+        let member = tls::peer_id(&conn).ok_or("the member has no identity")?;
+        if member == self.me {
+            return Err("that is this node".into());
+        }
+        // This node chose to join that member: trust it now, so that it can dial back.
+        self.book
+            .lock()
+            .trust(member, Some(addr.clone()))
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&[TAG_JOIN])
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = JoinRequest::Join {
+            secret: token.as_ref().map(|t| t.secret),
+            port: self.port,
+        };
+        write_frame(&mut send, &postcard::to_stdvec(&request).expect("encoding")).await?;
+        let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, read_frame(&mut recv, SMALL_FRAME_MAX))
+                .await
+                .map_err(|_| "no accept came in time".to_string())??
+                .ok_or("the member closed the join")?;
+            match postcard::from_bytes::<JoinReply>(&frame).map_err(|e| e.to_string())? {
+                JoinReply::Pending => {
+                    tracing::info!(
+                        "join pending: on {} run `rsyncfs-node accept {}`",
+                        addr,
+                        self.me.long()
+                    );
+                }
+                JoinReply::Refused { why } => return Err(format!("refused: {why}")),
+                JoinReply::Accepted { members } => {
+                    conn.close(quinn::VarInt::from_u32(0), b"joined");
+                    for (m, a) in members.into_iter().take(crate::peers::PEERS_MAX) {
+                        if m != self.me {
+                            let _ = self.book.lock().trust(m, Some(a));
+                            self.dial_soon(m);
+                        }
+                    }
+                    self.dial_soon(member);
+                    return Ok(member);
+                }
+            }
+        }
+    }
+
+    async fn serve_join(self: &Arc<Net>, conn: quinn::Connection, id: NodeId) {
+        let result: Result<(), String> = async {
+            let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+            let mut tag = [0u8; 1];
+            recv.read_exact(&mut tag).await.map_err(|e| e.to_string())?;
+            if tag[0] != TAG_JOIN {
+                return Err(format!("stream tag {} on a join connection", tag[0]));
+            }
+            let frame = read_frame(&mut recv, SMALL_FRAME_MAX)
+                .await?
+                .ok_or("empty join request")?;
+            let JoinRequest::Join { secret, port } =
+                postcard::from_bytes(&frame).map_err(|e| format!("join request: {e}"))?;
+            let addr = SocketAddr::new(conn.remote_address().ip(), port).to_string();
+            let invited = secret.is_some_and(|s| {
+                let mut invites = self.invites.lock();
+                invites.retain(|i| i.until > Instant::now());
+                invites.iter().any(|i| i.secret == s)
+            });
+            let trusted = self.book.lock().is_trusted(&id);
+            if let (Some(_), false) = (secret, invited) {
+                let reply = JoinReply::Refused {
+                    why: "the token is unknown or expired".into(),
+                };
+                write_frame(&mut send, &postcard::to_stdvec(&reply).expect("encoding")).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+            if !invited && !trusted {
+                let (tx, rx) = oneshot::channel();
+                {
+                    let mut pending = self.pending.lock();
+                    pending.retain(|p| p.id != id);
+                    if pending.len() >= PENDING_JOINS_MAX {
+                        return Err("too many pending joins".into());
+                    }
+                    pending.push(PendingJoin {
+                        id,
+                        addr: addr.clone(),
+                        since: std::time::SystemTime::now(),
+                        accepted: Some(tx),
+                    });
+                }
+                tracing::warn!(
+                    "node {} at {addr} asks to join: `rsyncfs-node accept {}` lets it in",
+                    id.short(),
+                    id.long()
+                );
+                let pending = postcard::to_stdvec(&JoinReply::Pending).expect("encoding");
+                write_frame(&mut send, &pending).await?;
+                tokio::select! {
+                    r = rx => r.map_err(|_| "the join was dropped".to_string())?,
+                    _ = conn.closed() => return Ok(()),
+                }
+            } else {
+                self.book
+                    .lock()
+                    .trust(id, Some(addr.clone()))
+                    .map_err(|e| e.to_string())?;
+            }
+            let members = self.members_except(id);
+            let reply = JoinReply::Accepted { members };
+            write_frame(&mut send, &postcard::to_stdvec(&reply).expect("encoding")).await?;
+            let _ = send.finish();
+            tracing::info!("node {} at {addr} joined", id.short());
+            self.introduce_everywhere(id, addr);
+            self.dial_soon(id);
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!("join from {}: {e}", id.short());
+            conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), e.as_bytes());
+        }
+    }
+
+    /// Tells every connected peer about a new member.
+    fn introduce_everywhere(self: &Arc<Net>, id: NodeId, addr: String) {
+        let peers: Vec<NodeId> = self
+            .links
+            .lock()
+            .keys()
+            .copied()
+            .filter(|p| *p != id)
+            .collect();
+        for peer in peers {
+            let net = Arc::clone(self);
+            let msg = postcard::to_stdvec(&MembersMsg::Introduce {
+                members: vec![(id, addr.clone())],
+            })
+            .expect("encoding");
+            tokio::spawn(async move {
+                if let Err(e) = net.send_once(&peer, TAG_MEMBERS, &msg).await {
+                    tracing::debug!("introducing to {}: {e}", peer.short());
+                }
+            });
+        }
+    }
+
+    /// Lets a pending node in (`rsyncfs-node accept`).
+    pub fn accept(self: &Arc<Net>, id: NodeId) -> Result<(), String> {
+        let entry = {
+            let mut pending = self.pending.lock();
+            let i = pending
+                .iter()
+                .position(|p| p.id == id)
+                .ok_or_else(|| format!("no pending join from {}", id.long()))?;
+            pending.remove(i)
+        };
+        self.book
+            .lock()
+            .trust(id, Some(entry.addr.clone()))
+            .map_err(|e| e.to_string())?;
+        if let Some(tx) = entry.accepted {
+            let _ = tx.send(());
+        } else {
+            self.introduce_everywhere(id, entry.addr);
+            self.dial_soon(id);
+        }
+        Ok(())
+    }
+
+    pub fn pending_joins(&self) -> Vec<(String, String, u64)> {
+        self.pending
+            .lock()
+            .iter()
+            .map(|p| {
+                (
+                    p.id.long(),
+                    p.addr.clone(),
+                    p.since.elapsed().map_or(0, |d| d.as_secs()),
+                )
+            })
+            .collect()
+    }
+
+    pub fn links(&self) -> Vec<LinkStatus> {
+        let links = self.links.lock();
+        self.book
+            .lock()
+            .list()
+            .into_iter()
+            .map(|(id, addr)| {
+                let link = links.get(&id);
+                LinkStatus {
+                    id: id.long(),
+                    addr,
+                    connected: link.is_some(),
+                    connected_for_s: link.map(|l| l.since.elapsed().as_secs()),
+                    rtt_ms: link.map(|l| l.conn.rtt().as_secs_f64() * 1e3),
+                }
+            })
+            .collect()
+    }
+}
+
+fn parse_token(text: &str) -> Result<Token, String> {
+    let body = text
+        .trim()
+        .strip_prefix(TOKEN_PREFIX)
+        .ok_or("not an rsyncfs token")?;
+    let bytes = data_encoding::BASE32_NOPAD
+        .decode(body.to_uppercase().as_bytes())
+        .map_err(|_| "the token is damaged")?;
+    postcard::from_bytes(&bytes).map_err(|_| "the token is damaged".to_string())
+}
+
+/// `host` or `host:port`, with the default port where none is given.
+pub fn with_default_port(addr: &str) -> String {
+    let has_port = match addr.rsplit_once(':') {
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    if has_port {
+        addr.to_string()
+    } else if addr.contains(':') && !addr.starts_with('[') {
+        format!("[{addr}]:{DEFAULT_PORT}")
+    } else {
+        format!("{addr}:{DEFAULT_PORT}")
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    let addr = with_default_port(addr);
+    tokio::net::lookup_host(addr.clone())
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))
+}
+
+/// Writes one length-prefixed frame.
+pub async fn write_frame(stream: &mut quinn::SendStream, body: &[u8]) -> Result<(), String> {
+    let len = u32::try_from(body.len()).map_err(|_| "frame too large")?;
+    stream
+        .write_all(&len.to_be_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.write_all(body).await.map_err(|e| e.to_string())
+}
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The stream or connection ended (not the peer's fault as far as we know).
+    Lost(String),
+    /// The peer broke a limit.
+    Bad(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Lost(e) => write!(f, "stream lost: {e}"),
+            FrameError::Bad(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<FrameError> for String {
+    fn from(e: FrameError) -> String {
+        e.to_string()
+    }
+}
+
+/// Reads one length-prefixed frame of at most `max` bytes; `None` at a clean end of stream.
+pub async fn read_frame(
+    stream: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut prefix = [0u8; 4];
+    match stream.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(FrameError::Lost(e.to_string())),
+    }
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > max {
+        return Err(FrameError::Bad(format!(
+            "frame of {len} bytes is larger than the limit of {max}"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| FrameError::Lost(e.to_string()))?;
+    Ok(Some(body))
+}
