@@ -178,8 +178,8 @@ fn refuses_bad_mount_points_clearly() {
     assert!(err.contains("backing directory"), "{err}");
     let err = refusal(&["logger", "--backing", b]);
     assert!(err.contains("--mount"), "{err}");
-    let err = refusal(&["up"]);
-    assert!(err.contains("not built yet"), "{err}");
+    let err = refusal(&["up", "--backing", b]);
+    assert!(err.contains("--mount"), "{err}");
     assert!(!is_mounted(&mnt));
 }
 
