@@ -125,6 +125,10 @@ pub(crate) struct Shared {
     writers: Mutex<HashMap<u64, u32>>,
     changes: SyncSender<Change>,
     overflowed: AtomicBool,
+    /// Held shared by every operation that changes the tree through the mount, and exclusively
+    /// by [`Shared::exclusive`]: the node's check-then-replace of a remote update cannot
+    /// interleave with a local change.
+    gate: parking_lot::RwLock<()>,
 }
 
 /// The filesystem fuser runs.
@@ -283,6 +287,13 @@ impl Shared {
         self.writers.lock().get(&id).is_some_and(|&n| n > 0)
     }
 
+    /// Runs `f` while no operation that changes the tree through the mount is in progress, and
+    /// none starts.
+    pub(crate) fn exclusive<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _gate = self.gate.write();
+        f()
+    }
+
     /// Closes the descriptors of inodes the kernel forgot.
     pub(crate) fn reap_forgotten(&self) {
         self.inodes.reap();
@@ -383,6 +394,7 @@ impl LoggerFs {
             writers: Mutex::new(HashMap::new()),
             changes,
             overflowed: AtomicBool::new(false),
+            gate: parking_lot::RwLock::new(()),
         });
         Ok((
             LoggerFs {
@@ -539,6 +551,7 @@ impl Filesystem for LoggerFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _gate = self.shared.gate.read();
         let result = (|| -> Result<Stat, Errno> {
             self.shared.writable()?;
             let inode = self.inode(ino)?;
@@ -634,6 +647,7 @@ impl Filesystem for LoggerFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _gate = self.shared.gate.read();
         let owner = Owner::of(req, mode & !umask & 0o7777);
         self.make_entry(
             parent,
@@ -658,6 +672,7 @@ impl Filesystem for LoggerFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _gate = self.shared.gate.read();
         let owner = Owner::of(req, mode & !umask & 0o7777);
         self.make_entry(
             parent,
@@ -670,10 +685,12 @@ impl Filesystem for LoggerFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _gate = self.shared.gate.read();
         self.remove(parent, name, AtFlags::empty(), ChangeKind::Removed, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _gate = self.shared.gate.read();
         self.remove(
             parent,
             name,
@@ -691,6 +708,7 @@ impl Filesystem for LoggerFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _gate = self.shared.gate.read();
         let owner = Owner::of(req, 0);
         self.make_entry(
             parent,
@@ -712,6 +730,7 @@ impl Filesystem for LoggerFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _gate = self.shared.gate.read();
         let from = self.shared.child_path(parent.0, name);
         let to = self.shared.child_path(newparent.0, newname);
         let result = (|| {
@@ -747,6 +766,7 @@ impl Filesystem for LoggerFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _gate = self.shared.gate.read();
         let inode = match self.inode(ino) {
             Ok(i) => i,
             Err(e) => {
@@ -760,6 +780,8 @@ impl Filesystem for LoggerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let _gate = writes.then(|| self.shared.gate.read());
         let flags = flags.0;
         let wants_write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if wants_write {
@@ -841,6 +863,7 @@ impl Filesystem for LoggerFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _gate = self.shared.gate.read();
         let result = self.shared.handle(fh).and_then(|h| {
             if flags.0 & libc::O_APPEND != 0 {
                 use std::io::Write;
@@ -1046,6 +1069,7 @@ impl Filesystem for LoggerFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _gate = self.shared.gate.read();
         let result = (|| {
             self.shared.writable()?;
             let (src, dst) = (self.shared.handle(fh_in)?, self.shared.handle(fh_out)?);
@@ -1128,6 +1152,7 @@ impl Filesystem for LoggerFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _gate = self.shared.gate.read();
         let result = (|| {
             self.shared.writable()?;
             let inode = self.inode(ino)?;
@@ -1177,6 +1202,7 @@ impl Filesystem for LoggerFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _gate = self.shared.gate.read();
         let result = (|| {
             self.shared.writable()?;
             let inode = self.inode(ino)?;
@@ -1215,6 +1241,7 @@ impl Filesystem for LoggerFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _gate = self.shared.gate.read();
         let result = (|| {
             self.shared.writable()?;
             if self.shared.hidden(parent.0, name) {
@@ -1296,6 +1323,7 @@ impl Filesystem for LoggerFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _gate = self.shared.gate.read();
         let result = self.shared.handle(fh).and_then(|h| {
             rustix::fs::fallocate(
                 &h.file,

@@ -93,7 +93,7 @@ pub struct Mounted {
         Vec<std::thread::JoinHandle<()>>,
     )>,
     fs: Arc<fs::Shared>,
-    changes: Option<Receiver<Change>>,
+    changes: parking_lot::Mutex<Option<Receiver<Change>>>,
     mount_point: PathBuf,
 }
 
@@ -102,14 +102,22 @@ impl Mounted {
     ///
     /// # Panics
     /// When the stream was taken with [`Mounted::take_changes`].
-    pub fn changes(&self) -> &Receiver<Change> {
-        self.changes.as_ref().expect("the change stream was taken")
+    pub fn changes(&self) -> parking_lot::MappedMutexGuard<'_, Receiver<Change>> {
+        parking_lot::MutexGuard::map(self.changes.lock(), |c| {
+            c.as_mut().expect("the change stream was taken")
+        })
     }
 
-    /// Takes the stream of changes, for a consumer on another thread (the rest of the handle
-    /// can then be shared between threads).
-    pub fn take_changes(&mut self) -> Option<Receiver<Change>> {
-        self.changes.take()
+    /// Takes the stream of changes, for a consumer on another thread.
+    pub fn take_changes(&self) -> Option<Receiver<Change>> {
+        self.changes.lock().take()
+    }
+
+    /// Runs `f` while no operation that changes the tree through the mount is in progress, and
+    /// none can start: the node checks what a path holds and replaces it inside, so that no
+    /// local change lands between the check and the replacement.
+    pub fn exclusive<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.fs.exclusive(f)
     }
 
     /// True while a local process has `path` (relative) open for writing.
@@ -275,7 +283,7 @@ pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, 
         session: Some(session),
         reporter: Some((stop, vec![reporter, reaper])),
         fs: shared,
-        changes: Some(rx),
+        changes: parking_lot::Mutex::new(Some(rx)),
         mount_point: mount_abs,
     })
 }

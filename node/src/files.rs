@@ -8,7 +8,7 @@
 
 use parking_lot::Mutex;
 use rsyncfs_conflict::{Content, Hash, Meta, DIR_MODE_DEFAULT};
-use rsyncfs_mesh::engine::{Action, Apply, ApplyError, Source};
+use rsyncfs_mesh::engine::{Action, Apply, ApplyError, Source, StagedId};
 use rsyncfs_mesh::path::RelPath;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use std::collections::{HashMap, HashSet};
@@ -65,6 +65,24 @@ pub struct Tree {
     next_tmp: AtomicU64,
     /// Directories whose entries changed since the last [`Tree::sync_dirs`].
     touched: Mutex<HashSet<PathBuf>>,
+}
+
+/// What an apply needs from the mount over the tree.
+pub trait Mount {
+    /// True while a local process has `path` open for writing.
+    fn busy(&self, path: &RelPath) -> bool;
+    /// Runs `f` while no local change through the mount is in progress or can start.
+    fn exclusive(&self, f: &mut dyn FnMut());
+}
+
+fn staged_source(apply: &Apply) -> Option<StagedId> {
+    match &apply.action {
+        Action::Write {
+            source: Source::Staged(id),
+            ..
+        } => Some(*id),
+        _ => None,
+    }
 }
 
 /// Why a path cannot be read.
@@ -308,33 +326,24 @@ impl Tree {
     }
 
     /// Carries out one of the engine's applies. `staged` is the file of a
-    /// [`Source::Staged`] content; `busy` says whether a local process has a path open for
-    /// writing.
+    /// [`Source::Staged`] content. New content is made ready in a temporary file first; then,
+    /// inside `mount.exclusive` (no local change through the mount can run meanwhile), the
+    /// path is checked against what the engine expects and replaced.
     pub fn apply(
         &self,
         apply: &Apply,
         staged: Option<&Path>,
-        busy: &dyn Fn(&RelPath) -> bool,
+        mount: &dyn Mount,
     ) -> Result<(), ApplyError> {
         let path = &apply.path;
-        if busy(path) {
-            return Err(ApplyError::Busy);
-        }
-        self.make_parents(path)?;
-        let (dir, name) = self.parent_of(path).map_err(|_| ApplyError::Stale)?;
-        let now = self
-            .observe_at(dir.as_fd(), name, path)
-            .map_err(|e| ApplyError::Io(e.to_string()))?;
-        if now != apply.expect {
-            return Err(ApplyError::Stale);
-        }
         let io = |e: std::io::Error| io_error(path, e);
-        match &apply.action {
+        // 1. The new content, ready under a temporary name, durable.
+        let tmp: Option<std::ffi::OsString> = match &apply.action {
             Action::Write { meta, source } => {
                 let Content::File { size, hash } = &meta.content else {
                     return Err(ApplyError::Io(format!("{path}: write of a non-file")));
                 };
-                let tmp_name = match source {
+                Some(match source {
                     Source::Staged(_) => {
                         let staged = staged.ok_or_else(|| {
                             ApplyError::Io(format!("{path}: staged content is gone"))
@@ -377,21 +386,67 @@ impl Tree {
                         }
                         tmp.file_name().expect("named").to_os_string()
                     }
-                };
-                let result = self.replace_with(dir.as_fd(), name, &tmp_name, now.as_ref());
-                if result.is_err() {
-                    if !matches!(source, Source::Staged(_)) {
-                        let _ = rustix::fs::unlinkat(
-                            &self.tmp_fd,
-                            tmp_name.as_os_str(),
-                            AtFlags::empty(),
-                        );
-                    }
-                    return result.map_err(io);
+                })
+            }
+            Action::Symlink { target } => {
+                let name = format!(
+                    "l{}-{}",
+                    std::process::id(),
+                    self.next_tmp.fetch_add(1, Ordering::Relaxed)
+                );
+                rustix::fs::symlinkat(target.as_str(), &self.tmp_fd, name.as_str())
+                    .map_err(|e| io(e.into()))?;
+                Some(name.into())
+            }
+            _ => None,
+        };
+        // 2. Check and replace, with local changes through the mount held off.
+        let mut result = Err(ApplyError::Stale);
+        mount.exclusive(&mut || result = self.replace(apply, tmp.as_deref(), mount));
+        if result.is_err() {
+            if let (Some(tmp), None) = (&tmp, staged_source(apply)) {
+                let _ = rustix::fs::unlinkat(&self.tmp_fd, tmp.as_os_str(), AtFlags::empty());
+            }
+        }
+        result
+    }
+
+    /// The second half of [`Tree::apply`], inside the mount's exclusive section.
+    fn replace(
+        &self,
+        apply: &Apply,
+        tmp: Option<&OsStr>,
+        mount: &dyn Mount,
+    ) -> Result<(), ApplyError> {
+        let path = &apply.path;
+        if mount.busy(path) {
+            return Err(ApplyError::Busy);
+        }
+        self.make_parents(path)?;
+        let (dir, name) = self.parent_of(path).map_err(|_| ApplyError::Stale)?;
+        let now = self
+            .observe_at(dir.as_fd(), name, path)
+            .map_err(|e| ApplyError::Io(e.to_string()))?;
+        if now != apply.expect {
+            return Err(ApplyError::Stale);
+        }
+        let io = |e: std::io::Error| io_error(path, e);
+        match &apply.action {
+            Action::Write { meta, .. } => {
+                let tmp = tmp.expect("a write has its content ready");
+                self.replace_with(dir.as_fd(), name, tmp, now.as_ref())
+                    .map_err(io)?;
+                if let (Ok(st), Some((hash, _))) = (
+                    rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
+                    meta.file_hash(),
+                ) {
+                    self.remember_hash(Stamp::of(&st), hash);
                 }
-                if let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-                    self.remember_hash(Stamp::of(&st), *hash);
-                }
+            }
+            Action::Symlink { .. } => {
+                let tmp = tmp.expect("a symlink is ready");
+                self.replace_with(dir.as_fd(), name, tmp, now.as_ref())
+                    .map_err(io)?;
             }
             Action::SetAttr { meta } => {
                 set_attrs_at(dir.as_fd(), name, meta).map_err(io)?;
@@ -417,21 +472,6 @@ impl Tree {
                     AtFlags::empty(),
                 )
                 .map_err(|e| io(e.into()))?;
-            }
-            Action::Symlink { target } => {
-                let tmp_name = format!(
-                    "l{}-{}",
-                    std::process::id(),
-                    self.next_tmp.fetch_add(1, Ordering::Relaxed)
-                );
-                rustix::fs::symlinkat(target.as_str(), &self.tmp_fd, tmp_name.as_str())
-                    .map_err(|e| io(e.into()))?;
-                let tmp_name = std::ffi::OsString::from(tmp_name);
-                if let Err(e) = self.replace_with(dir.as_fd(), name, &tmp_name, now.as_ref()) {
-                    let _ =
-                        rustix::fs::unlinkat(&self.tmp_fd, tmp_name.as_os_str(), AtFlags::empty());
-                    return Err(io(e));
-                }
             }
             Action::Remove => {
                 let flags = if now.as_ref().is_some_and(Meta::is_dir) {

@@ -2,17 +2,8 @@
 //! socket, plus `logger`, which mounts the change logger alone and prints every changed path (the
 //! 2005 proposal's change stream, for `rsync --from0 --files-from=-` to follow).
 
-mod control;
-mod delta;
-mod files;
-mod identity;
-mod peers;
-mod runtime;
-mod store;
-mod tls;
-mod transport;
-
 use clap::{Parser, Subcommand, ValueEnum};
+use rsyncfs_node::{control, identity, runtime, transport};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;

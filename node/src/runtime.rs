@@ -18,7 +18,6 @@ use crate::peers::Book;
 use crate::store::RedbStore;
 use crate::transport::Net;
 use bytes::Bytes;
-use parking_lot::Mutex;
 use rsyncfs_conflict::NodeId;
 use rsyncfs_logger::{Change, ChangeKind, Mounted};
 use rsyncfs_mesh::engine::{Apply, Config, Engine, Input, Mode, Output, Source, StagedId};
@@ -33,23 +32,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
-/// The mount, shared by the workers (its change stream is taken out first).
-struct SharedMount(std::sync::Mutex<Mounted>);
-
-impl SharedMount {
-    fn is_open_for_writing(&self, path: &Path) -> bool {
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .is_open_for_writing(path)
+/// The mount as the applies see it.
+impl crate::files::Mount for Mounted {
+    fn busy(&self, path: &RelPath) -> bool {
+        self.is_open_for_writing(Path::new(path.as_str()))
     }
 
-    fn invalidate(&self, path: &Path) {
-        self.0.lock().expect("not poisoned").invalidate(path);
-    }
-
-    fn passthrough(&self) -> bool {
-        self.0.lock().expect("not poisoned").passthrough()
+    fn exclusive(&self, f: &mut dyn FnMut()) {
+        Mounted::exclusive(self, f)
     }
 }
 
@@ -98,18 +88,19 @@ pub struct Options {
 
 /// One job for a worker.
 enum Job {
-    Observe(RelPath),
+    /// Observe a path; `true` when the logger bridge queued it (and counts it).
+    Observe(RelPath, bool),
     WriterClosed(RelPath),
     Apply(Apply, Option<PathBuf>),
     /// End the worker (the bridge may still hold a way to its queue).
     Stop,
 }
 
-/// The workers, each owning the paths that hash to it.
+/// The workers, each owning the paths that hash to it. Observations are not merged: their
+/// order is the filesystem's, which the engine relies on.
 struct Workers {
     queues: Vec<std::sync::mpsc::Sender<Job>>,
-    /// Paths queued for observation per worker (an observation queued twice runs once).
-    queued: Vec<Arc<Mutex<HashSet<RelPath>>>>,
+    /// Observations queued by the logger bridge and not done yet.
     observes: Arc<AtomicUsize>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -117,22 +108,19 @@ struct Workers {
 impl Workers {
     fn start(
         tree: Arc<Tree>,
-        mounted: Arc<SharedMount>,
+        mounted: Arc<Mounted>,
         events: mpsc::Sender<Event>,
         rt: tokio::runtime::Handle,
     ) -> std::io::Result<Workers> {
         let mut queues = Vec::new();
-        let mut queued = Vec::new();
         let mut threads = Vec::new();
         let observes = Arc::new(AtomicUsize::new(0));
         for i in 0..WORKERS {
             let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            let set: Arc<Mutex<HashSet<RelPath>>> = Arc::default();
-            let (tree, mounted, events, set2, observes2, rt) = (
+            let (tree, mounted, events, observes2, rt) = (
                 Arc::clone(&tree),
                 Arc::clone(&mounted),
                 events.clone(),
-                Arc::clone(&set),
                 Arc::clone(&observes),
                 rt.clone(),
             );
@@ -142,9 +130,10 @@ impl Workers {
                     let _guard = rt.enter();
                     for job in rx {
                         let input = match job {
-                            Job::Observe(path) => {
-                                set2.lock().remove(&path);
-                                observes2.fetch_sub(1, Ordering::Relaxed);
+                            Job::Observe(path, counted) => {
+                                if counted {
+                                    observes2.fetch_sub(1, Ordering::Relaxed);
+                                }
                                 match tree.observe(&path) {
                                     Ok(observed) => Input::LocalChange { path, observed },
                                     Err(e) => {
@@ -156,10 +145,7 @@ impl Workers {
                             Job::WriterClosed(path) => Input::WriterClosed { path },
                             Job::Stop => break,
                             Job::Apply(apply, staged) => {
-                                let busy = |p: &RelPath| {
-                                    mounted.is_open_for_writing(Path::new(p.as_str()))
-                                };
-                                let result = tree.apply(&apply, staged.as_deref(), &busy);
+                                let result = tree.apply(&apply, staged.as_deref(), &*mounted);
                                 if result.is_ok() {
                                     mounted.invalidate(Path::new(apply.path.as_str()));
                                 }
@@ -175,30 +161,27 @@ impl Workers {
                     }
                 })?;
             queues.push(tx);
-            queued.push(set);
             threads.push(thread);
         }
         Ok(Workers {
             queues,
-            queued,
             observes,
             threads,
         })
     }
 
+    /// The worker of a path: chosen by its first component, so that a path and every
+    /// directory above it are handled by one worker, in order (a child's apply never makes a
+    /// parent behind the parent's own apply, and a directory is observed before what is in it).
     fn shard(path: &RelPath) -> usize {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        path.hash(&mut h);
+        path.components().next().unwrap_or("").hash(&mut h);
         (h.finish() % WORKERS as u64) as usize
     }
 
     fn observe(&self, path: RelPath) {
-        let i = Self::shard(&path);
-        if self.queued[i].lock().insert(path.clone()) {
-            self.observes.fetch_add(1, Ordering::Relaxed);
-            let _ = self.queues[i].send(Job::Observe(path));
-        }
+        let _ = self.queues[Self::shard(&path)].send(Job::Observe(path, false));
     }
 
     fn send(&self, path: &RelPath, job: Job) {
@@ -208,7 +191,6 @@ impl Workers {
     fn handle(&self) -> WorkersHandle {
         WorkersHandle {
             queues: self.queues.clone(),
-            queued: self.queued.clone(),
             observes: Arc::clone(&self.observes),
         }
     }
@@ -226,7 +208,6 @@ impl Workers {
 /// The logger bridge's way to the workers.
 struct WorkersHandle {
     queues: Vec<std::sync::mpsc::Sender<Job>>,
-    queued: Vec<Arc<Mutex<HashSet<RelPath>>>>,
     observes: Arc<AtomicUsize>,
 }
 
@@ -236,11 +217,8 @@ impl WorkersHandle {
         while self.observes.load(Ordering::Relaxed) >= OBSERVES_QUEUED_MAX {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let i = Workers::shard(&path);
-        if self.queued[i].lock().insert(path.clone()) {
-            self.observes.fetch_add(1, Ordering::Relaxed);
-            let _ = self.queues[i].send(Job::Observe(path));
-        }
+        self.observes.fetch_add(1, Ordering::Relaxed);
+        let _ = self.queues[Workers::shard(&path)].send(Job::Observe(path, true));
     }
 
     fn writer_closed(&self, path: RelPath) {
@@ -310,12 +288,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<(), String> {
         Mode::ReceiveOnly => rsyncfs_logger::Mode::ReceiveOnly,
         _ => rsyncfs_logger::Mode::ReadWrite,
     };
-    let mut mounted = rsyncfs_logger::mount(&opts.backing, &opts.mount, logger_mode)
+    let mounted = rsyncfs_logger::mount(&opts.backing, &opts.mount, logger_mode)
         .map_err(|e| e.to_string())?;
     let changes = mounted
         .take_changes()
         .expect("a fresh mount has its changes");
-    let mounted = Arc::new(SharedMount(std::sync::Mutex::new(mounted)));
+    let mounted = Arc::new(mounted);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -416,12 +394,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<(), String> {
     let _ = std::fs::remove_file(&control_path);
     // The bridge ends when the mount's change stream does.
     let unmounted = match Arc::try_unwrap(mounted) {
-        Ok(m) => {
-            m.0.into_inner()
-                .expect("not poisoned")
-                .unmount()
-                .map_err(|e| format!("unmounting: {e}"))
-        }
+        Ok(m) => m.unmount().map_err(|e| format!("unmounting: {e}")),
         Err(_) => Err("unmounting: the mount is still in use".to_string()),
     };
     let _ = bridge.join();
@@ -551,7 +524,8 @@ impl Core {
                     Input::ApplyDone { op, result: Ok(()) } => Some(*op),
                     _ => None,
                 };
-                if let Input::ApplyDone { op, .. } = &input {
+                if let Input::ApplyDone { op, result } = &input {
+                    tracing::debug!("apply {op} done: {result:?}");
                     let path = self.apply_paths.remove(op);
                     self.engine.handle(now_ns(), input);
                     if let (Some(path), Some(_)) = (path, applied) {
@@ -559,7 +533,8 @@ impl Core {
                     }
                     return;
                 }
-                if let Input::LocalChange { path, .. } = &input {
+                if let Input::LocalChange { path, observed } = &input {
+                    tracing::debug!("local {path}: {observed:?}");
                     self.chglog_send(path);
                 }
                 self.engine.handle(now_ns(), input);
@@ -570,18 +545,11 @@ impl Core {
                     .store()
                     .paths_under(Some(&dir))
                     .unwrap_or_default();
-                // Here and in order, deepest first, so that a directory is seen gone after its
-                // contents (as the filesystem changed); these paths are mostly gone, so this is
-                // quick.
+                // Deepest first, so that a directory is seen gone after its contents (as the
+                // filesystem changed); all of them share the directory's worker, which keeps
+                // this order.
                 for p in below.into_iter().rev().chain(std::iter::once(dir)) {
-                    match self.tree.observe(&p) {
-                        Ok(observed) => {
-                            self.chglog_send(&p);
-                            self.engine
-                                .handle(now_ns(), Input::LocalChange { path: p, observed });
-                        }
-                        Err(e) => tracing::warn!("{e}"),
-                    }
+                    self.workers.observe(p);
                 }
             }
             Event::Fetched { staged, input } => {
@@ -645,6 +613,13 @@ impl Core {
                     });
                 }
                 Output::Apply(apply) => {
+                    tracing::debug!(
+                        "apply {} {}: {:?} (expecting {:?})",
+                        apply.op,
+                        apply.path,
+                        apply.action,
+                        apply.expect
+                    );
                     let staged = match &apply.action {
                         rsyncfs_mesh::engine::Action::Write {
                             source: Source::Staged(id),

@@ -149,6 +149,9 @@ pub struct Net {
     generation: AtomicU64,
     book: Mutex<Book>,
     events: mpsc::Sender<Event>,
+    /// Link ups and downs, in the order they happen, forwarded to `events` by one task (so
+    /// that a down never overtakes the up before it).
+    link_events: mpsc::UnboundedSender<Event>,
     tree: Arc<Tree>,
     dialing: Mutex<HashMap<NodeId, bool>>,
     pending: Mutex<Vec<PendingJoin>>,
@@ -186,8 +189,20 @@ impl Net {
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
+        let (link_events, mut link_rx) = mpsc::unbounded_channel();
+        {
+            let events = events.clone();
+            tokio::spawn(async move {
+                while let Some(event) = link_rx.recv().await {
+                    if events.send(event).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         let net = Arc::new(Net {
             me: identity.id,
+            link_events,
             identity,
             endpoint,
             port,
@@ -395,10 +410,7 @@ impl Net {
     }
 
     fn to_engine(&self, event: Event) {
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            let _ = events.send(event).await;
-        });
+        let _ = self.link_events.send(event);
     }
 
     /// Queues an engine frame for `to`; dropped when the link is down or its queue is full (the

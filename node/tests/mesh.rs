@@ -1,0 +1,241 @@
+//! Real nodes replicating through their mounts over QUIC on 127.0.0.1: every kind of change in
+//! both directions, races, joins, restarts. Needs /dev/fuse and root; elsewhere each test prints
+//! why it did not run.
+
+mod common;
+
+use common::{converge, join, set_mode, tree, wait_for, Item, Node};
+use std::fs;
+use std::io::Write;
+use std::time::Duration;
+
+fn root() -> Option<tempfile::TempDir> {
+    if let Some(why) = common::cannot_run() {
+        println!("SKIPPED: this test needs FUSE mounts: {why}");
+        return None;
+    }
+    Some(tempfile::tempdir_in("/var/tmp").unwrap())
+}
+
+fn has(t: &std::collections::BTreeMap<String, Item>, path: &str) -> bool {
+    t.contains_key(path)
+}
+
+#[test]
+fn every_kind_of_change_crosses_in_both_directions() {
+    let Some(dir) = root() else { return };
+    let a = Node::start(dir.path(), "a");
+    let b = Node::start(dir.path(), "b");
+    join(&a, &b);
+
+    // New file, then edits from the other side.
+    fs::write(a.m("notes.txt"), b"first\n").unwrap();
+    converge(&[&a, &b], |t| has(t, "notes.txt"));
+    assert_eq!(fs::read(b.m("notes.txt")).unwrap(), b"first\n");
+    fs::write(b.m("notes.txt"), b"second version\n").unwrap();
+    converge(&[&a, &b], |_| {
+        fs::read(a.m("notes.txt")).unwrap() == b"second version\n"
+    });
+    fs::OpenOptions::new()
+        .append(true)
+        .open(a.m("notes.txt"))
+        .unwrap()
+        .write_all(b"appended\n")
+        .unwrap();
+    converge(&[&a, &b], |_| {
+        fs::read(b.m("notes.txt")).unwrap() == b"second version\nappended\n"
+    });
+    fs::OpenOptions::new()
+        .write(true)
+        .open(b.m("notes.txt"))
+        .unwrap()
+        .set_len(6)
+        .unwrap();
+    converge(&[&a, &b], |_| {
+        fs::read(a.m("notes.txt")).unwrap() == b"second"
+    });
+
+    // Rename and delete.
+    fs::rename(a.m("notes.txt"), a.m("renamed.txt")).unwrap();
+    converge(&[&a, &b], |t| has(t, "renamed.txt") && !has(t, "notes.txt"));
+    fs::remove_file(b.m("renamed.txt")).unwrap();
+    converge(&[&a, &b], |t| !has(t, "renamed.txt"));
+
+    // Directories, made and renamed and removed, with files inside.
+    fs::create_dir_all(a.m("src/deep/er")).unwrap();
+    fs::write(a.m("src/deep/er/main.rs"), b"fn main() {}\n").unwrap();
+    converge(&[&a, &b], |t| has(t, "src/deep/er/main.rs"));
+    fs::rename(b.m("src/deep"), b.m("src/moved")).unwrap();
+    converge(&[&a, &b], |t| {
+        has(t, "src/moved/er/main.rs") && !has(t, "src/deep")
+    });
+    fs::remove_file(a.m("src/moved/er/main.rs")).unwrap();
+    fs::remove_dir(a.m("src/moved/er")).unwrap();
+    converge(&[&a, &b], |t| !has(t, "src/moved/er"));
+    fs::create_dir(b.m("empty")).unwrap();
+    converge(&[&a, &b], |t| has(t, "empty"));
+    fs::remove_dir(a.m("empty")).unwrap();
+    converge(&[&a, &b], |t| !has(t, "empty"));
+
+    // Symlinks, modes, mtimes.
+    std::os::unix::fs::symlink("src/moved", a.m("link")).unwrap();
+    converge(&[&a, &b], |t| {
+        t.get("link")
+            == Some(&Item::Symlink {
+                target: "src/moved".into(),
+            })
+    });
+    fs::write(b.m("script.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    converge(&[&a, &b], |t| has(t, "script.sh"));
+    set_mode(&a.m("script.sh"), 0o750);
+    converge(&[&a, &b], |t| {
+        matches!(t.get("script.sh"), Some(Item::File { mode: 0o750, .. }))
+    });
+    set_mode(&b.m("src"), 0o700);
+    converge(&[&a, &b], |t| {
+        t.get("src") == Some(&Item::Dir { mode: 0o700 })
+    });
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    fs::File::options()
+        .write(true)
+        .open(a.m("script.sh"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    converge(&[&a, &b], |_| {
+        fs::metadata(b.m("script.sh")).unwrap().modified().unwrap() == old
+    });
+
+    // A file too large to travel inline, each way.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(b.m("big.bin"), &big).unwrap();
+    converge(&[&a, &b], |t| has(t, "big.bin"));
+    assert_eq!(fs::read(a.m("big.bin")).unwrap(), big);
+    let mut changed = big.clone();
+    changed[1_500_000..1_500_100].fill(0);
+    fs::write(a.m("big.bin"), &changed).unwrap();
+    converge(&[&a, &b], |_| fs::read(b.m("big.bin")).unwrap() == changed);
+
+    // Both backing directories hold what the mounts show.
+    assert_eq!(tree(&a.backing), tree(&a.mnt));
+    assert_eq!(tree(&b.backing), tree(&b.mnt));
+    assert_eq!(a.status()["conflicts"], 0);
+}
+
+#[test]
+fn concurrent_writes_converge_and_keep_both_contents() {
+    let Some(dir) = root() else { return };
+    let a = Node::start(dir.path(), "a");
+    let b = Node::start(dir.path(), "b");
+    join(&a, &b);
+    const ROUNDS: usize = 20;
+    for round in 0..ROUNDS {
+        let (pa, pb) = (a.m("race.txt"), b.m("race.txt"));
+        let wa = format!("round {round} from a\n");
+        let wb = format!("round {round} from b, longer\n");
+        let (wa2, wb2) = (wa.clone(), wb.clone());
+        let ta = std::thread::spawn(move || fs::write(pa, wa2).unwrap());
+        let tb = std::thread::spawn(move || fs::write(pb, wb2).unwrap());
+        ta.join().unwrap();
+        tb.join().unwrap();
+        converge(&[&a, &b], |_| {
+            // Both writes survive on this node: as the file or as a conflict copy.
+            let all = common::contents(&a.mnt);
+            all.contains(&wa.clone().into_bytes()) && all.contains(&wb.clone().into_bytes())
+        });
+    }
+    let t = tree(&a.mnt);
+    let copies = t.keys().filter(|k| k.contains(".sync-conflict-")).count();
+    assert!(copies >= 1, "no conflict copy in {t:#?}");
+    let listed = a.cmd(&["conflicts", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), copies);
+
+    // Delete against edit: the edit wins on both.
+    fs::write(a.m("keep.txt"), b"v1").unwrap();
+    converge(&[&a, &b], |t| has(t, "keep.txt"));
+    let (pa, pb) = (a.m("keep.txt"), b.m("keep.txt"));
+    let ta = std::thread::spawn(move || fs::remove_file(pa).unwrap());
+    let tb = std::thread::spawn(move || fs::write(pb, b"v2 edited").unwrap());
+    ta.join().unwrap();
+    tb.join().unwrap();
+    converge(&[&a, &b], |t| has(t, "keep.txt"));
+    assert_eq!(fs::read(a.m("keep.txt")).unwrap(), b"v2 edited");
+}
+
+#[test]
+fn a_stopped_node_catches_up_both_ways() {
+    let Some(dir) = root() else { return };
+    let a = Node::start(dir.path(), "a");
+    let mut b = Node::start(dir.path(), "b");
+    join(&a, &b);
+    fs::write(a.m("before.txt"), b"seen by both").unwrap();
+    converge(&[&a, &b], |t| has(t, "before.txt"));
+
+    b.stop();
+    // Written while b is down: on a's mount, and on b's backing directory directly.
+    fs::write(a.m("while-down-on-a.txt"), b"from a").unwrap();
+    fs::remove_file(a.m("before.txt")).unwrap();
+    fs::create_dir(b.b("made-offline")).unwrap();
+    fs::write(b.b("made-offline/on-b.txt"), b"from b's backing directory").unwrap();
+    b.restart();
+    let t = converge(&[&a, &b], |t| {
+        has(t, "while-down-on-a.txt") && has(t, "made-offline/on-b.txt") && !has(t, "before.txt")
+    });
+    assert!(!t.keys().any(|k| k.contains("sync-conflict")), "{t:#?}");
+    assert_eq!(
+        fs::read(a.m("made-offline/on-b.txt")).unwrap(),
+        b"from b's backing directory"
+    );
+}
+
+#[test]
+fn three_nodes_joined_through_one_member() {
+    let Some(dir) = root() else { return };
+    let a = Node::start(dir.path(), "a");
+    let b = Node::start(dir.path(), "b");
+    let c = Node::start(dir.path(), "c");
+    join(&a, &b);
+    // c asks without a token, as users type it; a's operator accepts.
+    let member = a.listen();
+    let mut asking = std::process::Command::new(common::BIN)
+        .args(["join", "--state"])
+        .arg(&c.state)
+        .args(["--peer", &member])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let c_id = c.id();
+    wait_for(
+        "the join request to show on a",
+        Duration::from_secs(30),
+        || {
+            a.status()["pending_joins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["id"] == c_id.as_str())
+        },
+    );
+    let out = a.cmd(&["accept", &c_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let joined = asking.wait().unwrap();
+    assert!(joined.success());
+    // c learns b from a, and b learns c.
+    wait_for(
+        "c to be connected to a and b",
+        Duration::from_secs(30),
+        || c.connected_peers() == 2 && b.connected_peers() == 2,
+    );
+    fs::write(a.m("from-a"), b"a").unwrap();
+    fs::write(b.m("from-b"), b"b").unwrap();
+    fs::write(c.m("from-c"), b"c").unwrap();
+    converge(&[&a, &b, &c], |t| {
+        has(t, "from-a") && has(t, "from-b") && has(t, "from-c")
+    });
+}
