@@ -54,6 +54,10 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, value_enum, default_value = "two-way")]
         mode: ModeArg,
+        /// Trust only the peers this node joined or accepted, not the members they introduce
+        /// (for meshes that are not fully connected, such as a line).
+        #[arg(long)]
+        no_introductions: bool,
     },
     /// Print this node's id (making its identity if there is none yet).
     Id {
@@ -149,7 +153,8 @@ fn main() -> ExitCode {
             mount,
             listen,
             mode,
-        } => up(state, backing, mount, listen, mode),
+            no_introductions,
+        } => up(state, backing, mount, listen, mode, !no_introductions),
         Command::Id { state } => match identity::Identity::load_or_create(&state) {
             Ok(id) => {
                 println!("{}", id.id.long());
@@ -256,6 +261,7 @@ fn up(
     mount: PathBuf,
     listen: SocketAddr,
     mode: ModeArg,
+    introductions: bool,
 ) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -274,6 +280,7 @@ fn up(
         mount,
         listen,
         mode,
+        introductions,
     };
     match runtime::run(options, stop) {
         Ok(()) => {

@@ -84,6 +84,8 @@ pub struct Options {
     pub mount: PathBuf,
     pub listen: SocketAddr,
     pub mode: Mode,
+    /// Trust the members that trusted peers introduce.
+    pub introductions: bool,
 }
 
 /// One job for a worker.
@@ -310,6 +312,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<(), String> {
             events_tx.clone(),
             Arc::clone(&tree),
             opts.mode != Mode::SendOnly,
+            opts.introductions,
         )
         .map_err(|e| format!("listening on {}: {e}", opts.listen))?
     };

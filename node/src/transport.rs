@@ -160,6 +160,8 @@ pub struct Net {
     pub counters: Counters,
     /// Peers whose messages are accepted: set by `up`'s mode (a send-only node takes none).
     accept_messages: bool,
+    /// Whether members introduced by trusted peers are trusted.
+    introductions: bool,
 }
 
 impl Net {
@@ -171,6 +173,7 @@ impl Net {
         events: mpsc::Sender<Event>,
         tree: Arc<Tree>,
         accept_messages: bool,
+        introductions: bool,
     ) -> std::io::Result<Arc<Net>> {
         let socket = std::net::UdpSocket::bind(listen)?;
         for set in [
@@ -217,6 +220,7 @@ impl Net {
             serving: tokio::sync::Semaphore::new(SERVES_MAX),
             counters: Counters::default(),
             accept_messages,
+            introductions,
         });
         tokio::spawn(Arc::clone(&net).accept_loop());
         for (id, addr) in net.book.lock().list() {
@@ -509,6 +513,14 @@ impl Net {
         if members.len() > crate::peers::PEERS_MAX {
             return Err(FrameError::Bad("too many members introduced".into()));
         }
+        if !self.introductions {
+            tracing::debug!(
+                "{} introduced {} members; not trusted here",
+                id.short(),
+                members.len()
+            );
+            return Ok(());
+        }
         let mut new = Vec::new();
         for (member, addr) in members {
             if member == self.me || addr.len() > 300 {
@@ -704,6 +716,11 @@ impl Net {
                 JoinReply::Refused { why } => return Err(format!("refused: {why}")),
                 JoinReply::Accepted { members } => {
                     conn.close(quinn::VarInt::from_u32(0), b"joined");
+                    let members = if self.introductions {
+                        members
+                    } else {
+                        Vec::new()
+                    };
                     for (m, a) in members.into_iter().take(crate::peers::PEERS_MAX) {
                         if m != self.me {
                             let _ = self.book.lock().trust(m, Some(a));

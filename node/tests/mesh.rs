@@ -239,3 +239,34 @@ fn three_nodes_joined_through_one_member() {
         has(t, "from-a") && has(t, "from-b") && has(t, "from-c")
     });
 }
+
+#[test]
+fn a_line_converges_through_its_middle() {
+    let Some(dir) = root() else { return };
+    // a and c trust only b: they ignore the members b introduces, so they never become peers.
+    let mut a = Node::prepare(dir.path(), "a", "two-way", &["--no-introductions"]);
+    a.run();
+    let b = Node::start(dir.path(), "b");
+    let mut c = Node::prepare(dir.path(), "c", "two-way", &["--no-introductions"]);
+    c.run();
+    join(&b, &a);
+    join(&b, &c);
+    fs::write(a.m("from-a.txt"), b"a").unwrap();
+    fs::write(c.m("from-c.txt"), b"c").unwrap();
+    fs::create_dir(c.m("dir-c")).unwrap();
+    converge(&[&a, &b, &c], |t| {
+        has(t, "from-a.txt") && has(t, "from-c.txt") && has(t, "dir-c")
+    });
+    assert_eq!(
+        a.status()["peers"].as_array().unwrap().len(),
+        1,
+        "a knows only b"
+    );
+    assert_eq!(
+        c.status()["peers"].as_array().unwrap().len(),
+        1,
+        "c knows only b"
+    );
+    fs::remove_file(c.m("from-a.txt")).unwrap();
+    converge(&[&a, &b, &c], |t| !has(t, "from-a.txt"));
+}

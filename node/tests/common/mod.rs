@@ -30,6 +30,7 @@ pub struct Node {
     pub log: PathBuf,
     listen: String,
     mode: String,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -40,12 +41,19 @@ impl Node {
     }
 
     pub fn start_with(root: &Path, name: &str, mode: &str) -> Node {
+        let mut node = Node::prepare(root, name, mode, &[]);
+        node.run();
+        node
+    }
+
+    /// Makes a node's directories without starting it; `extra` are more flags for `up`.
+    pub fn prepare(root: &Path, name: &str, mode: &str, extra: &[&str]) -> Node {
         let base = root.join(name);
         let (state, backing, mnt) = (base.join("state"), base.join("backing"), base.join("mnt"));
         for d in [&state, &backing, &mnt] {
             fs::create_dir_all(d).unwrap();
         }
-        let mut node = Node {
+        let node = Node {
             name: name.to_string(),
             state,
             backing,
@@ -53,13 +61,13 @@ impl Node {
             log: root.join(format!("{name}.log")),
             listen: "127.0.0.1:0".into(),
             mode: mode.into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
-        node.run();
         node
     }
 
-    fn run(&mut self) {
+    pub fn run(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -73,6 +81,7 @@ impl Node {
             .arg("--mount")
             .arg(&self.mnt)
             .args(["--listen", &self.listen, "--mode", &self.mode])
+            .args(&self.extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RSYNCFS_TEST_LOG").unwrap_or_else(|_| "info".into()),
