@@ -783,6 +783,8 @@ impl Core {
             "fetched_bytes": c.fetched_bytes.load(Ordering::Relaxed),
             "served_bytes": c.served_bytes.load(Ordering::Relaxed),
             "frames_dropped": c.frames_dropped.load(Ordering::Relaxed),
+            "udp_rx_bytes": self.net.udp_bytes().0,
+            "udp_tx_bytes": self.net.udp_bytes().1,
             "latency_ms": {"count": sorted.len(), "p50": pct(0.5), "p99": pct(0.99), "max": sorted.last()},
         })
     }

@@ -128,6 +128,9 @@ pub struct Counters {
     pub served_bytes: AtomicU64,
     pub frames_sent: AtomicU64,
     pub frames_dropped: AtomicU64,
+    /// UDP bytes of connections that have closed (live ones are counted from their stats).
+    pub closed_udp_rx: AtomicU64,
+    pub closed_udp_tx: AtomicU64,
 }
 
 /// What status shows of one trusted peer.
@@ -374,6 +377,13 @@ impl Net {
         let net = Arc::clone(self);
         tokio::spawn(async move {
             let reason = conn.closed().await;
+            let stats = conn.stats();
+            net.counters
+                .closed_udp_rx
+                .fetch_add(stats.udp_rx.bytes, Ordering::Relaxed);
+            net.counters
+                .closed_udp_tx
+                .fetch_add(stats.udp_tx.bytes, Ordering::Relaxed);
             let mine = {
                 let mut links = net.links.lock();
                 if links.get(&id).is_some_and(|l| l.generation == generation) {
@@ -855,6 +865,21 @@ impl Net {
             self.dial_soon(id);
         }
         Ok(())
+    }
+
+    /// UDP bytes received and sent by all peer connections so far.
+    pub fn udp_bytes(&self) -> (u64, u64) {
+        let links = self.links.lock();
+        let (mut rx, mut tx) = (
+            self.counters.closed_udp_rx.load(Ordering::Relaxed),
+            self.counters.closed_udp_tx.load(Ordering::Relaxed),
+        );
+        for l in links.values() {
+            let s = l.conn.stats();
+            rx += s.udp_rx.bytes;
+            tx += s.udp_tx.bytes;
+        }
+        (rx, tx)
     }
 
     pub fn pending_joins(&self) -> Vec<(String, String, u64)> {

@@ -270,3 +270,69 @@ fn a_line_converges_through_its_middle() {
     fs::remove_file(c.m("from-a.txt")).unwrap();
     converge(&[&a, &b, &c], |t| !has(t, "from-a.txt"));
 }
+
+/// BLAKE3 of a file, read in pieces.
+fn file_hash(path: &std::path::Path) -> Option<blake3::Hash> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(fs::File::open(path).ok()?).ok()?;
+    Some(hasher.finalize())
+}
+
+#[test]
+fn a_one_mib_change_in_a_one_gib_file_moves_about_one_mib() {
+    let Some(dir) = root() else { return };
+    let a = Node::start(dir.path(), "a");
+    let b = Node::start(dir.path(), "b");
+    join(&a, &b);
+    const GIB: usize = 1 << 30;
+    const MIB: usize = 1 << 20;
+    {
+        let mut f = fs::File::create(a.m("huge.bin")).unwrap();
+        let mut block = vec![0u8; 4 * MIB];
+        let mut x = 0x9e3779b97f4a7c15u64;
+        for _ in 0..GIB / block.len() {
+            for chunk in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&block).unwrap();
+        }
+    }
+    let want = file_hash(&a.m("huge.bin")).unwrap();
+    wait_for("the 1 GiB file on b", Duration::from_secs(120), || {
+        fs::metadata(b.m("huge.bin")).is_ok_and(|m| m.len() == GIB as u64)
+            && file_hash(&b.m("huge.bin")) == Some(want)
+    });
+    let before = b.status();
+    let (rx0, fetched0) = (
+        before["udp_rx_bytes"].as_u64().unwrap(),
+        before["fetched_bytes"].as_u64().unwrap(),
+    );
+    assert!(fetched0 >= GIB as u64, "{before}");
+
+    // 1 MiB in the middle, written in place.
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(a.m("huge.bin"))
+            .unwrap();
+        f.seek(SeekFrom::Start((GIB / 2 + 12345) as u64)).unwrap();
+        f.write_all(&vec![0xA5; MIB]).unwrap();
+    }
+    let want = file_hash(&a.m("huge.bin")).unwrap();
+    wait_for("the change on b", Duration::from_secs(120), || {
+        file_hash(&b.m("huge.bin")) == Some(want)
+    });
+    let after = b.status();
+    let rx = after["udp_rx_bytes"].as_u64().unwrap() - rx0;
+    let fetched = after["fetched_bytes"].as_u64().unwrap() - fetched0;
+    println!("1 MiB change: {fetched} content bytes, {rx} UDP bytes received by b");
+    assert!(
+        fetched < 3 * MIB as u64 / 2,
+        "{fetched} content bytes crossed"
+    );
+    assert!(rx < 2 * MIB as u64, "{rx} UDP bytes crossed");
+}
