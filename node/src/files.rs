@@ -571,23 +571,21 @@ fn copy_all(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// BLAKE3 of a whole file, and its stat after reading.
+/// BLAKE3 of a whole file, and its stat after reading. Read in 1 MiB pieces (not mapped, so
+/// that a large file does not count against the daemon's resident memory).
 pub fn hash_file(file: &File) -> std::io::Result<(Hash, rustix::fs::Stat)> {
     let mut hasher = blake3::Hasher::new();
-    let st = rustix::fs::fstat(file)?;
-    if st.st_size > 1 << 20 {
-        hasher.update_mmap(proc_fd_path(file))?;
-    } else {
-        let mut f = file;
-        hasher.update_reader(&mut f)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut f = file;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
     }
     let after = rustix::fs::fstat(file)?;
     Ok((*hasher.finalize().as_bytes(), after))
-}
-
-fn proc_fd_path(file: &File) -> PathBuf {
-    use std::os::fd::AsRawFd;
-    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// A relative path from the tree as the engine names it; `None` for names that are not UTF-8

@@ -23,11 +23,11 @@ pub const ALPN_JOIN: &[u8] = b"rsyncfs-join/1";
 /// The name a client puts in its hello; certificates are checked by id, not by name.
 pub const SERVER_NAME: &str = "rsyncfs";
 
-/// Stream receive window: one stream can have this much in flight (a 100 ms round trip at
-/// 160 MB/s).
-const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
+/// Stream receive window: one stream can have this much in flight (a 20 ms round trip at
+/// 400 MB/s). These windows bound the memory a peer's transfers take.
+const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Connection receive window and send window, across streams.
-const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 24 * 1024 * 1024;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
