@@ -387,6 +387,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<(), String> {
         listen,
         started: Instant::now(),
         chglog: Vec::new(),
+        chglog_last: None,
         rt: rt.handle().clone(),
     };
     let result = rt.block_on(core.run(events_rx));
@@ -476,6 +477,8 @@ struct Core {
     started: Instant,
     /// Subscribers to the changed-path stream (`chglog`).
     chglog: Vec<mpsc::Sender<String>>,
+    /// The path last passed to them (one change often comes as several events).
+    chglog_last: Option<RelPath>,
     rt: tokio::runtime::Handle,
 }
 
@@ -680,9 +683,10 @@ impl Core {
     /// Passes a changed path to the `chglog` subscribers (a subscriber that falls behind misses
     /// lines; one that went away is dropped).
     fn chglog_send(&mut self, path: &RelPath) {
-        if self.chglog.is_empty() {
+        if self.chglog.is_empty() || self.chglog_last.as_ref() == Some(path) {
             return;
         }
+        self.chglog_last = Some(path.clone());
         let line = path.to_string();
         self.chglog.retain(|tx| {
             !matches!(

@@ -246,7 +246,7 @@ impl Net {
     pub async fn shutdown(&self) {
         self.endpoint
             .close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
     }
 
     async fn accept_loop(self: Arc<Net>) {

@@ -336,3 +336,21 @@ fn a_one_mib_change_in_a_one_gib_file_moves_about_one_mib() {
     );
     assert!(rx < 2 * MIB as u64, "{rx} UDP bytes crossed");
 }
+
+#[test]
+fn the_demo_shows_a_write_crossing() {
+    let Some(dir) = root() else { return };
+    let out = std::process::Command::new(common::BIN)
+        .args(["demo", "--once", "--nodes", "3", "--dir"])
+        .arg(dir.path().join("demo"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("arrived on node3"), "{text}");
+    assert!(!common::is_mounted(&dir.path().join("demo/node1/mnt")));
+}
