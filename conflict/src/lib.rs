@@ -45,4 +45,9 @@ pub mod limits {
     pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
     /// Bytes of one path component (Linux NAME_MAX).
     pub const NAME_BYTES_MAX: usize = 255;
+    /// Extended attributes one version carries, and their bytes (names and values) in all.
+    pub const XATTRS_MAX: usize = 64;
+    pub const XATTRS_BYTES_MAX: usize = 64 * 1024;
+    /// Bytes of an extended attribute's name (Linux XATTR_NAME_MAX).
+    pub const XATTR_NAME_BYTES_MAX: usize = 255;
 }

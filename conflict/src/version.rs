@@ -1,6 +1,9 @@
 //! What one write produced (a [`Sibling`]) and the version of a path (a [`Record`]).
 
-use crate::limits::{SIBLINGS_MAX, SYMLINK_TARGET_BYTES_MAX, VV_ENTRIES_MAX};
+use crate::limits::{
+    SIBLINGS_MAX, SYMLINK_TARGET_BYTES_MAX, VV_ENTRIES_MAX, XATTRS_BYTES_MAX, XATTRS_MAX,
+    XATTR_NAME_BYTES_MAX,
+};
 use crate::{Dot, NodeId, VersionVector};
 use serde::{Deserialize, Serialize};
 use uhlc::Timestamp;
@@ -36,6 +39,10 @@ pub struct Meta {
     /// Modification time of a file in nanoseconds since the UNIX epoch; zero for the other kinds
     /// (directory times change with every entry and are not replicated).
     pub mtime_ns: i64,
+    /// Owner and group, where the writer knew them (a node runs as root and applies them).
+    pub owner: Option<(u32, u32)>,
+    /// Extended attributes of a file or directory, sorted by name, names unique.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Meta {
@@ -44,6 +51,8 @@ impl Meta {
             content: Content::Tombstone,
             mode: 0,
             mtime_ns: 0,
+            owner: None,
+            xattrs: Vec::new(),
         }
     }
 
@@ -52,6 +61,8 @@ impl Meta {
             content: Content::Dir,
             mode: mode & 0o7777,
             mtime_ns: 0,
+            owner: None,
+            xattrs: Vec::new(),
         }
     }
 
@@ -60,6 +71,8 @@ impl Meta {
             content: Content::File { size, hash },
             mode: mode & 0o7777,
             mtime_ns,
+            owner: None,
+            xattrs: Vec::new(),
         }
     }
 
@@ -68,7 +81,23 @@ impl Meta {
             content: Content::Symlink { target },
             mode: 0,
             mtime_ns: 0,
+            owner: None,
+            xattrs: Vec::new(),
         }
+    }
+
+    /// The same, with an owner.
+    pub fn with_owner(mut self, uid: u32, gid: u32) -> Meta {
+        self.owner = Some((uid, gid));
+        self
+    }
+
+    /// The same, with these extended attributes (sorted here).
+    pub fn with_xattrs(mut self, mut xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Meta {
+        xattrs.sort();
+        xattrs.dedup_by(|a, b| a.0 == b.0);
+        self.xattrs = xattrs;
+        self
     }
 
     pub fn is_tombstone(&self) -> bool {
@@ -136,6 +165,8 @@ pub enum RecordError {
     BadSymlink,
     #[error("mode has bits outside 0o7777")]
     BadMode,
+    #[error("extended attributes are unsorted, too many, too large or badly named")]
+    BadXattrs,
 }
 
 /// The version of one path: everything the replica has seen of the path's writes (`vv`) and the
@@ -209,6 +240,18 @@ impl Record {
             }
             if s.meta.mode & !0o7777 != 0 {
                 return Err(RecordError::BadMode);
+            }
+            let x = &s.meta.xattrs;
+            let bytes: usize = x.iter().map(|(n, v)| n.len() + v.len()).sum();
+            let names_ok = x
+                .iter()
+                .all(|(n, _)| !n.is_empty() && n.len() <= XATTR_NAME_BYTES_MAX && !n.contains(&0));
+            if x.len() > XATTRS_MAX
+                || bytes > XATTRS_BYTES_MAX
+                || !names_ok
+                || !x.windows(2).all(|w| w[0].0 < w[1].0)
+            {
+                return Err(RecordError::BadXattrs);
             }
             if let Content::Symlink { target } = &s.meta.content {
                 if target.is_empty()

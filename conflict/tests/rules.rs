@@ -200,3 +200,36 @@ fn validation_catches_broken_records() {
     let bad_link = write(None, 1, 1, 10, Meta::symlink("a\0b".into()));
     assert_eq!(bad_link.validate(), Err(RecordError::BadSymlink));
 }
+
+#[test]
+fn extended_attributes_are_checked() {
+    let x = |n: &str, v: usize| (n.as_bytes().to_vec(), vec![7u8; v]);
+    let ok = file(1)
+        .with_owner(1000, 1000)
+        .with_xattrs(vec![x("user.b", 3), x("user.a", 1)]);
+    assert_eq!(ok.xattrs[0].0, b"user.a", "kept sorted");
+    assert_eq!(write(None, 1, 1, 1, ok.clone()).validate(), Ok(()));
+    let mut unsorted = ok.clone();
+    unsorted.xattrs.reverse();
+    assert_eq!(
+        write(None, 1, 1, 1, unsorted).validate(),
+        Err(RecordError::BadXattrs)
+    );
+    let huge = file(1).with_xattrs(vec![x("user.big", limits::XATTRS_BYTES_MAX)]);
+    assert_eq!(
+        write(None, 1, 1, 1, huge).validate(),
+        Err(RecordError::BadXattrs)
+    );
+    let nul = file(1).with_xattrs(vec![(b"user.\0".to_vec(), vec![])]);
+    assert_eq!(
+        write(None, 1, 1, 1, nul).validate(),
+        Err(RecordError::BadXattrs)
+    );
+    // Attributes are not content: the same bytes with other attributes merge without a copy.
+    let a = write(None, 1, 1, 5, file(3));
+    let b = write(None, 2, 1, 6, file(3).with_xattrs(vec![x("user.a", 1)]));
+    assert!(!matches!(
+        settle("p", Some(&a), &b),
+        Decision::Conflict { .. }
+    ));
+}

@@ -12,7 +12,7 @@ use rsyncfs_conflict::{Content, Record, RecordError};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every change of the wire types.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest content that travels inside its announcement.
 pub const INLINE_BYTES_MAX: usize = 64 * 1024;
 /// Most records one batch carries.
@@ -232,7 +232,10 @@ mod tests {
             decode(&encode(&batch_with(b"evil!", b"hello"))),
             Err(WireError::BadInline(_))
         ));
-        assert_eq!(decode(&[2, 0xff, 0xff]), Err(WireError::Version(2)));
+        assert_eq!(
+            decode(&[PROTOCOL_VERSION as u8 + 1, 0xff, 0xff]),
+            Err(WireError::Version(PROTOCOL_VERSION + 1))
+        );
         assert!(matches!(decode(&[]), Err(WireError::Decode(_))));
         let mut trailing = encode(&Message::Ack { progress: 1 });
         trailing.push(0);

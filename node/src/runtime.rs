@@ -93,7 +93,7 @@ enum Job {
     /// Observe a path; `true` when the logger bridge queued it (and counts it).
     Observe(RelPath, bool),
     WriterClosed(RelPath),
-    Apply(Apply, Option<PathBuf>),
+    Apply(Box<Apply>, Option<PathBuf>),
     /// End the worker (the bridge may still hold a way to its queue).
     Stop,
 }
@@ -635,7 +635,8 @@ impl Core {
                     };
                     self.apply_paths.insert(apply.op, apply.path.clone());
                     let path = apply.path.clone();
-                    self.workers.send(&path, Job::Apply(apply, staged));
+                    self.workers
+                        .send(&path, Job::Apply(Box::new(apply), staged));
                 }
                 Output::Observe { path } => self.workers.observe(path),
                 Output::Release { staged } => {

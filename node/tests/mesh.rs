@@ -93,8 +93,24 @@ fn every_kind_of_change_crosses_in_both_directions() {
     });
     set_mode(&b.m("src"), 0o700);
     converge(&[&a, &b], |t| {
-        t.get("src") == Some(&Item::Dir { mode: 0o700 })
+        matches!(t.get("src"), Some(Item::Dir { mode: 0o700, .. }))
     });
+
+    // Extended attributes and ownership.
+    let flags = rustix::fs::XattrFlags::empty();
+    rustix::fs::setxattr(a.m("script.sh"), "user.origin", b"made on a", flags).unwrap();
+    rustix::fs::setxattr(b.m("src"), "user.kind", b"sources", flags).unwrap();
+    std::os::unix::fs::chown(a.m("script.sh"), Some(1234), Some(5678)).unwrap();
+    converge(&[&a, &b], |t| {
+        matches!(t.get("script.sh"), Some(Item::File { owner: (1234, 5678), xattrs, .. })
+            if xattrs == &vec![(b"user.origin".to_vec(), b"made on a".to_vec())])
+            && matches!(t.get("src"), Some(Item::Dir { xattrs, .. }) if xattrs.len() == 1)
+    });
+    rustix::fs::removexattr(b.m("script.sh"), "user.origin").unwrap();
+    converge(
+        &[&a, &b],
+        |t| matches!(t.get("script.sh"), Some(Item::File { xattrs, .. }) if xattrs.is_empty()),
+    );
     let old = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
     fs::File::options()
         .write(true)

@@ -308,7 +308,7 @@ impl SimFs {
                 }
                 return Ok(());
             }
-            Action::Mkdir { mode } => Node::Dir { mode: *mode },
+            Action::Mkdir { meta } => Node::Dir { mode: meta.mode },
             Action::Symlink { target } => Node::Symlink {
                 target: target.clone(),
             },

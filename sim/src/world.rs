@@ -1456,7 +1456,7 @@ fn short_action(a: &rsyncfs_mesh::engine::Action) -> String {
             format!("write {} from {src}", short_meta(&Some(meta.clone())))
         }
         Action::SetAttr { meta } => format!("setattr {}", short_meta(&Some(meta.clone()))),
-        Action::Mkdir { mode } => format!("mkdir {mode:o}"),
+        Action::Mkdir { meta } => format!("mkdir {:o}", meta.mode),
         Action::Symlink { target } => format!("symlink -> {target}"),
         Action::Remove => "remove".into(),
     }

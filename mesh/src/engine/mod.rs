@@ -225,8 +225,8 @@ pub enum Action {
     Write { meta: Meta, source: Source },
     /// The content is already right: set mode and mtime only.
     SetAttr { meta: Meta },
-    /// Make a directory (or set its mode if one is there), replacing a file or symlink.
-    Mkdir { mode: u32 },
+    /// Make a directory (or set its attributes if one is there), replacing a file or symlink.
+    Mkdir { meta: Meta },
     /// Replace what is there with a symlink.
     Symlink { target: String },
     /// Remove the file, symlink or empty directory.
@@ -283,6 +283,8 @@ struct Pending {
     wish_of: Option<RelPath>,
 }
 
+// One per operation in flight (a bounded few): boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 enum OpKind {
     Fetch {

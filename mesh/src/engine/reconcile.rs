@@ -28,11 +28,11 @@ const DESCENDANTS_MARKED_MAX: usize = 1024;
 /// (`shadowed`), or nothing.
 pub(crate) fn shown(record: Option<&Record>, shadowed: bool) -> Option<Meta> {
     if shadowed {
-        let mode = record
+        let dir = record
             .map(Record::winner)
             .filter(|w| w.meta.is_dir())
-            .map_or(DIR_MODE_DEFAULT, |w| w.meta.mode);
-        return Some(Meta::dir(mode));
+            .map_or_else(|| Meta::dir(DIR_MODE_DEFAULT), |w| w.meta.clone());
+        return Some(dir);
     }
     let winner = record?.winner();
     (!winner.meta.is_tombstone()).then(|| winner.meta.clone())
@@ -127,7 +127,7 @@ impl<S: Store> Engine<S> {
         let action = match &want {
             None => Action::Remove,
             Some(meta) => match &meta.content {
-                Content::Dir => Action::Mkdir { mode: meta.mode },
+                Content::Dir => Action::Mkdir { meta: meta.clone() },
                 Content::Symlink { target } => Action::Symlink {
                     target: target.clone(),
                 },

@@ -276,9 +276,13 @@ pub enum Item {
         hash: String,
         mode: u32,
         mtime_ns: i64,
+        owner: (u32, u32),
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     },
     Dir {
         mode: u32,
+        owner: (u32, u32),
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     },
     Symlink {
         target: String,
@@ -307,10 +311,13 @@ pub fn tree(root: &Path) -> BTreeMap<String, Item> {
             let Ok(meta) = fs::symlink_metadata(&path) else {
                 continue;
             };
+            let owner = (meta.uid(), meta.gid());
             let item = if meta.is_dir() {
                 stack.push(path.clone());
                 Item::Dir {
                     mode: meta.permissions().mode() & 0o7777,
+                    owner,
+                    xattrs: xattrs(&path),
                 }
             } else if meta.file_type().is_symlink() {
                 Item::Symlink {
@@ -322,6 +329,8 @@ pub fn tree(root: &Path) -> BTreeMap<String, Item> {
                     hash: blake3::hash(&data).to_hex().to_string(),
                     mode: meta.permissions().mode() & 0o7777,
                     mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                    owner,
+                    xattrs: xattrs(&path),
                 }
             } else {
                 Item::Other
@@ -329,6 +338,24 @@ pub fn tree(root: &Path) -> BTreeMap<String, Item> {
             out.insert(rel, item);
         }
     }
+    out
+}
+
+/// The extended attributes of a file or directory, sorted.
+pub fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 65536];
+    let Ok(n) = rustix::fs::llistxattr(path, &mut names[..]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = std::ffi::CString::new(name).unwrap();
+        let mut value = vec![0u8; 65536];
+        if let Ok(len) = rustix::fs::lgetxattr(path, cname.as_c_str(), &mut value[..]) {
+            out.push((name.to_vec(), value[..len].to_vec()));
+        }
+    }
+    out.sort();
     out
 }
 
