@@ -13,6 +13,8 @@ tools=target/tools
 id tests >/dev/null 2>&1 || useradd -M -s /usr/sbin/nologin tests
 cargo build --release --quiet --locked -p rsyncfs-node
 work=$(mktemp -d /var/tmp/rsyncfs-pjd.XXXXXX)
+# The suite switches to unprivileged users, who must reach the base paths (mktemp makes 0700).
+chmod 755 "$work"
 pid=
 cleanup() {
   [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
