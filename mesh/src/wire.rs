@@ -37,10 +37,19 @@ pub enum Message {
     /// follows". `fresh` is set on the first connection after the sender started: it may have
     /// lost records it wrote or took before a crash, so the receiver must not leave out records
     /// that came from the sender or that it wrote, this time.
-    Hello { progress: u64, fresh: bool },
-    /// The answer to every Hello: it arrived, records follow. Until it comes, Hello is sent
-    /// again, so that a lost Hello cannot leave a connection silent.
-    Welcome,
+    ///
+    /// `session` names the sender's session with the receiver (a new one each time the sender
+    /// takes the link up). A Hello of a newer session than the receiver knows means the
+    /// sender started over (it saw the connection drop, or restarted) when the receiver may not
+    /// have: the receiver starts over too, so that the two sides never disagree about it.
+    Hello {
+        progress: u64,
+        fresh: bool,
+        session: u64,
+    },
+    /// The answer to every Hello (naming its session): it arrived, records follow. Until it
+    /// comes, Hello is sent again, so that a lost Hello cannot leave a connection silent.
+    Welcome { session: u64 },
     /// Records of the sender's store with sequence numbers in `(after, upto]`, minus those the
     /// receiver has anyway (it sent them, or wrote them).
     Batch(Batch),

@@ -55,14 +55,27 @@ fn first_apply(outputs: &[Output]) -> Option<Apply> {
     })
 }
 
+/// The session of the Hello among `outputs` sent to `peer`.
+fn hello_session(outputs: &[Output], peer: NodeId) -> u64 {
+    sent_to(outputs, peer)
+        .into_iter()
+        .find_map(|m| match m {
+            Message::Hello { session, .. } => Some(session),
+            _ => None,
+        })
+        .expect("a Hello was sent")
+}
+
 /// Connects `e` to `peer` and completes the handshake as the peer would.
 fn connect(e: &mut Engine<MemStore>, peer: NodeId, peer_progress: u64) -> Vec<Output> {
     e.handle(T0, Input::PeerUp { peer });
+    let mut out = drain(e);
+    let session = hello_session(&out, peer);
     e.handle(
         T0,
         Input::Received {
             from: peer,
-            message: Message::Welcome,
+            message: Message::Welcome { session },
         },
     );
     e.handle(
@@ -72,10 +85,12 @@ fn connect(e: &mut Engine<MemStore>, peer: NodeId, peer_progress: u64) -> Vec<Ou
             message: Message::Hello {
                 progress: peer_progress,
                 fresh: false,
+                session: 1,
             },
         },
     );
-    drain(e)
+    out.extend(drain(e));
+    out
 }
 
 /// A record written by `author`, as a peer would send it.
@@ -94,11 +109,13 @@ fn handshake_is_repeated_until_welcomed() {
     let mut e = engine(0);
     e.handle(T0, Input::PeerUp { peer: node(1) });
     let out = drain(&mut e);
+    let session = hello_session(&out, node(1));
     assert_eq!(
         sent_to(&out, node(1)),
         vec![Message::Hello {
             progress: 0,
-            fresh: true
+            fresh: true,
+            session
         }]
     );
     // The Hello is lost: it goes again after the resend interval, still fresh.
@@ -108,20 +125,34 @@ fn handshake_is_repeated_until_welcomed() {
         sent_to(&drain(&mut e), node(1)),
         vec![Message::Hello {
             progress: 0,
-            fresh: true
+            fresh: true,
+            session
         }]
     );
+    // A Welcome of another session does not count.
     e.handle(
         at,
         Input::Received {
             from: node(1),
-            message: Message::Welcome,
+            message: Message::Welcome {
+                session: session + 1,
+            },
+        },
+    );
+    assert!(e.poll_timeout().is_some(), "still waiting for the Welcome");
+    e.handle(
+        at,
+        Input::Received {
+            from: node(1),
+            message: Message::Welcome { session },
         },
     );
     assert!(drain(&mut e).is_empty());
     assert_eq!(e.poll_timeout(), None, "nothing left to resend");
-    // A Hello from the peer is answered with Welcome, twice if it comes twice.
-    for _ in 0..2 {
+    // A Hello from the peer is answered with Welcome, twice if it comes twice; the first of a
+    // session also gets this node's Hello again (the peer may have started its session after
+    // the first one reached it).
+    for round in 0..2 {
         e.handle(
             at,
             Input::Received {
@@ -129,11 +160,59 @@ fn handshake_is_repeated_until_welcomed() {
                 message: Message::Hello {
                     progress: 0,
                     fresh: false,
+                    session: 7,
                 },
             },
         );
-        assert_eq!(sent_to(&drain(&mut e), node(1)), vec![Message::Welcome]);
+        let mut want = vec![Message::Welcome { session: 7 }];
+        if round == 0 {
+            want.insert(
+                0,
+                Message::Hello {
+                    progress: 0,
+                    fresh: true,
+                    session,
+                },
+            );
+        }
+        assert_eq!(sent_to(&drain(&mut e), node(1)), want);
     }
+    // A Hello of an older session is left alone.
+    e.handle(
+        at,
+        Input::Received {
+            from: node(1),
+            message: Message::Hello {
+                progress: 0,
+                fresh: false,
+                session: 6,
+            },
+        },
+    );
+    assert!(sent_to(&drain(&mut e), node(1)).is_empty());
+    // A newer one means the peer started over without this node seeing the link drop: this
+    // node starts over too, with a Hello of its own (a new session), and welcomes the peer's.
+    e.handle(
+        at,
+        Input::Received {
+            from: node(1),
+            message: Message::Hello {
+                progress: 0,
+                fresh: false,
+                session: 8,
+            },
+        },
+    );
+    let out = sent_to(&drain(&mut e), node(1));
+    let again = match out.as_slice() {
+        [Message::Hello {
+            fresh: false,
+            session: s,
+            ..
+        }, Message::Welcome { session: 8 }] => *s,
+        other => panic!("expected a new Hello and a Welcome, got {other:?}"),
+    };
+    assert!(again > session);
 }
 
 #[test]

@@ -67,6 +67,13 @@ pub struct Tree {
     touched: Mutex<HashSet<PathBuf>>,
 }
 
+/// An apply's content, ready under a temporary name in the state folder.
+pub struct Prepared {
+    tmp: Option<std::ffi::OsString>,
+    /// The temporary file, open, for making its data durable.
+    file: Option<File>,
+}
+
 /// What an apply needs from the mount over the tree.
 pub trait Mount {
     /// True while a local process has `path` open for writing.
@@ -334,19 +341,28 @@ impl Tree {
         Ok(())
     }
 
-    /// Carries out one of the engine's applies. `staged` is the file of a
-    /// [`Source::Staged`] content. New content is made ready in a temporary file first; then,
-    /// inside `mount.exclusive` (no local change through the mount can run meanwhile), the
-    /// path is checked against what the engine expects and replaced.
+    /// Carries out one of the engine's applies: [`Tree::prepare`], [`Tree::make_durable`],
+    /// [`Tree::commit`].
     pub fn apply(
         &self,
         apply: &Apply,
         staged: Option<&Path>,
         mount: &dyn Mount,
     ) -> Result<(), ApplyError> {
+        let prepared = self.prepare(apply, staged)?;
+        if let Err(e) = self.make_durable(&[&prepared]) {
+            self.discard(apply, prepared);
+            return Err(io_error(&apply.path, e));
+        }
+        self.commit(apply, prepared, mount)
+    }
+
+    /// The first step of an apply: new content made ready under a temporary name in the state
+    /// folder (not yet durable). `staged` is the file of a [`Source::Staged`] content.
+    pub fn prepare(&self, apply: &Apply, staged: Option<&Path>) -> Result<Prepared, ApplyError> {
         let path = &apply.path;
         let io = |e: std::io::Error| io_error(path, e);
-        // 1. The new content, ready under a temporary name, durable.
+        let mut file_out: Option<File> = None;
         let tmp: Option<std::ffi::OsString> = match &apply.action {
             Action::Write { meta, source } => {
                 let Content::File { size, hash } = &meta.content else {
@@ -363,6 +379,7 @@ impl Tree {
                             .open(staged)
                             .map_err(io)?;
                         finish_file(&file, meta).map_err(io)?;
+                        file_out = Some(file);
                         staged
                             .file_name()
                             .expect("staging files have names")
@@ -380,6 +397,7 @@ impl Tree {
                             let _ = std::fs::remove_file(&tmp);
                             return Err(io(e));
                         }
+                        file_out = Some(file);
                         tmp.file_name().expect("named").to_os_string()
                     }
                     Source::Local(from) => {
@@ -393,6 +411,15 @@ impl Tree {
                             let _ = std::fs::remove_file(&tmp);
                             return Err(io(e));
                         }
+                        // The source may have been rewritten since its hash was checked: the
+                        // copy is used only if it is the content asked for.
+                        let (copy_hash, _) =
+                            hash_file(&File::open(&tmp).map_err(io)?).map_err(io)?;
+                        if copy_hash != *hash {
+                            let _ = std::fs::remove_file(&tmp);
+                            return Err(ApplyError::Stale);
+                        }
+                        file_out = Some(file);
                         tmp.file_name().expect("named").to_os_string()
                     }
                 })
@@ -409,7 +436,44 @@ impl Tree {
             }
             _ => None,
         };
-        // 2. Check and replace, with local changes through the mount held off.
+        Ok(Prepared {
+            tmp,
+            file: file_out,
+        })
+    }
+
+    /// Makes prepared contents durable: each file's data for one or two, one `syncfs` of the
+    /// backing filesystem for more (a group of small files costs one journal commit, not one
+    /// each).
+    pub fn make_durable(&self, prepared: &[&Prepared]) -> std::io::Result<()> {
+        let files: Vec<&File> = prepared.iter().filter_map(|p| p.file.as_ref()).collect();
+        if files.len() <= 2 {
+            for f in files {
+                f.sync_data()?;
+            }
+            return Ok(());
+        }
+        rustix::fs::syncfs(&self.tmp_fd)?;
+        Ok(())
+    }
+
+    /// Drops a prepared content that will not be used (a staged fetch stays: the engine
+    /// releases it).
+    pub fn discard(&self, apply: &Apply, prepared: Prepared) {
+        if let (Some(tmp), None) = (&prepared.tmp, staged_source(apply)) {
+            let _ = rustix::fs::unlinkat(&self.tmp_fd, tmp.as_os_str(), AtFlags::empty());
+        }
+    }
+
+    /// The last step of an apply: inside `mount.exclusive` (no local change through the mount
+    /// can run meanwhile), the path is checked against what the engine expects and replaced.
+    pub fn commit(
+        &self,
+        apply: &Apply,
+        prepared: Prepared,
+        mount: &dyn Mount,
+    ) -> Result<(), ApplyError> {
+        let tmp = prepared.tmp;
         let mut result = Err(ApplyError::Stale);
         mount.exclusive(&mut || result = self.replace(apply, tmp.as_deref(), mount));
         if result.is_err() {
@@ -515,8 +579,8 @@ fn io_error(path: &RelPath, e: std::io::Error) -> ApplyError {
     ApplyError::Io(format!("{path}: {e}"))
 }
 
-/// Owner, extended attributes, mode and mtime of a finished file, then its data to disk (before
-/// it is renamed into place).
+/// Owner, extended attributes, mode and mtime of a finished file (its data is made durable by
+/// [`Tree::make_durable`] before it is renamed into place).
 fn finish_file(file: &File, meta: &Meta) -> std::io::Result<()> {
     set_owner_and_xattrs(file.as_fd(), meta)?;
     rustix::fs::fchmod(file, Mode::from_raw_mode(meta.mode & 0o7777))?;
@@ -528,7 +592,7 @@ fn finish_file(file: &File, meta: &Meta) -> std::io::Result<()> {
             last_modification: mtime,
         },
     )?;
-    file.sync_data()
+    Ok(())
 }
 
 fn set_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta) -> std::io::Result<()> {

@@ -12,7 +12,7 @@
 //!   and the control socket.
 
 use crate::control::{self, Request, Response};
-use crate::files::{rel_path, Tree};
+use crate::files::{rel_path, Prepared, Tree};
 use crate::identity::Identity;
 use crate::peers::Book;
 use crate::store::RedbStore;
@@ -20,7 +20,9 @@ use crate::transport::Net;
 use bytes::Bytes;
 use rsyncfs_conflict::NodeId;
 use rsyncfs_logger::{Change, ChangeKind, Mounted};
-use rsyncfs_mesh::engine::{Apply, Config, Engine, Input, Mode, Output, Source, StagedId};
+use rsyncfs_mesh::engine::{
+    Apply, ApplyError, Config, Engine, Input, Mode, Output, Source, StagedId,
+};
 use rsyncfs_mesh::path::RelPath;
 use rsyncfs_mesh::store::Store;
 use rsyncfs_mesh::wire::{self, Message};
@@ -49,6 +51,8 @@ const EVENTS_QUEUED_MAX: usize = 4096;
 const OBSERVES_QUEUED_MAX: usize = 20_000;
 /// Workers that observe and apply.
 const WORKERS: usize = 4;
+/// Jobs a worker takes at once (the applies among them share one sync).
+const JOBS_PER_TURN_MAX: usize = 128;
 /// A group commit happens this long after the first write it holds, or at this many writes.
 const COMMIT_AFTER: Duration = Duration::from_millis(20);
 const COMMIT_WRITES_MAX: usize = 20_000;
@@ -130,34 +134,76 @@ impl Workers {
                 .name(format!("rsyncfs-worker-{i}"))
                 .spawn(move || {
                     let _guard = rt.enter();
-                    for job in rx {
-                        let input = match job {
-                            Job::Observe(path, counted) => {
-                                if counted {
-                                    observes2.fetch_sub(1, Ordering::Relaxed);
+                    while let Ok(first) = rx.recv() {
+                        // Take what is queued (in order), so that the applies among it share
+                        // one sync of their contents.
+                        let mut jobs = vec![first];
+                        while jobs.len() < JOBS_PER_TURN_MAX {
+                            match rx.try_recv() {
+                                Ok(job) => jobs.push(job),
+                                Err(_) => break,
+                            }
+                        }
+                        let mut prepared: Vec<Option<Result<Prepared, ApplyError>>> = jobs
+                            .iter()
+                            .map(|job| match job {
+                                Job::Apply(apply, staged) => {
+                                    Some(tree.prepare(apply, staged.as_deref()))
                                 }
-                                match tree.observe(&path) {
-                                    Ok(observed) => Input::LocalChange { path, observed },
-                                    Err(e) => {
-                                        tracing::warn!("{e}");
-                                        continue;
+                                _ => None,
+                            })
+                            .collect();
+                        let durable = {
+                            let ok: Vec<&Prepared> = prepared
+                                .iter()
+                                .filter_map(|p| p.as_ref().and_then(|r| r.as_ref().ok()))
+                                .collect();
+                            tree.make_durable(&ok)
+                        };
+                        let mut stop = false;
+                        for (job, prep) in jobs.into_iter().zip(prepared.iter_mut()) {
+                            let input = match job {
+                                Job::Observe(path, counted) => {
+                                    if counted {
+                                        observes2.fetch_sub(1, Ordering::Relaxed);
+                                    }
+                                    match tree.observe(&path) {
+                                        Ok(observed) => Input::LocalChange { path, observed },
+                                        Err(e) => {
+                                            tracing::warn!("{e}");
+                                            continue;
+                                        }
                                     }
                                 }
-                            }
-                            Job::WriterClosed(path) => Input::WriterClosed { path },
-                            Job::Stop => break,
-                            Job::Apply(apply, staged) => {
-                                let result = tree.apply(&apply, staged.as_deref(), &*mounted);
-                                if result.is_ok() {
-                                    mounted.invalidate(Path::new(apply.path.as_str()));
+                                Job::WriterClosed(path) => Input::WriterClosed { path },
+                                Job::Stop => {
+                                    stop = true;
+                                    break;
                                 }
-                                Input::ApplyDone {
-                                    op: apply.op,
-                                    result,
+                                Job::Apply(apply, _) => {
+                                    let result = match (prep.take().expect("prepared"), &durable) {
+                                        (Ok(p), Ok(())) => tree.commit(&apply, p, &*mounted),
+                                        (Ok(p), Err(e)) => {
+                                            tree.discard(&apply, p);
+                                            Err(ApplyError::Io(format!("{}: {e}", apply.path)))
+                                        }
+                                        (Err(e), _) => Err(e),
+                                    };
+                                    if result.is_ok() {
+                                        mounted.invalidate(Path::new(apply.path.as_str()));
+                                    }
+                                    Input::ApplyDone {
+                                        op: apply.op,
+                                        result,
+                                    }
                                 }
+                            };
+                            if events.blocking_send(Event::Input(input)).is_err() {
+                                stop = true;
+                                break;
                             }
-                        };
-                        if events.blocking_send(Event::Input(input)).is_err() {
+                        }
+                        if stop {
                             break;
                         }
                     }
@@ -406,6 +452,21 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<(), String> {
     result.and(unmounted)
 }
 
+/// A message in a few words, for debug logs.
+pub fn describe(message: &Message) -> String {
+    match message {
+        Message::Hello {
+            progress,
+            fresh,
+            session,
+        } => format!("hello {progress} fresh {fresh} session {session}"),
+        Message::Welcome { session } => format!("welcome {session}"),
+        Message::Batch(b) => format!("batch ({}, {}] of {}", b.after, b.upto, b.records.len()),
+        Message::Ack { progress } => format!("ack {progress}"),
+        Message::Pull { after } => format!("pull after {after}"),
+    }
+}
+
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::TwoWay => "two-way",
@@ -526,6 +587,14 @@ impl Core {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Input(input) => {
+                match &input {
+                    Input::Received { from, message } => {
+                        tracing::debug!("received from {}: {}", from.short(), describe(message));
+                    }
+                    Input::PeerUp { peer } => tracing::debug!("peer {} up", peer.short()),
+                    Input::PeerDown { peer } => tracing::debug!("peer {} down", peer.short()),
+                    _ => {}
+                }
                 let applied = match &input {
                     Input::ApplyDone { op, result: Ok(()) } => Some(*op),
                     _ => None,
@@ -663,6 +732,7 @@ impl Core {
                 }
             }
         }
+        tracing::debug!("send to {}: {}", to.short(), describe(&message));
         let frame = wire::encode_frame(&message);
         self.net.send(&to, Bytes::from(frame));
     }

@@ -365,12 +365,15 @@ impl Net {
                 )
                 .map(|old| old.conn)
         };
-        if let Some(old) = replaced {
-            old.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
-            self.to_engine(Event::Input(Input::PeerDown { peer: id }));
-        }
         tracing::info!("connected to {} at {}", id.short(), conn.remote_address());
-        self.to_engine(Event::Input(Input::PeerUp { peer: id }));
+        match replaced {
+            // The engine's session with the peer goes on over the new connection: the peer may
+            // never have taken the old one into use (it refused it as a duplicate), so a new
+            // handshake here could wait for a Hello that never comes. What was in flight on the
+            // old connection is sent again by the engine's timers.
+            Some(old) => old.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate"),
+            None => self.to_engine(Event::Input(Input::PeerUp { peer: id })),
+        }
         tokio::spawn(Arc::clone(self).writer(conn.clone(), rx));
         tokio::spawn(Arc::clone(self).readers(conn.clone(), id));
         tokio::spawn(Arc::clone(self).bi_streams(conn.clone(), id));
@@ -435,7 +438,16 @@ impl Net {
             Some(Ok(())) => {
                 self.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
             }
-            _ => {
+            other => {
+                tracing::debug!(
+                    "frame to {} dropped: {}",
+                    to.short(),
+                    match other {
+                        None => "no link",
+                        Some(Err(mpsc::error::TrySendError::Full(_))) => "queue full",
+                        Some(_) => "writer gone",
+                    }
+                );
                 self.counters.frames_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -24,8 +24,14 @@ struct Envelope {
 #[derive(Serialize)]
 #[allow(dead_code)]
 enum EvilMessage {
-    Hello { progress: u64, fresh: bool },
-    Welcome,
+    Hello {
+        progress: u64,
+        fresh: bool,
+        session: u64,
+    },
+    Welcome {
+        session: u64,
+    },
     Batch(EvilBatch),
 }
 

@@ -144,39 +144,71 @@ fn concurrent_writes_converge_and_keep_both_contents() {
     let a = Node::start(dir.path(), "a");
     let b = Node::start(dir.path(), "b");
     join(&a, &b);
+    // Each round, both sides open the file before either writes, so that neither write can see
+    // the other (a node holds a remote update back while a local writer has the path open):
+    // the writes are truly concurrent, and both must survive on both nodes.
     const ROUNDS: usize = 20;
     for round in 0..ROUNDS {
-        let (pa, pb) = (a.m("race.txt"), b.m("race.txt"));
+        fs::write(a.m("race.txt"), format!("base of round {round}\n")).unwrap();
+        converge(&[&a, &b], |_| {
+            fs::read(b.m("race.txt")).ok() == Some(format!("base of round {round}\n").into_bytes())
+        });
+        let mut fa = fs::OpenOptions::new()
+            .write(true)
+            .open(a.m("race.txt"))
+            .unwrap();
+        let mut fb = fs::OpenOptions::new()
+            .write(true)
+            .open(b.m("race.txt"))
+            .unwrap();
         let wa = format!("round {round} from a\n");
         let wb = format!("round {round} from b, longer\n");
         let (wa2, wb2) = (wa.clone(), wb.clone());
-        let ta = std::thread::spawn(move || fs::write(pa, wa2).unwrap());
-        let tb = std::thread::spawn(move || fs::write(pb, wb2).unwrap());
+        let ta = std::thread::spawn(move || {
+            fa.set_len(0).unwrap();
+            fa.write_all(wa2.as_bytes()).unwrap();
+        });
+        let tb = std::thread::spawn(move || {
+            fb.set_len(0).unwrap();
+            fb.write_all(wb2.as_bytes()).unwrap();
+        });
         ta.join().unwrap();
         tb.join().unwrap();
         converge(&[&a, &b], |_| {
-            // Both writes survive on this node: as the file or as a conflict copy.
             let all = common::contents(&a.mnt);
             all.contains(&wa.clone().into_bytes()) && all.contains(&wb.clone().into_bytes())
         });
     }
     let t = tree(&a.mnt);
     let copies = t.keys().filter(|k| k.contains(".sync-conflict-")).count();
-    assert!(copies >= 1, "no conflict copy in {t:#?}");
+    assert!(copies >= ROUNDS, "{copies} conflict copies in {t:#?}");
     let listed = a.cmd(&["conflicts", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), copies);
 
-    // Delete against edit: the edit wins on both.
+    // Delete against edit: the edit wins on both (b holds the file open while a deletes it).
     fs::write(a.m("keep.txt"), b"v1").unwrap();
     converge(&[&a, &b], |t| has(t, "keep.txt"));
-    let (pa, pb) = (a.m("keep.txt"), b.m("keep.txt"));
-    let ta = std::thread::spawn(move || fs::remove_file(pa).unwrap());
-    let tb = std::thread::spawn(move || fs::write(pb, b"v2 edited").unwrap());
-    ta.join().unwrap();
-    tb.join().unwrap();
+    let mut fb = fs::OpenOptions::new()
+        .write(true)
+        .open(b.m("keep.txt"))
+        .unwrap();
+    fs::remove_file(a.m("keep.txt")).unwrap();
+    fb.set_len(0).unwrap();
+    fb.write_all(b"v2 edited").unwrap();
+    drop(fb);
     converge(&[&a, &b], |t| has(t, "keep.txt"));
     assert_eq!(fs::read(a.m("keep.txt")).unwrap(), b"v2 edited");
+    // Writes at the same moment from both sides, without the guard: whatever the interleaving,
+    // the replicas agree.
+    for round in 0..10 {
+        let (pa, pb) = (a.m("free.txt"), b.m("free.txt"));
+        let ta = std::thread::spawn(move || fs::write(pa, format!("a{round}")).unwrap());
+        let tb = std::thread::spawn(move || fs::write(pb, format!("b{round}")).unwrap());
+        ta.join().unwrap();
+        tb.join().unwrap();
+    }
+    converge(&[&a, &b], |t| has(t, "free.txt"));
 }
 
 #[test]

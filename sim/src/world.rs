@@ -1464,10 +1464,17 @@ fn short_action(a: &rsyncfs_mesh::engine::Action) -> String {
 
 fn describe(m: &Message) -> String {
     match m {
-        Message::Hello { progress, fresh } => {
-            format!("Hello({progress}{})", if *fresh { ", fresh" } else { "" })
+        Message::Hello {
+            progress,
+            fresh,
+            session,
+        } => {
+            format!(
+                "Hello({progress}{}, session {session})",
+                if *fresh { ", fresh" } else { "" }
+            )
         }
-        Message::Welcome => "Welcome".to_string(),
+        Message::Welcome { session } => format!("Welcome(session {session})"),
         Message::Ack { progress } => format!("Ack({progress})"),
         Message::Pull { after } => format!("Pull({after})"),
         Message::Batch(b) => {

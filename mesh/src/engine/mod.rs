@@ -314,6 +314,8 @@ pub struct Engine<S: Store> {
     peers: BTreeMap<NodeId, replicate::Peer>,
     /// Peers sent a Hello since this engine started.
     greeted: BTreeSet<NodeId>,
+    /// The last session number given to a peer connection (see [`Message::Hello`]).
+    last_session: u64,
     pending: BTreeMap<RelPath, Pending>,
     dirty: BTreeSet<RelPath>,
     /// path -> conflict copies wished for it (pending targets with `wish_of` set to it).
@@ -356,6 +358,7 @@ impl<S: Store> Engine<S> {
             next_seq,
             peers: BTreeMap::new(),
             greeted: BTreeSet::new(),
+            last_session: 0,
             pending: BTreeMap::new(),
             dirty: BTreeSet::new(),
             wishes: BTreeMap::new(),
@@ -587,12 +590,25 @@ impl<S: Store> Engine<S> {
 
     fn flush(&mut self) {
         let mut budget = RECONCILES_PER_CALL_MAX;
-        while budget > 0 {
-            let Some(path) = self.dirty.pop_first() else {
-                break;
-            };
-            self.reconcile(&path);
-            budget -= 1;
+        while budget > 0 && !self.dirty.is_empty() {
+            // Paths that are to show something go first, so that a copy from a local file is
+            // under way before that file's own removal is looked at (and waits for it): a
+            // rename then moves no bytes.
+            let take = budget.min(self.dirty.len());
+            let mut round: Vec<RelPath> = Vec::with_capacity(take);
+            while round.len() < take {
+                round.push(self.dirty.pop_first().expect("counted"));
+            }
+            let (live, rest): (Vec<RelPath>, Vec<RelPath>) = round.into_iter().partition(|p| {
+                self.pending
+                    .get(p)
+                    .and_then(|w| w.target.as_ref())
+                    .is_some_and(Record::is_live)
+            });
+            for path in live.into_iter().chain(rest) {
+                self.reconcile(&path);
+                budget -= 1;
+            }
         }
         self.peers_push();
     }

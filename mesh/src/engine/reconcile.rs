@@ -152,6 +152,30 @@ impl<S: Store> Engine<S> {
                 Content::Tombstone => unreachable!("shown() never returns a tombstone"),
             },
         };
+        // A file another path is being copied from stays until that copy is done (the
+        // source of a rename is removed only after the new name has its content).
+        if entry
+            .local
+            .as_ref()
+            .is_some_and(|m| m.file_hash().is_some())
+        {
+            let copying: Vec<RelPath> = self
+                .ops
+                .values()
+                .filter_map(|(q, kind)| match kind {
+                    OpKind::Apply {
+                        source: Some(s), ..
+                    } if s == path => Some(q.clone()),
+                    _ => None,
+                })
+                .collect();
+            if !copying.is_empty() {
+                for q in &copying {
+                    self.wait_for(path, q);
+                }
+                return;
+            }
+        }
         let (source, staged) = match &action {
             Action::Write {
                 source: Source::Local(q),
@@ -495,6 +519,8 @@ impl<S: Store> Engine<S> {
         }
         let backoff = self.cfg.retry_after.as_nanos() as u64 * (1u64 << retries.min(6));
         self.schedule_retry(path, backoff);
+        // A source kept for this copy need not wait for the retry.
+        self.wake_waiters(path);
     }
 
     fn schedule_retry(&mut self, path: &RelPath, delay_ns: u64) {

@@ -39,6 +39,10 @@ pub(super) struct Peer {
     welcomed: bool,
     hello_sent_at: u64,
     hello_fresh: bool,
+    /// Our session with the peer, sent in our Hello.
+    session: u64,
+    /// The peer's session whose Hello we took.
+    their_session: u64,
     /// The peer's log is applied up to here (in memory; the store has the safe value).
     recv: u64,
     /// Sequences of the peer's records that are folded into pending targets, with counts.
@@ -62,11 +66,13 @@ pub struct PeerStatus {
 }
 
 impl Peer {
-    fn new(recv: u64, now: u64) -> Peer {
+    fn new(recv: u64, now: u64, session: u64) -> Peer {
         Peer {
             welcomed: false,
             hello_sent_at: now,
             hello_fresh: false,
+            session,
+            their_session: 0,
             hello: false,
             acked: 0,
             sent: 0,
@@ -119,7 +125,10 @@ impl<S: Store> Engine<S> {
     pub(super) fn on_peer_up(&mut self, peer: NodeId) {
         assert_ne!(peer, self.cfg.node, "a node does not connect to itself");
         let recv = self.store.progress(&peer);
-        self.peers.insert(peer, Peer::new(recv, self.now));
+        // Sessions grow: the time, or one more than the last, whichever is larger.
+        self.last_session = self.now.max(self.last_session + 1);
+        let session = self.last_session;
+        self.peers.insert(peer, Peer::new(recv, self.now, session));
         let fresh = self.greeted.insert(peer);
         self.peers.get_mut(&peer).expect("inserted").hello_fresh = fresh;
         self.send(
@@ -127,6 +136,7 @@ impl<S: Store> Engine<S> {
             Message::Hello {
                 progress: recv,
                 fresh,
+                session,
             },
         );
     }
@@ -186,9 +196,16 @@ impl<S: Store> Engine<S> {
             return;
         }
         match message {
-            Message::Hello { progress, fresh } => self.on_hello(from, progress, fresh),
-            Message::Welcome => {
-                self.peers.get_mut(&from).expect("checked above").welcomed = true;
+            Message::Hello {
+                progress,
+                fresh,
+                session,
+            } => self.on_hello(from, progress, fresh, session),
+            Message::Welcome { session } => {
+                let peer = self.peers.get_mut(&from).expect("checked above");
+                if session == peer.session {
+                    peer.welcomed = true;
+                }
             }
             Message::Batch(batch) => self.on_batch(from, batch),
             Message::Ack { progress } => self.on_ack(from, progress),
@@ -196,12 +213,39 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    fn on_hello(&mut self, from: NodeId, progress: u64, fresh: bool) {
-        self.send(from, Message::Welcome);
+    fn on_hello(&mut self, from: NodeId, progress: u64, fresh: bool, session: u64) {
+        let theirs = self
+            .peers
+            .get(&from)
+            .expect("checked by caller")
+            .their_session;
+        if session < theirs {
+            return; // from an earlier session, overtaken
+        }
+        if session > theirs {
+            if self.peers[&from].hello {
+                // The peer started over without us seeing the link drop: so do we (our new
+                // Hello goes out).
+                self.on_peer_down(from);
+                self.on_peer_up(from);
+            } else {
+                // A new session of the peer may have begun after our Hello reached its
+                // previous one: it gets our Hello again (a duplicate is harmless).
+                let peer = &self.peers[&from];
+                let hello = Message::Hello {
+                    progress: peer.recv,
+                    fresh: peer.hello_fresh,
+                    session: peer.session,
+                };
+                self.send(from, hello);
+            }
+        }
+        self.send(from, Message::Welcome { session });
         let peer = self.peers.get_mut(&from).expect("checked by caller");
         if peer.hello {
             return; // a duplicate, or sent again because our Welcome was lost
         }
+        peer.their_session = session;
         // A peer cannot have applied more of our log than we have written; a peer that says so
         // restarts from zero rather than missing records.
         let progress = if progress > self.next_seq - 1 {
@@ -505,8 +549,15 @@ impl<S: Store> Engine<S> {
             }
             if !state.welcomed && state.hello_sent_at + resend_ns <= now {
                 state.hello_sent_at = now;
-                let (progress, fresh) = (state.recv, state.hello_fresh);
-                self.send(id, Message::Hello { progress, fresh });
+                let (progress, fresh, session) = (state.recv, state.hello_fresh, state.session);
+                self.send(
+                    id,
+                    Message::Hello {
+                        progress,
+                        fresh,
+                        session,
+                    },
+                );
             }
             let state = self.peers.get_mut(&id).expect("listed");
             let flush = state.hello
