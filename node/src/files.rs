@@ -62,6 +62,9 @@ pub struct Tree {
     tmp_fd: OwnedFd,
     tmp_path: PathBuf,
     hashes: Mutex<HashMap<Stamp, Hash>>,
+    /// Contents of small files by hash, as last read or written, for the batches that carry
+    /// them (so that announcing a file just observed reads it no second time).
+    small: Mutex<SmallCache>,
     next_tmp: AtomicU64,
     /// Directories whose entries changed since the last [`Tree::sync_dirs`].
     touched: Mutex<HashSet<PathBuf>>,
@@ -72,6 +75,42 @@ pub struct Prepared {
     tmp: Option<std::ffi::OsString>,
     /// The temporary file, open, for making its data durable.
     file: Option<File>,
+}
+
+/// Files up to this size are kept in [`SmallCache`] when read (the inline limit).
+const SMALL_BYTES_MAX: u64 = rsyncfs_mesh::wire::INLINE_BYTES_MAX as u64;
+/// Bytes of small contents kept.
+const SMALL_CACHE_BYTES_MAX: usize = 16 << 20;
+
+/// Small contents by hash, oldest dropped first beyond [`SMALL_CACHE_BYTES_MAX`].
+#[derive(Default)]
+struct SmallCache {
+    by_hash: HashMap<Hash, bytes::Bytes>,
+    order: std::collections::VecDeque<Hash>,
+    bytes: usize,
+}
+
+impl SmallCache {
+    fn put(&mut self, hash: Hash, data: bytes::Bytes) {
+        if self.by_hash.contains_key(&hash) {
+            return;
+        }
+        self.bytes += data.len();
+        self.by_hash.insert(hash, data);
+        self.order.push_back(hash);
+        while self.bytes > SMALL_CACHE_BYTES_MAX {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.by_hash.remove(&old) {
+                self.bytes -= d.len();
+            }
+        }
+    }
+
+    fn get(&self, hash: &Hash) -> Option<bytes::Bytes> {
+        self.by_hash.get(hash).cloned()
+    }
 }
 
 /// What an apply needs from the mount over the tree.
@@ -129,6 +168,7 @@ impl Tree {
             tmp_fd,
             tmp_path,
             hashes: Mutex::new(HashMap::new()),
+            small: Mutex::new(SmallCache::default()),
             next_tmp: AtomicU64::new(0),
             touched: Mutex::new(HashSet::new()),
         })
@@ -218,7 +258,15 @@ impl Tree {
                         )
                         .map_err(|e| io(e.into()))?;
                         let file = File::from(fd);
-                        let (hash, after) = hash_file(&file).map_err(io)?;
+                        let (hash, after) = if stamp.size <= SMALL_BYTES_MAX {
+                            let mut data = Vec::with_capacity(stamp.size as usize + 1);
+                            (&file).read_to_end(&mut data).map_err(io)?;
+                            let hash = *blake3::hash(&data).as_bytes();
+                            self.small.lock().put(hash, bytes::Bytes::from(data));
+                            (hash, rustix::fs::fstat(&file).map_err(|e| io(e.into()))?)
+                        } else {
+                            hash_file(&file).map_err(io)?
+                        };
                         if Stamp::of(&after) != stamp {
                             // Written while we read: report what is there now; the change that
                             // is still going on is reported when its writer closes.
@@ -270,14 +318,18 @@ impl Tree {
 
     /// The content of a small file, if `path` still holds content `hash` (checked on the bytes
     /// read).
-    pub fn read_small(&self, path: &RelPath, hash: &Hash, size: u64) -> Option<Vec<u8>> {
+    pub fn read_small(&self, path: &RelPath, hash: &Hash, size: u64) -> Option<bytes::Bytes> {
+        if let Some(data) = self.small.lock().get(hash) {
+            return Some(data);
+        }
         let mut file = self.open_content(path, hash, size)?;
         let mut data = Vec::with_capacity(size as usize);
         Read::by_ref(&mut file)
             .take(size + 1)
             .read_to_end(&mut data)
             .ok()?;
-        (data.len() as u64 == size && blake3::hash(&data).as_bytes() == hash).then_some(data)
+        (data.len() as u64 == size && blake3::hash(&data).as_bytes() == hash)
+            .then(|| bytes::Bytes::from(data))
     }
 
     /// A new temporary file in the state folder (same filesystem as the tree), with its path.
@@ -391,6 +443,7 @@ impl Tree {
                                 "{path}: inline content does not match"
                             )));
                         }
+                        self.small.lock().put(*hash, bytes.clone());
                         let (mut file, tmp) = self.staging_file().map_err(io)?;
                         let written = file.write_all(bytes).and_then(|_| finish_file(&file, meta));
                         if let Err(e) = written {

@@ -727,7 +727,7 @@ impl Core {
             for r in &mut batch.records {
                 if let Some((hash, size)) = r.record.winner().meta.file_hash() {
                     if size <= inline_max {
-                        r.data = self.tree.read_small(&r.path, &hash, size).map(Bytes::from);
+                        r.data = self.tree.read_small(&r.path, &hash, size);
                     }
                 }
             }
