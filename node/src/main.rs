@@ -455,13 +455,14 @@ fn print_status(v: &serde_json::Value) {
     println!("node      {} ({})", s("node"), s("mode"));
     println!("listening {}", s("listen"));
     println!(
-        "state     {}, {} paths pending, {} conflicts so far",
+        "state     {}, {} paths ({} bytes of content) pending, {} conflicts so far",
         if v["idle"].as_bool() == Some(true) {
             "idle"
         } else {
             "busy"
         },
         s("pending_paths"),
+        s("pending_bytes"),
         s("conflicts")
     );
     let l = &v["latency_ms"];

@@ -136,6 +136,10 @@ fn every_kind_of_change_crosses_in_both_directions() {
     assert_eq!(tree(&a.backing), tree(&a.mnt));
     assert_eq!(tree(&b.backing), tree(&b.mnt));
     assert_eq!(a.status()["conflicts"], 0);
+    wait_for("b to have nothing pending", Duration::from_secs(30), || {
+        let s = b.status();
+        s["pending_paths"] == 0 && s["pending_bytes"] == 0
+    });
 }
 
 #[test]

@@ -429,6 +429,19 @@ impl<S: Store> Engine<S> {
             .collect()
     }
 
+    /// Paths with work pending, and the bytes of file content they still wait for (for
+    /// status: what has yet to arrive or be applied here).
+    pub fn pending_work(&self) -> (usize, u64) {
+        let bytes = self
+            .pending
+            .values()
+            .filter_map(|p| p.target.as_ref())
+            .filter_map(|t| t.winner().meta.file_hash())
+            .map(|(_, size)| size)
+            .sum();
+        (self.pending.len(), bytes)
+    }
+
     /// Feeds one input in at time `now` (nanoseconds since the UNIX epoch).
     pub fn handle(&mut self, now: u64, input: Input) {
         self.now = self.now.max(now);
