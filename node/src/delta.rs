@@ -218,10 +218,7 @@ pub async fn fetch(
     write_frame(send, &postcard::to_stdvec(&request).expect("encoding"))
         .await
         .map_err(|_| FetchError::Unreachable)?;
-    let header = read_frame(recv, 64)
-        .await
-        .map_err(|_| FetchError::Unreachable)?
-        .ok_or(FetchError::Unreachable)?;
+    let header = read_control(recv).await?;
     match postcard::from_bytes::<Header>(&header).map_err(|e| fail(e.to_string()))? {
         Header::NotFound => return Err(FetchError::NotFound),
         Header::Found => {}
@@ -235,6 +232,15 @@ pub async fn fetch(
             Err(e)
         }
     }
+}
+
+/// One of the sender's small control frames (a header or a segment operation); a stream that
+/// ends or fails here means the sender is gone.
+async fn read_control(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FetchError> {
+    read_frame(recv, 64)
+        .await
+        .map_err(|_| FetchError::Unreachable)?
+        .ok_or(FetchError::Unreachable)
 }
 
 fn prepare_basis(tree: &Tree, path: &RelPath) -> Option<(File, u64, Vec<Hash>)> {
@@ -264,10 +270,7 @@ async fn receive(
     let mut received = 0u64;
     for i in 0..segments(f.size) {
         let want = segment_len(f.size, i);
-        let op = read_frame(recv, 64)
-            .await
-            .map_err(|_| FetchError::Unreachable)?
-            .ok_or(FetchError::Unreachable)?;
+        let op = read_control(recv).await?;
         let op: Segment = postcard::from_bytes(&op).map_err(|e| fail(e.to_string()))?;
         let data = match op {
             Segment::Same => {
@@ -305,10 +308,7 @@ async fn receive(
                 write_frame(send, signature.serialized())
                     .await
                     .map_err(|_| FetchError::Unreachable)?;
-                let op = read_frame(recv, 64)
-                    .await
-                    .map_err(|_| FetchError::Unreachable)?
-                    .ok_or(FetchError::Unreachable)?;
+                let op = read_control(recv).await?;
                 let Segment::Delta(n) =
                     postcard::from_bytes(&op).map_err(|e| fail(e.to_string()))?
                 else {

@@ -840,6 +840,8 @@ impl Core {
         };
         let stats = self.engine.stats();
         let c = &self.net.counters;
+        let (udp_rx, udp_tx) = self.net.udp_bytes();
+        let (pending_paths, pending_bytes) = self.engine.pending_work();
         serde_json::json!({
             "node": self.net.id().long(),
             "short": self.net.id().short(),
@@ -847,8 +849,8 @@ impl Core {
             "listen": self.listen.to_string(),
             "up_s": self.started.elapsed().as_secs(),
             "idle": self.engine.is_idle(),
-            "pending_paths": self.engine.pending_work().0,
-            "pending_bytes": self.engine.pending_work().1,
+            "pending_paths": pending_paths,
+            "pending_bytes": pending_bytes,
             "peers": peers,
             "pending_joins": self.net.pending_joins().into_iter().map(|(id, addr, s)| serde_json::json!({"id": id, "addr": addr, "waiting_s": s})).collect::<Vec<_>>(),
             "conflicts": stats.conflicts,
@@ -859,8 +861,8 @@ impl Core {
             "fetched_bytes": c.fetched_bytes.load(Ordering::Relaxed),
             "served_bytes": c.served_bytes.load(Ordering::Relaxed),
             "frames_dropped": c.frames_dropped.load(Ordering::Relaxed),
-            "udp_rx_bytes": self.net.udp_bytes().0,
-            "udp_tx_bytes": self.net.udp_bytes().1,
+            "udp_rx_bytes": udp_rx,
+            "udp_tx_bytes": udp_tx,
             "latency_ms": {"count": sorted.len(), "p50": pct(0.5), "p99": pct(0.99), "max": sorted.last()},
         })
     }

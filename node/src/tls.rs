@@ -59,6 +59,15 @@ impl Verifier {
     }
 }
 
+impl Verifier {
+    /// QUIC is TLS 1.3 only.
+    fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+}
+
 impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
@@ -78,9 +87,7 @@ impl ServerCertVerifier for Verifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        Verifier::tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -122,9 +129,7 @@ impl ClientCertVerifier for Verifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        Verifier::tls12_refused()
     }
 
     fn verify_tls13_signature(
