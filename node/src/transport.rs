@@ -189,8 +189,12 @@ impl Net {
         }
         let port = socket.local_addr()?.port();
         let server = tls::server_config(&identity).map_err(std::io::Error::other)?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(tls::MAX_UDP_PAYLOAD)
+            .map_err(std::io::Error::other)?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
