@@ -45,14 +45,19 @@ class Node:
              "--listen", "127.0.0.1:0"],
             stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{name} exited at start; see {self.log.name}")
-            if os.path.ismount(self.mnt) and self.try_status() is not None:
-                break
-            if time.time() > deadline:
-                raise SystemExit(f"{name} did not start")
-            time.sleep(0.05)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"{name} exited at start; see {self.log.name}")
+                if os.path.ismount(self.mnt) and self.try_status() is not None:
+                    break
+                if time.time() > deadline:
+                    raise SystemExit(f"{name} did not start")
+                time.sleep(0.05)
+        except BaseException:
+            # Not started, or interrupted while starting: the caller has no Node to stop.
+            self.stop()
+            raise
 
     def cmd(self, *args):
         return subprocess.run([self.binary, args[0], "--state", self.state, *args[1:]],
