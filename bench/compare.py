@@ -669,26 +669,34 @@ def race(tool, r, gap_s, settle_s, timeout):
         if now - t0 > timeout:
             break
         time.sleep(0.1)
+    outcome = race_outcome(snap, name, ca, cb, base, bool(seen_by_b and seen_by_b[0]))
+    outcome.update(gap_ms=round(gap_s * 1e3), settled_s=round(time.perf_counter() - t0, 2))
+    return outcome
 
+
+def race_outcome(snap, name, ca, cb, base, b_saw_a):
+    """What a race left: snap holds, for side A and side B, every file of the race (name ->
+    content). A write is lost when no side holds its content, one-sided when only one does;
+    ideal is no write lost or one-sided, and the two sides equal. When B had A's content before
+    it wrote, B's write is a later overwrite and A's content is not owed to anyone."""
     def who(data):
         return "A" if data == ca else "B" if data == cb else "base" if data == base else "gone" if data is None else "other"
     sides = {}
     for label, s in zip("AB", snap):
         sides[label] = {"at_the_name": who(s.get(name)), "has_A": ca in s.values(), "has_B": cb in s.values(),
                         "files": sorted(s)}
-    b_saw_a = bool(seen_by_b and seen_by_b[0])
     lost, partial = [], []
     for w, data in (("A", ca), ("B", cb)):
         if w == "A" and b_saw_a:
-            continue  # B wrote over A's content after it had arrived: a later write, not a loss
+            continue
         held = sum(1 for s in snap if data in s.values())
         if held == 0:
             lost.append(w)
         elif held < len(snap):
             partial.append(w)
-    outcome = {"gap_ms": round(gap_s * 1e3), "b_had_a_when_writing": b_saw_a, "sides": sides,
-               "replicas_agree": agree, "writes_lost": lost, "writes_on_one_side_only": partial,
-               "ideal": agree and not lost and not partial, "settled_s": round(time.perf_counter() - t0, 2)}
+    agree = snap[0] == snap[1]
+    outcome = {"b_had_a_when_writing": b_saw_a, "sides": sides, "replicas_agree": agree, "writes_lost": lost,
+               "writes_on_one_side_only": partial, "ideal": agree and not lost and not partial}
     outcome["summary"] = race_summary(outcome)
     return outcome
 
