@@ -45,7 +45,20 @@ fn file(bytes: &[u8]) -> Meta {
 }
 
 fn receive(e: &mut Engine<MemStore>, from: NodeId, message: Message) {
-    e.handle(T0, Input::Received { from, message });
+    receive_at(e, T0, from, message);
+}
+
+/// A Hello of a node that has received nothing yet.
+fn hello(fresh: bool, session: u64) -> Message {
+    Message::Hello {
+        progress: 0,
+        fresh,
+        session,
+    }
+}
+
+fn receive_at(e: &mut Engine<MemStore>, at: u64, from: NodeId, message: Message) {
+    e.handle(at, Input::Received { from, message });
 }
 
 fn first_apply(outputs: &[Output]) -> Option<Apply> {
@@ -110,99 +123,41 @@ fn handshake_is_repeated_until_welcomed() {
     e.handle(T0, Input::PeerUp { peer: node(1) });
     let out = drain(&mut e);
     let session = hello_session(&out, node(1));
-    assert_eq!(
-        sent_to(&out, node(1)),
-        vec![Message::Hello {
-            progress: 0,
-            fresh: true,
-            session
-        }]
-    );
+    assert_eq!(sent_to(&out, node(1)), vec![hello(true, session)]);
     // The Hello is lost: it goes again after the resend interval, still fresh.
     let at = e.poll_timeout().expect("a resend is due");
     e.handle_timeout(at);
-    assert_eq!(
-        sent_to(&drain(&mut e), node(1)),
-        vec![Message::Hello {
-            progress: 0,
-            fresh: true,
-            session
-        }]
-    );
+    assert_eq!(sent_to(&drain(&mut e), node(1)), vec![hello(true, session)]);
     // A Welcome of another session does not count.
-    e.handle(
+    receive_at(
+        &mut e,
         at,
-        Input::Received {
-            from: node(1),
-            message: Message::Welcome {
-                session: session + 1,
-            },
+        node(1),
+        Message::Welcome {
+            session: session + 1,
         },
     );
     assert!(e.poll_timeout().is_some(), "still waiting for the Welcome");
-    e.handle(
-        at,
-        Input::Received {
-            from: node(1),
-            message: Message::Welcome { session },
-        },
-    );
+    receive_at(&mut e, at, node(1), Message::Welcome { session });
     assert!(drain(&mut e).is_empty());
     assert_eq!(e.poll_timeout(), None, "nothing left to resend");
     // A Hello from the peer is answered with Welcome, twice if it comes twice; the first of a
     // session also gets this node's Hello again (the peer may have started its session after
     // the first one reached it).
     for round in 0..2 {
-        e.handle(
-            at,
-            Input::Received {
-                from: node(1),
-                message: Message::Hello {
-                    progress: 0,
-                    fresh: false,
-                    session: 7,
-                },
-            },
-        );
+        receive_at(&mut e, at, node(1), hello(false, 7));
         let mut want = vec![Message::Welcome { session: 7 }];
         if round == 0 {
-            want.insert(
-                0,
-                Message::Hello {
-                    progress: 0,
-                    fresh: true,
-                    session,
-                },
-            );
+            want.insert(0, hello(true, session));
         }
         assert_eq!(sent_to(&drain(&mut e), node(1)), want);
     }
     // A Hello of an older session is left alone.
-    e.handle(
-        at,
-        Input::Received {
-            from: node(1),
-            message: Message::Hello {
-                progress: 0,
-                fresh: false,
-                session: 6,
-            },
-        },
-    );
+    receive_at(&mut e, at, node(1), hello(false, 6));
     assert!(sent_to(&drain(&mut e), node(1)).is_empty());
     // A newer one means the peer started over without this node seeing the link drop: this
     // node starts over too, with a Hello of its own (a new session), and welcomes the peer's.
-    e.handle(
-        at,
-        Input::Received {
-            from: node(1),
-            message: Message::Hello {
-                progress: 0,
-                fresh: false,
-                session: 8,
-            },
-        },
-    );
+    receive_at(&mut e, at, node(1), hello(false, 8));
     let out = sent_to(&drain(&mut e), node(1));
     let again = match out.as_slice() {
         [Message::Hello {

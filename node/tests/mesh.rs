@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{converge, join, set_mode, tree, wait_for, Item, Node};
+use common::{converge, join, joined_pair, set_mode, tree, wait_for, Item, Node};
 use std::fs;
 use std::io::Write;
 use std::time::Duration;
@@ -24,9 +24,7 @@ fn has(t: &std::collections::BTreeMap<String, Item>, path: &str) -> bool {
 #[test]
 fn every_kind_of_change_crosses_in_both_directions() {
     let Some(dir) = root() else { return };
-    let a = Node::start(dir.path(), "a");
-    let b = Node::start(dir.path(), "b");
-    join(&a, &b);
+    let (a, b) = joined_pair(dir.path());
 
     // New file, then edits from the other side.
     fs::write(a.m("notes.txt"), b"first\n").unwrap();
@@ -145,9 +143,7 @@ fn every_kind_of_change_crosses_in_both_directions() {
 #[test]
 fn concurrent_writes_converge_and_keep_both_contents() {
     let Some(dir) = root() else { return };
-    let a = Node::start(dir.path(), "a");
-    let b = Node::start(dir.path(), "b");
-    join(&a, &b);
+    let (a, b) = joined_pair(dir.path());
     // Each round, both sides open the file before either writes, so that neither write can see
     // the other (a node holds a remote update back while a local writer has the path open):
     // the writes are truly concurrent, and both must survive on both nodes.
@@ -218,9 +214,7 @@ fn concurrent_writes_converge_and_keep_both_contents() {
 #[test]
 fn a_stopped_node_catches_up_both_ways() {
     let Some(dir) = root() else { return };
-    let a = Node::start(dir.path(), "a");
-    let mut b = Node::start(dir.path(), "b");
-    join(&a, &b);
+    let (a, mut b) = joined_pair(dir.path());
     fs::write(a.m("before.txt"), b"seen by both").unwrap();
     converge(&[&a, &b], |t| has(t, "before.txt"));
 
@@ -333,9 +327,7 @@ fn file_hash(path: &std::path::Path) -> Option<blake3::Hash> {
 #[test]
 fn a_one_mib_change_in_a_one_gib_file_moves_about_one_mib() {
     let Some(dir) = root() else { return };
-    let a = Node::start(dir.path(), "a");
-    let b = Node::start(dir.path(), "b");
-    join(&a, &b);
+    let (a, b) = joined_pair(dir.path());
     const GIB: usize = 1 << 30;
     const MIB: usize = 1 << 20;
     {

@@ -227,6 +227,14 @@ impl Drop for Node {
     }
 }
 
+/// Two nodes, "a" and "b", under `root`, with b joined to a's mesh.
+pub fn joined_pair(root: &Path) -> (Node, Node) {
+    let a = Node::start(root, "a");
+    let b = Node::start(root, "b");
+    join(&a, &b);
+    (a, b)
+}
+
 /// Makes `joiner` join `member`'s mesh with an invitation token.
 pub fn join(member: &Node, joiner: &Node) {
     let out = member.cmd(&["invite"]);
