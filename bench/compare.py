@@ -57,8 +57,6 @@ PORT_RSYNCD = 18730
 PORT_UNISON = 18731
 PORT_ST_GUI = (18384, 18385)
 PORT_ST_SYNC = (22001, 22002)
-# Names each replica may hold besides the work: the tools' own state and temporary files.
-NOT_WORK = (".stfolder", ".stversions", ".rsyncfs")
 
 
 class Failed(Exception):
@@ -227,10 +225,11 @@ def write_file(path, data):
 
 def work_files(root):
     """Relative path -> size of every regular file, leaving out the tools' own state and
-    temporary files (which start with a dot: rsync's, Syncthing's and Unison's)."""
+    temporary files, whose names start with a dot (.rsyncfs, .stfolder, rsync's, Syncthing's and
+    Unison's temporary files)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in NOT_WORK and not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for n in filenames:
             if n.startswith("."):
                 continue
@@ -248,6 +247,9 @@ class Tool:
     name = ""
     two_way = True
     continuous = True  # False: nothing moves until run_once()
+    # Seconds to leave the tool alone before a race, once the base file has arrived (a watcher
+    # delay or an archive update still running would blur which writes were concurrent).
+    quiet_before_race = 0.2
 
     def __init__(self, work):
         self.work = os.path.join(work, self.name)
@@ -373,30 +375,24 @@ class Lsyncd(Tool):
         self.procs.start("lsyncd", ["lsyncd", conf])
 
 
-def fsmonitor_dir():
-    for d in os.environ.get("PATH", "").split(":"):
-        if os.path.exists(os.path.join(d, "unison-fsmonitor")):
-            return d
-    return None
-
-
 class Unison(Tool):
     name = "unison"
+    quiet_before_race = 1.5
 
     def start(self):
-        if fsmonitor_dir() is None:
+        if shutil.which("unison-fsmonitor") is None:
             raise Failed("unison-fsmonitor is not on PATH (bench/compare.sh installs it with cargo)")
-        env = dict(os.environ)
+        env = {}
         for side in ("server", "client"):
-            os.makedirs(os.path.join(self.work, "home-" + side))
-        env_s = dict(env, HOME=os.path.join(self.work, "home-server"), UNISON=os.path.join(self.work, "home-server"))
-        env_c = dict(env, HOME=os.path.join(self.work, "home-client"), UNISON=os.path.join(self.work, "home-client"))
-        self.procs.start("unison-server", ["unison", "-socket", str(PORT_UNISON), "-listen", "127.0.0.1"], env=env_s)
+            home = os.path.join(self.work, "home-" + side)
+            os.makedirs(home)
+            env[side] = dict(os.environ, HOME=home, UNISON=home)
+        self.procs.start("unison-server", ["unison", "-socket", str(PORT_UNISON), "-listen", "127.0.0.1"], env=env["server"])
         time.sleep(0.3)
         self.procs.start("unison-client", [
             "unison", self.a, f"socket://127.0.0.1:{PORT_UNISON}/{self.b}",
             "-batch", "-auto", "-repeat", "watch", "-times", "-ui", "text", "-confirmbigdel=false",
-            "-logfile", os.path.join(self.work, "logs", "unison-own.log")], env=env_c)
+            "-logfile", os.path.join(self.work, "logs", "unison-own.log")], env=env["client"])
 
 
 def st_request(gui_port, apikey, path, body=None, method=None):
@@ -410,6 +406,7 @@ def st_request(gui_port, apikey, path, body=None, method=None):
 
 class Syncthing(Tool):
     name = "syncthing"
+    quiet_before_race = 1.5
 
     def start(self):
         homes = [os.path.join(self.work, h) for h in ("home-a", "home-b")]
@@ -475,7 +472,6 @@ class Syncthing(Tool):
                           devices=[{"deviceID": d, "introducedBy": "", "encryptionPassword": ""} for d in ids])
             st_request(PORT_ST_GUI[i], keys[i], "/rest/config/folders", folder, "POST")
         wait_until(connected, 60, "the two Syncthing instances to connect", self.procs)
-        self.max_conflicts = folder.get("maxConflicts")
 
     def bytes_total(self):
         c = st_request(PORT_ST_GUI[1], self.gui_keys[1], "/rest/system/connections")
@@ -633,7 +629,7 @@ def race(tool, r, gap_s, settle_s, timeout):
     tool.run_once()
     wait_until(lambda: read_or_none(os.path.join(tool.b, name)) == base, timeout,
                f"{tool.name}: the race's base file", tool.procs)
-    time.sleep(1.5 if tool.name in ("syncthing", "unison") else 0.2)  # let the tool settle
+    time.sleep(tool.quiet_before_race)
     ca, cb = f"written on A {r}\n".encode() * 100, f"written on B {r}\n".encode() * 120
     seen_by_b = []
     go = threading.Barrier(2)
