@@ -45,6 +45,23 @@ pub mod limits {
     pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
     /// Bytes of one path component (Linux NAME_MAX).
     pub const NAME_BYTES_MAX: usize = 255;
+    /// Bytes of one replicated path, relative to the tree's root: the longest path string a
+    /// system call takes (Linux PATH_MAX, 4,096 with its NUL).
+    pub const PATH_BYTES_MAX: usize = 4095;
+    /// Bytes a conflict copy's name adds to the name it is a copy of, at most:
+    /// `.sync-conflict-YYYYMMDD-HHMMSS-` (31), a short node id (7), `-` and a counter (up to
+    /// 20 digits).
+    pub const CONFLICT_TAG_BYTES_MAX: usize = 31 + 7 + 1 + 20;
+    /// Bytes of the directory part of a replicated path: what leaves room, in the same
+    /// directory, for a conflict copy whose name is its tag alone. A conflict copy of any path
+    /// whose directory is within this limit is itself within every limit (the stem and the
+    /// extension are shortened to fit), so the copy of a copy is too.
+    pub const DIR_BYTES_MAX: usize = PATH_BYTES_MAX - 1 - CONFLICT_TAG_BYTES_MAX;
+
+    // The relations the limits above rely on, checked when the crate builds.
+    const _: () = assert!(CONFLICT_TAG_BYTES_MAX < NAME_BYTES_MAX);
+    const _: () = assert!(DIR_BYTES_MAX + 1 + CONFLICT_TAG_BYTES_MAX <= PATH_BYTES_MAX);
+    const _: () = assert!(NAME_BYTES_MAX < DIR_BYTES_MAX);
     /// Extended attributes one version carries, and their bytes (names and values) in all.
     pub const XATTRS_MAX: usize = 64;
     pub const XATTRS_BYTES_MAX: usize = 64 * 1024;

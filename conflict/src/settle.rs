@@ -1,7 +1,7 @@
 //! How versions of one path settle: the join of two records, the decision a replicator takes,
 //! and the conflict copies that keep every losing write.
 
-use crate::limits::NAME_BYTES_MAX;
+use crate::limits::{CONFLICT_TAG_BYTES_MAX, NAME_BYTES_MAX, PATH_BYTES_MAX};
 use crate::version::{Record, Sibling};
 use crate::Causality;
 use std::time::{Duration, UNIX_EPOCH};
@@ -157,6 +157,11 @@ pub fn settle(path: &str, local: Option<&Record>, remote: &Record) -> Decision {
 /// write's counter added so that two losing writes of one node in one second get two names:
 /// `dir/report.sync-conflict-20261126-101500-ABCD123-42.txt`. The date and time are the losing
 /// write's HLC time (UTC), the letters its origin's short id.
+///
+/// The copy is in the same directory and within both the name and the path limit: the stem is
+/// shortened (at a character boundary), and the extension left out when even that is not
+/// enough. For a path whose directory part is at most [`crate::limits::DIR_BYTES_MAX`] bytes
+/// there is always room for the tag.
 pub fn conflict_copy_name(path: &str, sibling: &Sibling) -> String {
     let (dir, name) = match path.rfind('/') {
         Some(i) => (&path[..=i], &path[i + 1..]),
@@ -179,16 +184,16 @@ pub fn conflict_copy_name(path: &str, sibling: &Sibling) -> String {
         sibling.dot.node.short(),
         sibling.dot.counter
     );
-    // Keep the name within NAME_MAX by shortening the stem (at a character boundary).
-    let room = NAME_BYTES_MAX.saturating_sub(tag.len() + ext.len());
-    let mut cut = stem.len().min(room);
-    while !stem.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    let ext = if ext.len() + tag.len() <= NAME_BYTES_MAX {
+    debug_assert!(tag.len() <= CONFLICT_TAG_BYTES_MAX);
+    let room = NAME_BYTES_MAX.min(PATH_BYTES_MAX.saturating_sub(dir.len()));
+    let ext = if ext.len() + tag.len() <= room {
         ext
     } else {
         ""
     };
+    let mut cut = stem.len().min(room.saturating_sub(tag.len() + ext.len()));
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
     format!("{dir}{}{tag}{ext}", &stem[..cut])
 }

@@ -182,6 +182,30 @@ fn copy_names() {
 }
 
 #[test]
+fn copy_names_fit_the_path_limit_near_it() {
+    let s = write(None, 1, u64::MAX, 4_000_000_000, file(1)).siblings[0].clone();
+    // The longest directory part allowed, then names of every length up to the name limit.
+    let dir = "d/".repeat(limits::DIR_BYTES_MAX / 2 + 1);
+    let dir = &dir[..limits::DIR_BYTES_MAX];
+    let dir = dir.trim_end_matches('/');
+    for name_len in [1, 2, 40, 200, 255] {
+        let name = "n".repeat(name_len - 1) + "x";
+        for path in [format!("{dir}/{name}"), format!("{dir}/{name}.txt")] {
+            let copy = conflict_copy_name(&path, &s);
+            assert!(copy.len() <= limits::PATH_BYTES_MAX, "{}", copy.len());
+            let (copy_dir, copy_name) = copy.rsplit_once('/').unwrap();
+            assert_eq!(copy_dir, dir);
+            assert!(copy_name.len() <= limits::NAME_BYTES_MAX);
+            assert!(copy_name.contains(".sync-conflict-"), "{copy_name}");
+            // The copy of the copy fits too.
+            let again = conflict_copy_name(&copy, &s);
+            assert!(again.len() <= limits::PATH_BYTES_MAX);
+            assert!(again.rsplit_once('/').unwrap().1.len() <= limits::NAME_BYTES_MAX);
+        }
+    }
+}
+
+#[test]
 fn validation_catches_broken_records() {
     let good = write(None, 1, 1, 10, file(1));
     assert!(good.validate().is_ok());

@@ -1,6 +1,6 @@
 //! Relative paths inside a replicated tree, checked before anything uses them.
 
-use rsyncfs_conflict::limits::NAME_BYTES_MAX;
+use rsyncfs_conflict::limits::{DIR_BYTES_MAX, NAME_BYTES_MAX};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -8,8 +8,7 @@ use std::fmt;
 /// It is never replicated and a path into it is refused.
 pub const STATE_DIR_NAME: &str = ".rsyncfs";
 
-/// Bytes of one path (Linux PATH_MAX).
-pub const PATH_BYTES_MAX: usize = 4096;
+pub use rsyncfs_conflict::limits::PATH_BYTES_MAX;
 
 /// A path that cannot name anything inside a replicated tree.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +23,8 @@ pub enum PathError {
     BadComponent,
     #[error("path component is longer than {NAME_BYTES_MAX} bytes")]
     NameTooLong,
+    #[error("the directory part of the path is longer than {DIR_BYTES_MAX} bytes (no room for a conflict copy)")]
+    DirTooLong,
     #[error("path holds a NUL byte")]
     Nul,
     #[error("path is inside the state folder {STATE_DIR_NAME}")]
@@ -31,7 +32,8 @@ pub enum PathError {
 }
 
 /// A normalised relative path: components separated by single `/`, none empty, `.` or `..`, no
-/// NUL byte, within Linux's limits, and not inside the state folder. Ordered bytewise, so that
+/// NUL byte, within Linux's limits, with a directory part short enough for a conflict copy of it
+/// to be a valid path too, and not inside the state folder. Ordered bytewise, so that
 /// everything under `a` sorts between `a/` and `a0`.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -59,6 +61,9 @@ impl RelPath {
             if component.len() > NAME_BYTES_MAX {
                 return Err(PathError::NameTooLong);
             }
+        }
+        if path.rfind('/').is_some_and(|i| i > DIR_BYTES_MAX) {
+            return Err(PathError::DirTooLong);
         }
         if path.split('/').next() == Some(STATE_DIR_NAME) {
             return Err(PathError::StateDir);
@@ -172,9 +177,53 @@ mod tests {
             RelPath::new("a/".repeat(3000) + "a"),
             Err(PathError::TooLong(_))
         ));
+        let deep = "a/".repeat(DIR_BYTES_MAX / 2 + 2) + "a";
+        assert!(deep.len() <= PATH_BYTES_MAX);
+        assert_eq!(RelPath::new(deep), Err(PathError::DirTooLong));
         // Decoding goes through the same checks.
         let bytes = postcard::to_stdvec(&"../x".to_string()).unwrap();
         assert!(postcard::from_bytes::<RelPath>(&bytes).is_err());
+    }
+
+    proptest::proptest! {
+        /// A conflict copy of any valid path is a valid path in the same directory: the copy
+        /// names of the conflict rules and the path rules compose.
+        #[test]
+        fn conflict_copies_of_valid_paths_are_valid(
+            depth in 0usize..2100,
+            dir_len in 1usize..=5,
+            name in "[a-zé.]{1,255}",
+            counter in 1u64..u64::MAX,
+            secs in 0u64..u32::MAX as u64,
+        ) {
+            let mut path = String::new();
+            while path.len() + dir_len + 1 <= DIR_BYTES_MAX && depth > path.len() / (dir_len + 1) {
+                path.push_str(&"d".repeat(dir_len));
+                path.push('/');
+            }
+            let mut name = name;
+            while name.len() > NAME_BYTES_MAX {
+                name.pop();
+            }
+            if name == "." || name == ".." {
+                name.push('x');
+            }
+            path.push_str(&name);
+            let Ok(path) = RelPath::new(path) else {
+                return Ok(()); // too long altogether; nothing to copy
+            };
+            let node = rsyncfs_conflict::NodeId::from_index(3);
+            let sibling = rsyncfs_conflict::Sibling {
+                dot: rsyncfs_conflict::Dot { node, counter },
+                hlc: rsyncfs_conflict::Timestamp::new(rsyncfs_conflict::NTP64(secs << 32), node.hlc_id()),
+                meta: rsyncfs_conflict::Meta::tombstone(),
+            };
+            let copy = rsyncfs_conflict::conflict_copy_name(path.as_str(), &sibling);
+            let copy = RelPath::new(copy.clone());
+            proptest::prop_assert!(copy.is_ok(), "{:?}", copy);
+            let copy = copy.unwrap();
+            proptest::prop_assert_eq!(copy.parent(), path.parent());
+        }
     }
 
     #[test]
