@@ -58,6 +58,29 @@ pub mod limits {
     /// extension are shortened to fit), so the copy of a copy is too.
     pub const DIR_BYTES_MAX: usize = PATH_BYTES_MAX - 1 - CONFLICT_TAG_BYTES_MAX;
 
+    /// Bytes of a postcard varint of a `u64` / `u32`, at most.
+    const VARINT_U64: usize = 10;
+    const VARINT_U32: usize = 5;
+    /// Bytes of one [`crate::Sibling`]'s meta, encoded, at most: the content (a symlink's target
+    /// is the largest), mode, mtime, owner and extended attributes with their length prefixes.
+    const META_ENCODED_BYTES_MAX: usize = 1
+        + (VARINT_U32 + SYMLINK_TARGET_BYTES_MAX)
+        + VARINT_U32
+        + VARINT_U64
+        + (1 + 2 * VARINT_U32)
+        + VARINT_U32
+        + XATTRS_MAX * 2 * VARINT_U32
+        + XATTRS_BYTES_MAX;
+    /// Bytes of one sibling: its dot (id and counter), HLC timestamp (time and a length-prefixed
+    /// id) and meta.
+    const SIBLING_ENCODED_BYTES_MAX: usize =
+        (16 + VARINT_U64) + (VARINT_U64 + 1 + 16) + META_ENCODED_BYTES_MAX;
+    /// Bytes of a [`crate::Record`] that passes [`crate::Record::validate`], encoded with
+    /// postcard, at most (a test builds the largest record and checks it).
+    pub const RECORD_ENCODED_BYTES_MAX: usize = (VARINT_U32 + VV_ENTRIES_MAX * (16 + VARINT_U64))
+        + (VARINT_U32 + SIBLINGS_MAX * SIBLING_ENCODED_BYTES_MAX)
+        + (1 + 16);
+
     // The relations the limits above rely on, checked when the crate builds.
     const _: () = assert!(CONFLICT_TAG_BYTES_MAX < NAME_BYTES_MAX);
     const _: () = assert!(DIR_BYTES_MAX + 1 + CONFLICT_TAG_BYTES_MAX <= PATH_BYTES_MAX);

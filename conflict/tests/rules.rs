@@ -257,3 +257,66 @@ fn extended_attributes_are_checked() {
         Decision::Conflict { .. }
     ));
 }
+
+/// The largest record `validate` accepts encodes within `limits::RECORD_ENCODED_BYTES_MAX`: what
+/// the wire's frame limit is built on.
+#[test]
+fn the_largest_valid_record_fits_its_stated_size() {
+    let mut vv = VersionVector::new();
+    for i in 0..(limits::VV_ENTRIES_MAX - limits::SIBLINGS_MAX) as u64 {
+        let mut id = [0xfeu8; 16];
+        id[..8].copy_from_slice(&i.to_be_bytes());
+        vv.add(Dot {
+            node: NodeId(id),
+            counter: u64::MAX,
+        });
+    }
+    // Siblings from the nodes with the largest ids, the largest counters and times.
+    let mut siblings = Vec::new();
+    for i in 0..limits::SIBLINGS_MAX as u64 {
+        let mut id = [0xffu8; 16];
+        id[15] = 0xff - i as u8;
+        let n = NodeId(id);
+        let dot = Dot {
+            node: n,
+            counter: u64::MAX - i,
+        };
+        vv.add(dot);
+        let xattrs: Vec<(Vec<u8>, Vec<u8>)> = (0..limits::XATTRS_MAX)
+            .map(|k| {
+                let name = format!("user.{k:03}").into_bytes();
+                let value = vec![0xee; limits::XATTRS_BYTES_MAX / limits::XATTRS_MAX - name.len()];
+                (name, value)
+            })
+            .collect();
+        let meta = Meta::symlink("t".repeat(limits::SYMLINK_TARGET_BYTES_MAX))
+            .with_owner(u32::MAX, u32::MAX)
+            .with_xattrs(xattrs);
+        let meta = Meta {
+            mode: 0o7777,
+            mtime_ns: i64::MIN,
+            ..meta
+        };
+        siblings.push(Sibling {
+            dot,
+            hlc: Timestamp::new(NTP64(u64::MAX), n.hlc_id()),
+            meta,
+        });
+    }
+    siblings.sort();
+    let record = Record {
+        vv,
+        siblings,
+        author: Some(NodeId([0xff; 16])),
+    };
+    assert_eq!(record.validate(), Ok(()));
+    assert_eq!(record.vv.len(), limits::VV_ENTRIES_MAX);
+    let size = postcard::to_stdvec(&record).unwrap().len();
+    assert!(
+        size <= limits::RECORD_ENCODED_BYTES_MAX,
+        "{size} > {}",
+        limits::RECORD_ENCODED_BYTES_MAX
+    );
+    // The bound is not loose by much: it is what the frame limit is sized from.
+    assert!(size * 10 >= limits::RECORD_ENCODED_BYTES_MAX * 9, "{size}");
+}

@@ -17,11 +17,21 @@ pub const PROTOCOL_VERSION: u16 = 2;
 pub const INLINE_BYTES_MAX: usize = 64 * 1024;
 /// Most records one batch carries.
 pub const BATCH_RECORDS_MAX: usize = 256;
-/// Largest encoded envelope. A batch is cut before it reaches half of this, so one record of the
-/// largest size always fits.
-pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Bytes of inline content a sender puts into one batch before it starts a new one.
-pub const BATCH_INLINE_BYTES_MAX: usize = 1024 * 1024;
+/// Bytes of one [`WireRecord`], encoded, at most: its sequence, path, record and inline content.
+pub const WIRE_RECORD_BYTES_MAX: usize = 10
+    + (5 + crate::path::PATH_BYTES_MAX)
+    + rsyncfs_conflict::limits::RECORD_ENCODED_BYTES_MAX
+    + (1 + 5 + INLINE_BYTES_MAX);
+/// Encoded bytes (records with their inline contents) a sender puts into one batch: a record
+/// that would take a batch past this starts the next one, except that a batch always takes its
+/// first record.
+pub const BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Bytes of an envelope around a batch's records: version, variant, range and count.
+const BATCH_ENVELOPE_BYTES_MAX: usize = 3 + 1 + 10 + 10 + 5;
+/// Largest encoded envelope: a full batch plus one record of the largest size always fits.
+pub const FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
+const _: () =
+    assert!(BATCH_BYTES_MAX + WIRE_RECORD_BYTES_MAX + BATCH_ENVELOPE_BYTES_MAX <= FRAME_BYTES_MAX);
 
 /// A message with the protocol version of its sender.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,6 +112,13 @@ pub enum WireError {
     BadInline(String),
 }
 
+/// Bytes `record` takes in a batch once its inline content (if it has one, of `inline` bytes)
+/// is attached, for cutting batches by encoded size.
+pub fn record_bytes(record: &WireRecord, inline: Option<u64>) -> usize {
+    let bare = postcard::experimental::serialized_size(record).expect("sizing cannot fail");
+    bare + inline.map_or(0, |n| 5 + n as usize)
+}
+
 /// Encodes one message (without the length prefix).
 pub fn encode(message: &Message) -> Vec<u8> {
     let envelope = Envelope {
@@ -111,17 +128,18 @@ pub fn encode(message: &Message) -> Vec<u8> {
     postcard::to_stdvec(&envelope).expect("encoding to memory cannot fail")
 }
 
-/// Encodes one message with its length prefix, ready for a byte stream.
-pub fn encode_frame(message: &Message) -> Vec<u8> {
+/// Encodes one message with its length prefix, ready for a byte stream. A message over the
+/// frame limit is refused here rather than sent to a peer that would refuse it (the engine's
+/// batches are cut to fit, so this is a bug, reported and survived).
+pub fn encode_frame(message: &Message) -> Result<Vec<u8>, WireError> {
     let body = encode(message);
-    assert!(
-        body.len() <= FRAME_BYTES_MAX,
-        "sender built an oversized frame"
-    );
+    if body.len() > FRAME_BYTES_MAX {
+        return Err(WireError::FrameTooLarge(body.len()));
+    }
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
     frame.extend_from_slice(&body);
-    frame
+    Ok(frame)
 }
 
 /// Reads the length prefix of a frame and checks it before the body is read.
@@ -227,7 +245,7 @@ mod tests {
     fn round_trip() {
         let m = batch_with(b"hello", b"hello");
         assert_eq!(decode(&encode(&m)).unwrap(), m);
-        let frame = encode_frame(&Message::Ack { progress: 9 });
+        let frame = encode_frame(&Message::Ack { progress: 9 }).unwrap();
         let len = frame_length(frame[..4].try_into().unwrap()).unwrap();
         assert_eq!(
             decode(&frame[4..4 + len]).unwrap(),

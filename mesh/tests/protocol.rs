@@ -428,3 +428,48 @@ fn sequences_are_never_reused_across_a_crash() {
     );
     assert!(e.log_end() > used, "{} after {used}", e.log_end());
 }
+
+/// Batches are cut by what they weigh on the wire: 300 files with about 60 KiB of extended
+/// attributes each go out in frames that a peer accepts, and every record goes.
+#[test]
+fn batches_of_records_with_large_attributes_fit_a_frame() {
+    let mut e = engine(0);
+    connect(&mut e, node(1), 0);
+    let xattrs: Vec<(Vec<u8>, Vec<u8>)> = (0..15)
+        .map(|k| (format!("user.k{k}").into_bytes(), vec![b'v'; 4000]))
+        .collect();
+    for i in 0..300 {
+        e.handle(
+            T0,
+            Input::LocalChange {
+                path: path(&format!("dir/file{i:03}")),
+                observed: Some(file(format!("{i}").as_bytes()).with_xattrs(xattrs.clone())),
+            },
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut frames = 0;
+    for _ in 0..100 {
+        let out = drain(&mut e);
+        let batches: Vec<_> = sent_to(&out, node(1))
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::Batch(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        if batches.is_empty() && seen.len() == 300 {
+            break;
+        }
+        for b in batches {
+            let message = Message::Batch(b.clone());
+            let frame = rsyncfs_mesh::wire::encode_frame(&message).expect("within the limit");
+            assert_eq!(rsyncfs_mesh::wire::decode(&frame[4..]).unwrap(), message);
+            frames += 1;
+            seen.extend(b.records.iter().map(|r| r.path.clone()));
+            receive(&mut e, node(1), Message::Ack { progress: b.upto });
+        }
+    }
+    assert_eq!(seen.len(), 300);
+    assert!(frames >= 9, "{frames} frames for about 18 MB of attributes");
+}

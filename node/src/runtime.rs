@@ -733,8 +733,10 @@ impl Core {
             }
         }
         tracing::debug!("send to {}: {}", to.short(), describe(&message));
-        let frame = wire::encode_frame(&message);
-        self.net.send(&to, Bytes::from(frame));
+        match wire::encode_frame(&message) {
+            Ok(frame) => self.net.send(&to, Bytes::from(frame)),
+            Err(e) => tracing::error!("not sent to {}: {e}", to.short()),
+        }
     }
 
     fn note_applied(&mut self, path: &RelPath) {

@@ -11,7 +11,7 @@
 
 use super::Engine;
 use crate::store::{Entry, Store};
-use crate::wire::{Batch, Message, WireRecord, BATCH_INLINE_BYTES_MAX};
+use crate::wire::{self, Batch, Message, WireRecord, BATCH_BYTES_MAX};
 use rsyncfs_conflict::{settle, Decision, NodeId};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -462,9 +462,14 @@ impl<S: Store> Engine<S> {
             }
             let (after, mut upto) = (state.sent, state.scan);
             let mut records = Vec::new();
-            let mut inline_bytes = 0usize;
+            // Encoded bytes of the batch so far, inline contents included (the driver attaches
+            // them): a batch is cut by what it will weigh on the wire, so that it always fits a
+            // frame whatever its records carry (large extended attributes, long paths).
+            let mut batch_bytes = 0usize;
             let mut exhausted = false;
-            while records.len() < self.cfg.batch_records_max && scans < SCANS_PER_PUSH_MAX {
+            let mut full = false;
+            while !full && records.len() < self.cfg.batch_records_max && scans < SCANS_PER_PUSH_MAX
+            {
                 scans += 1;
                 let room = self.cfg.batch_records_max - records.len();
                 let entries = self.store.after(upto, room);
@@ -473,28 +478,33 @@ impl<S: Store> Engine<S> {
                     break;
                 }
                 for (path, entry) in entries {
-                    upto = entry.seq;
                     if !self.should_send(to, &entry) {
+                        upto = entry.seq;
                         continue;
                     }
+                    let seq = entry.seq;
                     let record = entry.record.expect("log entries have records");
-                    if let Some((_, size)) = record.winner().meta.file_hash() {
-                        if size <= inline_max {
-                            inline_bytes += size as usize;
-                        }
-                    }
-                    records.push(WireRecord {
-                        seq: entry.seq,
+                    let inline = record
+                        .winner()
+                        .meta
+                        .file_hash()
+                        .map(|(_, size)| size)
+                        .filter(|size| *size <= inline_max);
+                    let wire_record = WireRecord {
+                        seq,
                         path,
                         record,
                         data: None,
-                    });
-                    if inline_bytes >= BATCH_INLINE_BYTES_MAX {
+                    };
+                    let bytes = wire::record_bytes(&wire_record, inline);
+                    if !records.is_empty() && batch_bytes + bytes > BATCH_BYTES_MAX {
+                        // The next batch starts with this record.
+                        full = true;
                         break;
                     }
-                }
-                if inline_bytes >= BATCH_INLINE_BYTES_MAX {
-                    break;
+                    upto = seq;
+                    batch_bytes += bytes;
+                    records.push(wire_record);
                 }
             }
             let state = self.peers.get_mut(&to).expect("connected");
