@@ -197,7 +197,7 @@ mod tests {
             secs in 0u64..u32::MAX as u64,
         ) {
             let mut path = String::new();
-            while path.len() + dir_len + 1 <= DIR_BYTES_MAX && depth > path.len() / (dir_len + 1) {
+            while path.len() + dir_len < DIR_BYTES_MAX && depth > path.len() / (dir_len + 1) {
                 path.push_str(&"d".repeat(dir_len));
                 path.push('/');
             }
