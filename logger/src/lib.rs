@@ -188,6 +188,20 @@ pub fn why_no_fuse() -> Option<String> {
     }
 }
 
+/// For tests that need FUSE mounts: true when they can run here. Otherwise it prints
+/// `SKIPPED: <why>` and returns false, except under `CI=true`, where a FUSE test that cannot run
+/// fails (CI runs as root with /dev/fuse; a skip there would hide a broken machine).
+pub fn fuse_tests_can_run() -> bool {
+    let Some(why) = why_no_fuse() else {
+        return true;
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true, and this FUSE test cannot run: {why}");
+    }
+    println!("SKIPPED: this test needs FUSE mounts: {why}");
+    false
+}
+
 /// Mounts `backing` at `mount_point`.
 pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, MountError> {
     std::fs::OpenOptions::new()

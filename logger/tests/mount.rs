@@ -10,15 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Why FUSE tests cannot run here, if they cannot.
-fn cannot_mount() -> Option<String> {
-    rsyncfs_logger::why_no_fuse()
-}
-
 macro_rules! need_fuse {
     () => {
-        if let Some(why) = cannot_mount() {
-            println!("SKIPPED: this test needs a FUSE mount: {why}");
+        if !rsyncfs_logger::fuse_tests_can_run() {
             return;
         }
     };

@@ -35,8 +35,9 @@ pub trait Store {
     fn remove(&mut self, path: &RelPath);
     /// Entries with a record and a log position after `seq`, in log order, at most `limit`.
     fn after(&self, seq: u64, limit: usize) -> Vec<(RelPath, Entry)>;
-    /// True when some entry strictly under `dir` satisfies `pred`.
-    fn any_under(&self, dir: &RelPath, pred: &mut dyn FnMut(&RelPath, &Entry) -> bool) -> bool;
+    /// Visits every entry, in path order. Only for building in-memory indexes when the engine
+    /// starts (and for checks): the engine never scans the store per path.
+    fn for_each(&self, visit: &mut dyn FnMut(&RelPath, &Entry));
     /// A path whose local file has this content.
     fn find_local(&self, hash: &Hash) -> Option<RelPath>;
     /// The highest sequence of a peer's store that this node has applied.
@@ -46,6 +47,8 @@ pub trait Store {
     fn seq_reserved(&self) -> u64;
     /// Reserves sequences up to `upto`, durably, before returning.
     fn reserve_seq(&mut self, upto: u64);
+    /// Writes made since the last commit (the driver commits when the engine asks).
+    fn uncommitted(&self) -> usize;
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -128,11 +131,6 @@ impl MemStore {
         self.live = self.durable.clone();
     }
 
-    /// Writes waiting for the next commit.
-    pub fn uncommitted(&self) -> usize {
-        self.uncommitted.len()
-    }
-
     /// Every path's record, for comparing replicas.
     pub fn records(&self) -> impl Iterator<Item = (&RelPath, &Record)> {
         self.live
@@ -171,9 +169,10 @@ impl Store for MemStore {
             .collect()
     }
 
-    fn any_under(&self, dir: &RelPath, pred: &mut dyn FnMut(&RelPath, &Entry) -> bool) -> bool {
-        let (lo, hi) = dir.under_bounds();
-        self.live.entries.range(lo..hi).any(|(p, e)| pred(p, e))
+    fn for_each(&self, visit: &mut dyn FnMut(&RelPath, &Entry)) {
+        for (p, e) in &self.live.entries {
+            visit(p, e);
+        }
     }
 
     fn find_local(&self, hash: &Hash) -> Option<RelPath> {
@@ -202,6 +201,10 @@ impl Store for MemStore {
         assert!(upto >= self.live.reserved);
         self.live.reserved = upto;
         self.durable.reserved = upto;
+    }
+
+    fn uncommitted(&self) -> usize {
+        self.uncommitted.len()
     }
 }
 
@@ -243,8 +246,9 @@ mod tests {
         assert_eq!(s.after(2, 10).len(), 1);
         assert_eq!(s.find_local(&[3; 32]), Some(a.clone()));
         assert_eq!(s.find_local(&[1; 32]), None);
-        assert!(s.any_under(&a, &mut |p, _| p == &b));
-        assert!(!s.any_under(&b, &mut |_, _| true));
+        let mut seen = Vec::new();
+        s.for_each(&mut |p, _| seen.push(p.clone()));
+        assert_eq!(seen, vec![a.clone(), b.clone()]);
     }
 
     #[test]

@@ -2,12 +2,17 @@
 //! echo rules and limits. (Whole meshes over a simulated filesystem are the simulator's tests.)
 
 use rsyncfs_conflict::{Dot, Meta, NodeId, Record, Timestamp, NTP64};
-use rsyncfs_mesh::engine::{Action, Apply, Fetch, Source};
+use rsyncfs_mesh::engine::{Action, Apply, Fetch, Now, Source};
 use rsyncfs_mesh::wire::{Batch, Message, WireRecord};
 use rsyncfs_mesh::{Config, Engine, Input, MemStore, Output, RelPath, Store};
 
 const SEC: u64 = 1_000_000_000;
 const T0: u64 = 1_795_651_200 * SEC;
+
+/// Both clocks at `t` (the tests that step one of them say so).
+fn now(t: u64) -> Now {
+    Now::new(t, t)
+}
 
 fn node(i: u64) -> NodeId {
     NodeId::from_index(i)
@@ -58,7 +63,7 @@ fn hello(fresh: bool, session: u64) -> Message {
 }
 
 fn receive_at(e: &mut Engine<MemStore>, at: u64, from: NodeId, message: Message) {
-    e.handle(at, Input::Received { from, message });
+    e.handle(now(at), Input::Received { from, message });
 }
 
 fn first_apply(outputs: &[Output]) -> Option<Apply> {
@@ -81,18 +86,18 @@ fn hello_session(outputs: &[Output], peer: NodeId) -> u64 {
 
 /// Connects `e` to `peer` and completes the handshake as the peer would.
 fn connect(e: &mut Engine<MemStore>, peer: NodeId, peer_progress: u64) -> Vec<Output> {
-    e.handle(T0, Input::PeerUp { peer });
+    e.handle(now(T0), Input::PeerUp { peer });
     let mut out = drain(e);
     let session = hello_session(&out, peer);
     e.handle(
-        T0,
+        now(T0),
         Input::Received {
             from: peer,
             message: Message::Welcome { session },
         },
     );
     e.handle(
-        T0,
+        now(T0),
         Input::Received {
             from: peer,
             message: Message::Hello {
@@ -120,13 +125,13 @@ fn remote_write(author: u64, counter: u64, meta: Meta) -> Record {
 #[test]
 fn handshake_is_repeated_until_welcomed() {
     let mut e = engine(0);
-    e.handle(T0, Input::PeerUp { peer: node(1) });
+    e.handle(now(T0), Input::PeerUp { peer: node(1) });
     let out = drain(&mut e);
     let session = hello_session(&out, node(1));
     assert_eq!(sent_to(&out, node(1)), vec![hello(true, session)]);
     // The Hello is lost: it goes again after the resend interval, still fresh.
     let at = e.poll_timeout().expect("a resend is due");
-    e.handle_timeout(at);
+    e.handle_timeout(now(at));
     assert_eq!(sent_to(&drain(&mut e), node(1)), vec![hello(true, session)]);
     // A Welcome of another session does not count.
     receive_at(
@@ -176,7 +181,7 @@ fn local_writes_are_recorded_and_shipped_to_welcomed_peers() {
     connect(&mut e, node(1), 0);
     let meta = file(b"hello");
     e.handle(
-        T0,
+        now(T0),
         Input::LocalChange {
             path: path("a"),
             observed: Some(meta.clone()),
@@ -199,7 +204,7 @@ fn local_writes_are_recorded_and_shipped_to_welcomed_peers() {
     );
     // The same state reported again is not a new write.
     e.handle(
-        T0,
+        now(T0),
         Input::LocalChange {
             path: path("a"),
             observed: Some(meta),
@@ -238,7 +243,7 @@ fn a_record_never_goes_back_to_its_author_or_source() {
         }
     ));
     e.handle(
-        T0,
+        now(T0),
         Input::ApplyDone {
             op: apply.op,
             result: Ok(()),
@@ -319,7 +324,7 @@ fn progress_is_held_back_until_fetched_content_is_applied() {
     assert_eq!(sent_to(&out, node(1)), vec![Message::Ack { progress: 9 }]);
     assert_eq!(e.store().progress(&node(1)), 7);
     e.handle(
-        T0,
+        now(T0),
         Input::FetchDone {
             op: fetch.op,
             result: Ok(77),
@@ -334,7 +339,7 @@ fn progress_is_held_back_until_fetched_content_is_applied() {
         }
     ));
     e.handle(
-        T0,
+        now(T0),
         Input::ApplyDone {
             op: apply.op,
             result: Ok(()),
@@ -349,7 +354,7 @@ fn progress_is_held_back_until_fetched_content_is_applied() {
 fn a_peer_claiming_more_than_was_written_gets_everything() {
     let mut e = engine(0);
     e.handle(
-        T0,
+        now(T0),
         Input::LocalChange {
             path: path("a"),
             observed: Some(file(b"x")),
@@ -367,7 +372,7 @@ fn a_peer_claiming_more_than_was_written_gets_everything() {
 }
 
 #[test]
-fn too_much_pending_work_refuses_new_batches() {
+fn too_much_pending_work_defers_new_batches_until_it_shrinks() {
     let mut cfg = Config::new(node(0));
     cfg.pending_max = 2;
     let mut e = Engine::new(cfg, MemStore::new());
@@ -389,7 +394,7 @@ fn too_much_pending_work_refuses_new_batches() {
             records,
         }),
     );
-    drain(&mut e);
+    let mut outputs = drain(&mut e);
     let more = Batch {
         after: 3,
         upto: 4,
@@ -397,11 +402,41 @@ fn too_much_pending_work_refuses_new_batches() {
     };
     receive(&mut e, node(1), Message::Batch(more));
     let out = drain(&mut e);
-    assert!(
-        sent_to(&out, node(1)).is_empty(),
-        "the batch was taken: {out:?}"
+    // Deferred, not dropped: the sender hears that this node is alive and has up to 3.
+    assert_eq!(
+        sent_to(&out, node(1)),
+        vec![Message::Ack { progress: 3 }],
+        "{out:?}"
     );
-    assert_eq!(e.stats().batches_refused_busy, 1);
+    assert_eq!(e.stats().batches_deferred, 1);
+    // The pending work completes (fetched, applied): the deferred batch is taken.
+    let mut acks = Vec::new();
+    for _ in 0..100 {
+        let Some(o) = outputs.pop() else { break };
+        match o {
+            Output::Fetch(f) => e.handle(
+                now(T0),
+                Input::FetchDone {
+                    op: f.op,
+                    result: Ok(f.op),
+                },
+            ),
+            Output::Apply(a) => e.handle(
+                now(T0),
+                Input::ApplyDone {
+                    op: a.op,
+                    result: Ok(()),
+                },
+            ),
+            Output::Send {
+                message: Message::Ack { progress },
+                ..
+            } => acks.push(progress),
+            _ => {}
+        }
+        outputs.extend(drain(&mut e));
+    }
+    assert!(acks.contains(&4), "{acks:?}");
 }
 
 #[test]
@@ -409,7 +444,7 @@ fn sequences_are_never_reused_across_a_crash() {
     let mut store = MemStore::new();
     let mut e = Engine::new(Config::new(node(0)), store);
     e.handle(
-        T0,
+        now(T0),
         Input::LocalChange {
             path: path("a"),
             observed: Some(file(b"1")),
@@ -420,7 +455,7 @@ fn sequences_are_never_reused_across_a_crash() {
     store.crash();
     let mut e = Engine::new(Config::new(node(0)), store);
     e.handle(
-        T0,
+        now(T0),
         Input::LocalChange {
             path: path("b"),
             observed: Some(file(b"2")),
@@ -440,7 +475,7 @@ fn batches_of_records_with_large_attributes_fit_a_frame() {
         .collect();
     for i in 0..300 {
         e.handle(
-            T0,
+            now(T0),
             Input::LocalChange {
                 path: path(&format!("dir/file{i:03}")),
                 observed: Some(file(format!("{i}").as_bytes()).with_xattrs(xattrs.clone())),

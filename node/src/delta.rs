@@ -196,7 +196,6 @@ pub async fn fetch(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<(PathBuf, u64), FetchError> {
-    let fail = |e: String| FetchError::Io(e);
     // The basis: a local file that may share segments with the content.
     let mut basis_file: Option<(File, u64)> = None;
     let mut basis_hashes = None;
@@ -219,11 +218,13 @@ pub async fn fetch(
         .await
         .map_err(|_| FetchError::Unreachable)?;
     let header = read_control(recv).await?;
-    match postcard::from_bytes::<Header>(&header).map_err(|e| fail(e.to_string()))? {
+    match postcard::from_bytes::<Header>(&header).map_err(|e| corrupt(e.to_string()))? {
         Header::NotFound => return Err(FetchError::NotFound),
         Header::Found => {}
     }
-    let (mut out, staged) = tree.staging_file().map_err(|e| fail(e.to_string()))?;
+    let (mut out, staged) = tree
+        .staging_file()
+        .map_err(|e| local("making a staging file", e))?;
     let result = receive(f, &mut out, basis_file, send, recv).await;
     match result {
         Ok(received) => Ok((staged, received)),
@@ -232,6 +233,16 @@ pub async fn fetch(
             Err(e)
         }
     }
+}
+
+/// The peer sent something that does not check out.
+fn corrupt(why: String) -> FetchError {
+    FetchError::Corrupt(why)
+}
+
+/// Receiving failed here (the staging file, the basis).
+fn local(what: &str, e: std::io::Error) -> FetchError {
+    FetchError::Io(crate::files::io_failure(what, &e))
 }
 
 /// One of the sender's small control frames (a header or a segment operation); a stream that
@@ -265,22 +276,21 @@ async fn receive(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<u64, FetchError> {
-    let fail = |e: String| FetchError::Io(e);
     let mut hasher = blake3::Hasher::new();
     let mut received = 0u64;
     for i in 0..segments(f.size) {
         let want = segment_len(f.size, i);
         let op = read_control(recv).await?;
-        let op: Segment = postcard::from_bytes(&op).map_err(|e| fail(e.to_string()))?;
+        let op: Segment = postcard::from_bytes(&op).map_err(|e| corrupt(e.to_string()))?;
         let data = match op {
             Segment::Same => {
-                let (file, size) = basis.as_mut().ok_or_else(|| fail("no basis".into()))?;
+                let (file, size) = basis.as_mut().ok_or_else(|| corrupt("no basis".into()))?;
                 tokio::task::block_in_place(|| read_segment(file, *size, i))
-                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|e| local("reading the basis", e))?
             }
             Segment::Literal(n) => {
                 if n as usize != want {
-                    return Err(fail("segment of the wrong length".into()));
+                    return Err(corrupt("segment of the wrong length".into()));
                 }
                 let mut data = vec![0u8; want];
                 recv.read_exact(&mut data)
@@ -290,12 +300,12 @@ async fn receive(
                 data
             }
             Segment::NeedSignature => {
-                let (file, size) = basis.as_mut().ok_or_else(|| fail("no basis".into()))?;
+                let (file, size) = basis.as_mut().ok_or_else(|| corrupt("no basis".into()))?;
                 if i >= segments(*size) {
-                    return Err(fail("signature asked beyond the basis".into()));
+                    return Err(corrupt("signature asked beyond the basis".into()));
                 }
                 let base = tokio::task::block_in_place(|| read_segment(file, *size, i))
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| local("reading the basis", e))?;
                 let signature = tokio::task::block_in_place(|| {
                     fast_rsync::Signature::calculate(
                         &base,
@@ -310,12 +320,12 @@ async fn receive(
                     .map_err(|_| FetchError::Unreachable)?;
                 let op = read_control(recv).await?;
                 let Segment::Delta(n) =
-                    postcard::from_bytes(&op).map_err(|e| fail(e.to_string()))?
+                    postcard::from_bytes(&op).map_err(|e| corrupt(e.to_string()))?
                 else {
-                    return Err(fail("expected a delta".into()));
+                    return Err(corrupt("expected a delta".into()));
                 };
                 if n as usize > DATA_MAX {
-                    return Err(fail("delta too large".into()));
+                    return Err(corrupt("delta too large".into()));
                 }
                 let mut delta = vec![0u8; n as usize];
                 recv.read_exact(&mut delta)
@@ -324,19 +334,20 @@ async fn receive(
                 received += u64::from(n);
                 let mut data = Vec::with_capacity(want);
                 fast_rsync::apply_limited(&base, &delta, &mut data, want)
-                    .map_err(|e| fail(format!("delta does not apply: {e}")))?;
+                    .map_err(|e| corrupt(format!("delta does not apply: {e}")))?;
                 data
             }
-            Segment::Delta(_) => return Err(fail("delta without a signature".into())),
+            Segment::Delta(_) => return Err(corrupt("delta without a signature".into())),
         };
         if data.len() != want {
-            return Err(fail("segment of the wrong length".into()));
+            return Err(corrupt("segment of the wrong length".into()));
         }
         hasher.update(&data);
-        tokio::task::block_in_place(|| out.write_all(&data)).map_err(|e| fail(e.to_string()))?;
+        tokio::task::block_in_place(|| out.write_all(&data))
+            .map_err(|e| local("writing the staging file", e))?;
     }
     if hasher.finalize().as_bytes() != &f.hash {
-        return Err(fail(format!(
+        return Err(corrupt(format!(
             "content of {} does not match its hash",
             f.path
         )));

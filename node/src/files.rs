@@ -8,7 +8,7 @@
 
 use parking_lot::Mutex;
 use rsyncfs_conflict::{Content, Hash, Meta, DIR_MODE_DEFAULT};
-use rsyncfs_mesh::engine::{Action, Apply, ApplyError, Source, StagedId};
+use rsyncfs_mesh::engine::{Action, Apply, ApplyError, IoFailure, IoKind, Source, StagedId};
 use rsyncfs_mesh::path::RelPath;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use std::collections::{HashMap, HashSet};
@@ -138,7 +138,21 @@ pub enum ObserveError {
     Io(String, std::io::Error),
     #[error("{0}: the symlink target is not UTF-8; it is not replicated")]
     BadTarget(String),
+    #[error("{0}: changed every time it was read ({OBSERVE_TRIES} times); its writer's close reports it")]
+    Changing(String),
 }
+
+impl ObserveError {
+    pub fn failure(&self) -> IoFailure {
+        match self {
+            ObserveError::Io(path, e) => io_failure(path, e),
+            other => IoFailure::new(IoKind::Other, other.to_string()),
+        }
+    }
+}
+
+/// Times a file that changes while it is hashed is read again before the observation gives up.
+const OBSERVE_TRIES: usize = 8;
 
 impl Tree {
     /// Opens the backing directory and makes its state folder (`.rsyncfs/tmp`), emptying the
@@ -225,10 +239,26 @@ impl Tree {
         name: &OsStr,
         path: &RelPath,
     ) -> Result<Option<Meta>, ObserveError> {
+        // A file written while it is read is read again, a bounded number of times.
+        for _ in 0..OBSERVE_TRIES {
+            if let Some(observed) = self.try_observe_at(dir, name, path)? {
+                return Ok(observed);
+            }
+        }
+        Err(ObserveError::Changing(path.to_string()))
+    }
+
+    /// One observation; `None` when the file changed while it was hashed.
+    fn try_observe_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &RelPath,
+    ) -> Result<Option<Option<Meta>>, ObserveError> {
         let io = |e: std::io::Error| ObserveError::Io(path.to_string(), e);
         let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(rustix::io::Errno::NOENT) => return Ok(Some(None)),
             Err(e) => return Err(io(e.into())),
         };
         let mode = st.st_mode & 0o7777;
@@ -236,14 +266,14 @@ impl Tree {
             let xattrs = read_xattrs(dir, name, path).map_err(io)?;
             Ok(meta.with_owner(st.st_uid, st.st_gid).with_xattrs(xattrs))
         };
-        match FileType::from_raw_mode(st.st_mode) {
-            FileType::Directory => Ok(Some(attrs(Meta::dir(mode))?)),
+        let meta = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => Some(attrs(Meta::dir(mode))?),
             FileType::Symlink => {
                 let target =
                     rustix::fs::readlinkat(dir, name, Vec::new()).map_err(|e| io(e.into()))?;
                 let target = String::from_utf8(target.into_bytes())
                     .map_err(|_| ObserveError::BadTarget(path.to_string()))?;
-                Ok(Some(Meta::symlink(target)))
+                Some(Meta::symlink(target))
             }
             FileType::RegularFile => {
                 let stamp = Stamp::of(&st);
@@ -268,23 +298,18 @@ impl Tree {
                             hash_file(&file).map_err(io)?
                         };
                         if Stamp::of(&after) != stamp {
-                            // Written while we read: report what is there now; the change that
-                            // is still going on is reported when its writer closes.
-                            return self.observe_at(dir, name, path);
+                            // Written while we read: look again.
+                            return Ok(None);
                         }
                         self.remember_hash(stamp, hash);
                         hash
                     }
                 };
-                Ok(Some(attrs(Meta::file(
-                    stamp.size,
-                    hash,
-                    mode,
-                    stamp.mtime_ns,
-                ))?))
+                Some(attrs(Meta::file(stamp.size, hash, mode, stamp.mtime_ns))?)
             }
-            _ => Ok(None),
-        }
+            _ => None,
+        };
+        Ok(Some(meta))
     }
 
     fn cached_hash(&self, stamp: &Stamp) -> Option<Hash> {
@@ -351,19 +376,36 @@ impl Tree {
     /// Makes the directories above `path` that are missing; a non-directory above it is a
     /// local change the engine has not seen.
     fn make_parents(&self, path: &RelPath) -> Result<(), ApplyError> {
-        let ancestors: Vec<RelPath> = path.ancestors().collect();
-        for dir in ancestors.iter().rev() {
+        // The nearest directory above that exists: usually the parent, found with one lookup
+        // (a walk from the top costs a path resolution per level, quadratic in deep trees).
+        let mut missing: Vec<RelPath> = Vec::new();
+        for dir in path.ancestors() {
+            match rustix::fs::openat2(
+                &self.root_fd,
+                dir.as_str(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                RESOLVE,
+            ) {
+                Ok(_) => break,
+                Err(rustix::io::Errno::NOENT) => missing.push(dir),
+                // A file or a symlink above: a local change the engine has not seen.
+                Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                    return Err(ApplyError::Stale)
+                }
+                Err(e) => return Err(io_error(&dir, e.into())),
+            }
+        }
+        for dir in missing.iter().rev() {
             let (parent, name) = self.parent_of(dir).map_err(|_| ApplyError::Stale)?;
-            match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
-                Ok(_) => return Err(ApplyError::Stale),
-                Err(rustix::io::Errno::NOENT) => {
-                    match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(DIR_MODE_DEFAULT))
-                    {
-                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                        Err(e) => return Err(io_error(dir, e.into())),
+            match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(DIR_MODE_DEFAULT)) {
+                Ok(()) => self.touch(dir.parent()),
+                Err(rustix::io::Errno::EXIST) => {
+                    let st = rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| io_error(dir, e.into()))?;
+                    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+                        return Err(ApplyError::Stale);
                     }
-                    self.touch(dir.parent());
                 }
                 Err(e) => return Err(io_error(dir, e.into())),
             }
@@ -418,18 +460,21 @@ impl Tree {
         let tmp: Option<std::ffi::OsString> = match &apply.action {
             Action::Write { meta, source } => {
                 let Content::File { size, hash } = &meta.content else {
-                    return Err(ApplyError::Io(format!("{path}: write of a non-file")));
+                    return Err(ApplyError::Io(IoFailure::new(
+                        IoKind::Other,
+                        format!("{path}: write of a non-file"),
+                    )));
                 };
                 Some(match source {
                     Source::Staged(_) => {
-                        let staged = staged.ok_or_else(|| {
-                            ApplyError::Io(format!("{path}: staged content is gone"))
-                        })?;
-                        let file = File::options()
-                            .read(true)
-                            .write(true)
-                            .open(staged)
-                            .map_err(io)?;
+                        let staged = staged.ok_or(ApplyError::StagedGone)?;
+                        let file = match File::options().read(true).write(true).open(staged) {
+                            Ok(f) => f,
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                                return Err(ApplyError::StagedGone)
+                            }
+                            Err(e) => return Err(io(e)),
+                        };
                         finish_file(&file, meta).map_err(io)?;
                         file_out = Some(file);
                         staged
@@ -439,8 +484,9 @@ impl Tree {
                     }
                     Source::Inline(bytes) => {
                         if bytes.len() as u64 != *size || blake3::hash(bytes).as_bytes() != hash {
-                            return Err(ApplyError::Io(format!(
-                                "{path}: inline content does not match"
+                            return Err(ApplyError::Io(IoFailure::new(
+                                IoKind::Other,
+                                format!("{path}: inline content does not match"),
                             )));
                         }
                         self.small.lock().put(*hash, bytes.clone());
@@ -552,7 +598,7 @@ impl Tree {
         let (dir, name) = self.parent_of(path).map_err(|_| ApplyError::Stale)?;
         let now = self
             .observe_at(dir.as_fd(), name, path)
-            .map_err(|e| ApplyError::Io(e.to_string()))?;
+            .map_err(|e| ApplyError::Io(e.failure()))?;
         if now != apply.expect {
             return Err(ApplyError::Stale);
         }
@@ -629,7 +675,19 @@ impl Tree {
 }
 
 fn io_error(path: &RelPath, e: std::io::Error) -> ApplyError {
-    ApplyError::Io(format!("{path}: {e}"))
+    ApplyError::Io(io_failure(path.as_str(), &e))
+}
+
+/// A local I/O error as the engine classifies it.
+pub fn io_failure(what: &str, e: &std::io::Error) -> IoFailure {
+    let kind = match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => IoKind::NoSpace,
+        Some(libc::EACCES | libc::EPERM) => IoKind::Permission,
+        Some(libc::EROFS) => IoKind::ReadOnly,
+        Some(libc::EIO) => IoKind::Device,
+        _ => IoKind::Other,
+    };
+    IoFailure::new(kind, format!("{what}: {e}"))
 }
 
 /// Owner, extended attributes, mode and mtime of a finished file (its data is made durable by

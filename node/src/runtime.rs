@@ -21,12 +21,12 @@ use bytes::Bytes;
 use rsyncfs_conflict::NodeId;
 use rsyncfs_logger::{Change, ChangeKind, Mounted};
 use rsyncfs_mesh::engine::{
-    Apply, ApplyError, Config, Engine, Input, Mode, Output, Source, StagedId,
+    Apply, ApplyError, Config, Engine, FetchError, Input, Mode, Now, Output, Source, StagedId,
 };
 use rsyncfs_mesh::path::RelPath;
-use rsyncfs_mesh::store::Store;
+
 use rsyncfs_mesh::wire::{self, Message};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -53,13 +53,8 @@ const OBSERVES_QUEUED_MAX: usize = 20_000;
 const WORKERS: usize = 4;
 /// Jobs a worker takes at once (the applies among them share one sync).
 const JOBS_PER_TURN_MAX: usize = 128;
-/// A group commit happens this long after the first write it holds, or at this many writes.
-const COMMIT_AFTER: Duration = Duration::from_millis(20);
-const COMMIT_WRITES_MAX: usize = 20_000;
 /// Events the engine thread takes before it carries outputs out.
 const EVENTS_PER_TURN_MAX: usize = 512;
-/// Latencies kept for status.
-const LATENCIES_KEPT: usize = 1024;
 
 /// Something for the engine thread.
 pub enum Event {
@@ -185,7 +180,10 @@ impl Workers {
                                         (Ok(p), Ok(())) => tree.commit(&apply, p, &*mounted),
                                         (Ok(p), Err(e)) => {
                                             tree.discard(&apply, p);
-                                            Err(ApplyError::Io(format!("{}: {e}", apply.path)))
+                                            Err(ApplyError::Io(crate::files::io_failure(
+                                                apply.path.as_str(),
+                                                e,
+                                            )))
                                         }
                                         (Err(e), _) => Err(e),
                                     };
@@ -308,12 +306,6 @@ fn walk(root: &Path, dir: Option<&RelPath>, out: &mut Vec<RelPath>) {
     }
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 /// Runs the node until `stop` is set; unmounts and closes cleanly.
 pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<(), String> {
     std::fs::create_dir_all(&opts.state)
@@ -357,7 +349,6 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<(), String> {
             book,
             events_tx.clone(),
             Arc::clone(&tree),
-            opts.mode != Mode::SendOnly,
             opts.introductions,
         )
         .map_err(|e| format!("listening on {}: {e}", opts.listen))?
@@ -425,10 +416,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<(), String> {
         workers,
         staged: HashMap::new(),
         next_staged: 1,
-        apply_paths: HashMap::new(),
+        applies: HashMap::new(),
         events: events_tx.clone(),
-        first_uncommitted: None,
-        latencies: VecDeque::new(),
+        epoch: Instant::now(),
         mode: opts.mode,
         listen,
         started: Instant::now(),
@@ -511,9 +501,8 @@ fn bridge(
                 }
                 let _ = events.blocking_send(Event::Gone(path));
             }
-            ChangeKind::DirRemoved => {
-                let _ = events.blocking_send(Event::Gone(path));
-            }
+            // rmdir removes only empty directories: what was below was reported gone first.
+            ChangeKind::DirRemoved => workers.observe(path),
             _ => workers.observe(path),
         }
     }
@@ -525,14 +514,16 @@ struct Core {
     tree: Arc<Tree>,
     net: Arc<Net>,
     workers: Workers,
+    /// Fetched contents, staged in the state folder, that the engine may still use: each stays
+    /// until the engine releases it or an apply consumes it (the driver contract in
+    /// `rsyncfs_mesh::engine`).
     staged: HashMap<StagedId, PathBuf>,
     next_staged: StagedId,
-    /// The path of each apply in flight.
-    apply_paths: HashMap<rsyncfs_mesh::engine::OpId, RelPath>,
+    /// The path of each apply in flight, and the staged content it consumes if it succeeds.
+    applies: HashMap<rsyncfs_mesh::engine::OpId, (RelPath, Option<StagedId>)>,
     events: mpsc::Sender<Event>,
-    first_uncommitted: Option<Instant>,
-    /// Recent replication latencies (from the write's timestamp to its apply here), in ms.
-    latencies: VecDeque<f64>,
+    /// Where the monotonic clock the engine's timers run on starts.
+    epoch: Instant,
     mode: Mode,
     listen: SocketAddr,
     started: Instant,
@@ -546,9 +537,9 @@ struct Core {
 impl Core {
     async fn run(&mut self, mut events: mpsc::Receiver<Event>) -> Result<(), String> {
         self.rescan();
-        self.dispatch();
+        self.dispatch()?;
         loop {
-            let deadline = self.deadline();
+            let deadline = self.engine.poll_timeout().map(|at| self.instant(at));
             let event = match deadline {
                 Some(at) => tokio::time::timeout_at(at.into(), events.recv()).await.ok(),
                 None => Some(events.recv().await),
@@ -561,27 +552,29 @@ impl Core {
                     return Ok(());
                 }
                 self.on_event(ev);
+                self.dispatch()?;
                 taken += 1;
                 if taken < EVENTS_PER_TURN_MAX {
                     next = events.try_recv().ok();
                 }
             }
-            self.engine.handle_timeout(now_ns());
-            self.dispatch();
-            self.maybe_commit()?;
+            let now = self.now();
+            self.engine.handle_timeout(now);
+            self.dispatch()?;
         }
     }
 
-    fn deadline(&self) -> Option<Instant> {
-        let engine = self.engine.poll_timeout().map(|at| {
-            let now = now_ns();
-            Instant::now() + Duration::from_nanos(at.saturating_sub(now))
-        });
-        let commit = self.first_uncommitted.map(|t| t + COMMIT_AFTER);
-        match (engine, commit) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+    /// The engine's two clocks: monotonic time since the daemon started, and the wall clock.
+    fn now(&self) -> Now {
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Now::new(self.epoch.elapsed().as_nanos() as u64, wall)
+    }
+
+    /// The instant of a monotonic engine time.
+    fn instant(&self, mono_ns: u64) -> Instant {
+        self.epoch + Duration::from_nanos(mono_ns)
     }
 
     fn on_event(&mut self, event: Event) {
@@ -595,24 +588,30 @@ impl Core {
                     Input::PeerDown { peer } => tracing::debug!("peer {} down", peer.short()),
                     _ => {}
                 }
-                let applied = match &input {
-                    Input::ApplyDone { op, result: Ok(()) } => Some(*op),
-                    _ => None,
-                };
                 if let Input::ApplyDone { op, result } = &input {
-                    tracing::debug!("apply {op} done: {result:?}");
-                    let path = self.apply_paths.remove(op);
-                    self.engine.handle(now_ns(), input);
-                    if let (Some(path), Some(_)) = (path, applied) {
-                        self.note_applied(&path);
+                    let (path, staged) = self.applies.remove(op).unzip();
+                    match result {
+                        Ok(()) => {
+                            // A staged content was renamed into place.
+                            if let Some(id) = staged.flatten() {
+                                self.staged.remove(&id);
+                            }
+                            if let Some(path) = &path {
+                                self.chglog_send(path);
+                            }
+                        }
+                        Err(ApplyError::Io(failure)) => {
+                            tracing::warn!("apply {op} failed, will retry: {failure}")
+                        }
+                        Err(e) => tracing::debug!("apply {op}: {e:?}"),
                     }
-                    return;
                 }
                 if let Input::LocalChange { path, observed } = &input {
                     tracing::debug!("local {path}: {observed:?}");
                     self.chglog_send(path);
                 }
-                self.engine.handle(now_ns(), input);
+                let now = self.now();
+                self.engine.handle(now, input);
             }
             Event::Gone(dir) => {
                 let below = self
@@ -631,7 +630,15 @@ impl Core {
                 if let Some((id, path)) = staged {
                     self.staged.insert(id, path);
                 }
-                self.engine.handle(now_ns(), input);
+                if let Input::FetchDone {
+                    result: Err(FetchError::Io(failure)),
+                    ..
+                } = &input
+                {
+                    tracing::warn!("a fetch failed here, will retry: {failure}");
+                }
+                let now = self.now();
+                self.engine.handle(now, input);
             }
             Event::Rescan => self.rescan(),
             Event::Dial(id) => self.net.dial_new(id),
@@ -663,7 +670,8 @@ impl Core {
         }
     }
 
-    fn dispatch(&mut self) {
+    /// Carries the engine's outputs out.
+    fn dispatch(&mut self) -> Result<(), String> {
         while let Some(out) = self.engine.poll_output() {
             match out {
                 Output::Send { to, message } => self.send(to, message),
@@ -695,14 +703,19 @@ impl Core {
                         apply.action,
                         apply.expect
                     );
-                    let staged = match &apply.action {
+                    // The staged file stays ours until the apply consumes it or the engine
+                    // releases it: a refused apply (a local writer, a full disk) is retried
+                    // with the same content.
+                    let staged_id = match &apply.action {
                         rsyncfs_mesh::engine::Action::Write {
                             source: Source::Staged(id),
                             ..
-                        } => self.staged.remove(id),
+                        } => Some(*id),
                         _ => None,
                     };
-                    self.apply_paths.insert(apply.op, apply.path.clone());
+                    let staged = staged_id.and_then(|id| self.staged.get(&id).cloned());
+                    self.applies
+                        .insert(apply.op, (apply.path.clone(), staged_id));
                     let path = apply.path.clone();
                     self.workers
                         .send(&path, Job::Apply(Box::new(apply), staged));
@@ -713,11 +726,10 @@ impl Core {
                         let _ = std::fs::remove_file(path);
                     }
                 }
+                Output::Commit => self.commit()?,
             }
         }
-        if self.engine.store().uncommitted() > 0 && self.first_uncommitted.is_none() {
-            self.first_uncommitted = Some(Instant::now());
-        }
+        Ok(())
     }
 
     /// Sends a message, with the content of small files attached to a batch's records.
@@ -739,20 +751,6 @@ impl Core {
         }
     }
 
-    fn note_applied(&mut self, path: &RelPath) {
-        let Some(record) = self.engine.store().get(path).and_then(|e| e.record) else {
-            return;
-        };
-        let written = record.winner().hlc.get_time().to_duration();
-        let now = Duration::from_nanos(now_ns());
-        let ms = now.saturating_sub(written).as_secs_f64() * 1e3;
-        if self.latencies.len() >= LATENCIES_KEPT {
-            self.latencies.pop_front();
-        }
-        self.latencies.push_back(ms);
-        self.chglog_send(path);
-    }
-
     /// Passes a changed path to the `chglog` subscribers (a subscriber that falls behind misses
     /// lines; one that went away is dropped).
     fn chglog_send(&mut self, path: &RelPath) {
@@ -769,17 +767,6 @@ impl Core {
         });
     }
 
-    fn maybe_commit(&mut self) -> Result<(), String> {
-        let due = self
-            .first_uncommitted
-            .is_some_and(|t| t.elapsed() >= COMMIT_AFTER)
-            || self.engine.store().uncommitted() >= COMMIT_WRITES_MAX;
-        if due {
-            self.commit()?;
-        }
-        Ok(())
-    }
-
     /// Makes the directories the applies changed durable, then the store.
     fn commit(&mut self) -> Result<(), String> {
         self.tree
@@ -789,7 +776,6 @@ impl Core {
             .store_mut()
             .commit()
             .map_err(|e| format!("committing the store: {e}"))?;
-        self.first_uncommitted = None;
         Ok(())
     }
 
@@ -835,7 +821,7 @@ impl Core {
                 })
             })
             .collect();
-        let mut sorted: Vec<f64> = self.latencies.iter().copied().collect();
+        let mut sorted: Vec<f64> = self.engine.latencies_ms().iter().copied().collect();
         sorted.sort_by(f64::total_cmp);
         let pct = |q: f64| {
             (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * q).round() as usize])

@@ -93,11 +93,6 @@ impl RedbStore {
             .expect("a write transaction is always open")
     }
 
-    /// Writes waiting for the next commit.
-    pub fn uncommitted(&self) -> usize {
-        self.uncommitted
-    }
-
     /// Makes every write so far durable.
     pub fn commit(&mut self) -> Result<(), StoreError> {
         if let Some(txn) = self.txn.take() {
@@ -202,21 +197,14 @@ impl RedbStore {
         Ok(out)
     }
 
-    fn try_any_under(
-        &self,
-        dir: &RelPath,
-        pred: &mut dyn FnMut(&RelPath, &Entry) -> bool,
-    ) -> Result<bool, StoreError> {
+    fn try_for_each(&self, visit: &mut dyn FnMut(&RelPath, &Entry)) -> Result<(), StoreError> {
         let table = self.txn().open_table(ENTRIES)?;
-        let (lo, hi) = dir.under_bounds();
-        for item in table.range(lo.as_str()..hi.as_str())? {
+        for item in table.iter()? {
             let (k, v) = item?;
             let (path, entry) = decode(k.value(), v.value())?;
-            if pred(&path, &entry) {
-                return Ok(true);
-            }
+            visit(&path, &entry);
         }
-        Ok(false)
+        Ok(())
     }
 
     fn try_find_local(&self, hash: &Hash) -> Result<Option<RelPath>, StoreError> {
@@ -301,8 +289,8 @@ impl Store for RedbStore {
         self.try_after(seq, limit).unwrap_or_else(|e| fatal(e))
     }
 
-    fn any_under(&self, dir: &RelPath, pred: &mut dyn FnMut(&RelPath, &Entry) -> bool) -> bool {
-        self.try_any_under(dir, pred).unwrap_or_else(|e| fatal(e))
+    fn for_each(&self, visit: &mut dyn FnMut(&RelPath, &Entry)) {
+        self.try_for_each(visit).unwrap_or_else(|e| fatal(e))
     }
 
     fn find_local(&self, hash: &Hash) -> Option<RelPath> {
@@ -325,5 +313,9 @@ impl Store for RedbStore {
 
     fn reserve_seq(&mut self, upto: u64) {
         self.try_reserve(upto).unwrap_or_else(|e| fatal(e))
+    }
+
+    fn uncommitted(&self) -> usize {
+        self.uncommitted
     }
 }

@@ -161,8 +161,6 @@ pub struct Net {
     invites: Mutex<Vec<Invite>>,
     serving: tokio::sync::Semaphore,
     pub counters: Counters,
-    /// Peers whose messages are accepted: set by `up`'s mode (a send-only node takes none).
-    accept_messages: bool,
     /// Whether members introduced by trusted peers are trusted.
     introductions: bool,
 }
@@ -175,7 +173,6 @@ impl Net {
         book: Book,
         events: mpsc::Sender<Event>,
         tree: Arc<Tree>,
-        accept_messages: bool,
         introductions: bool,
     ) -> std::io::Result<Arc<Net>> {
         let socket = std::net::UdpSocket::bind(listen)?;
@@ -226,7 +223,6 @@ impl Net {
             invites: Mutex::new(Vec::new()),
             serving: tokio::sync::Semaphore::new(SERVES_MAX),
             counters: Counters::default(),
-            accept_messages,
             introductions,
         });
         tokio::spawn(Arc::clone(&net).accept_loop());
@@ -511,9 +507,6 @@ impl Net {
     ) -> Result<(), FrameError> {
         while let Some(frame) = read_frame(stream, wire::FRAME_BYTES_MAX).await? {
             let message = wire::decode(&frame).map_err(|e| FrameError::Bad(e.to_string()))?;
-            if !self.accept_messages {
-                continue;
-            }
             if self
                 .events
                 .send(Event::Input(Input::Received { from: id, message }))

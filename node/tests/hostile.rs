@@ -110,8 +110,7 @@ async fn send_as(
 
 #[test]
 fn untrusted_and_lying_peers_are_cut_off() {
-    if let Some(why) = common::cannot_run() {
-        println!("SKIPPED: this test needs FUSE mounts: {why}");
+    if !rsyncfs_logger::fuse_tests_can_run() {
         return;
     }
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();

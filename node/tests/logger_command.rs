@@ -8,15 +8,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn cannot_mount() -> Option<String> {
-    rsyncfs_logger::why_no_fuse()
-}
-
 /// A temporary backing directory and mount point, or None (after saying why) where FUSE
 /// mounts cannot run.
 fn mountable_dirs() -> Option<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
-    if let Some(why) = cannot_mount() {
-        println!("SKIPPED: this test needs a FUSE mount: {why}");
+    if !rsyncfs_logger::fuse_tests_can_run() {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -151,7 +146,7 @@ fn refuses_bad_mount_points_clearly() {
     fs::create_dir(&mnt).unwrap();
     let b = backing.to_str().unwrap();
     let m = mnt.to_str().unwrap();
-    if let Some(why) = cannot_mount() {
+    if let Some(why) = rsyncfs_logger::why_no_fuse() {
         // Without FUSE every mount is refused first, and says why.
         println!("no FUSE here ({why}): checking only that the refusal says so");
         let err = refusal(&["logger", "--backing", b, "--mount", m]);

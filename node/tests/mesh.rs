@@ -10,11 +10,7 @@ use std::io::Write;
 use std::time::Duration;
 
 fn root() -> Option<tempfile::TempDir> {
-    if let Some(why) = common::cannot_run() {
-        println!("SKIPPED: this test needs FUSE mounts: {why}");
-        return None;
-    }
-    Some(tempfile::tempdir_in("/var/tmp").unwrap())
+    common::root_in("/var/tmp")
 }
 
 fn has(t: &std::collections::BTreeMap<String, Item>, path: &str) -> bool {

@@ -317,7 +317,7 @@ impl SimFs {
                     Source::Inline(b) => b.clone(),
                     Source::Staged(id) => match staged.get(id) {
                         Some(b) => b.clone(),
-                        None => return Err(ApplyError::Io(format!("no staged content {id}"))),
+                        None => return Err(ApplyError::StagedGone),
                     },
                     Source::Local(q) => match (self.nodes.get(q.as_str()), meta.file_hash()) {
                         (Some(Node::File { data, hash, .. }), Some((want, _))) if *hash == want => {

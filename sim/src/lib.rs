@@ -95,6 +95,8 @@ pub fn planted_bug_name(bug: PlantedBug) -> &'static str {
     match bug {
         PlantedBug::LoseConflictCopy => "lose-conflict-copy",
         PlantedBug::Echo => "echo",
+        PlantedBug::ForgetStaged => "forget-staged",
+        PlantedBug::GiveUpOnError => "give-up-on-error",
     }
 }
 
@@ -103,6 +105,8 @@ pub fn parse_planted_bug(name: &str) -> Option<PlantedBug> {
     match name {
         "lose-conflict-copy" => Some(PlantedBug::LoseConflictCopy),
         "echo" => Some(PlantedBug::Echo),
+        "forget-staged" => Some(PlantedBug::ForgetStaged),
+        "give-up-on-error" => Some(PlantedBug::GiveUpOnError),
         _ => None,
     }
 }

@@ -24,7 +24,8 @@ struct Common {
     /// Workload operations per run.
     #[arg(long, default_value_t = 1000)]
     steps: u64,
-    /// Break a rule on purpose (lose-conflict-copy, echo); needs the planted-bugs feature.
+    /// Break a rule on purpose (lose-conflict-copy, echo, forget-staged, give-up-on-error); needs
+    /// the planted-bugs feature.
     #[arg(long)]
     planted_bug: Option<String>,
 }
@@ -67,7 +68,7 @@ fn options(seed: u64, topology: Topology, common: &Common) -> Result<Options, St
         #[cfg(feature = "planted-bugs")]
         {
             o.planted_bug = Some(rsyncfs_sim::parse_planted_bug(name).ok_or_else(|| {
-                format!("unknown planted bug {name:?}; known: lose-conflict-copy, echo")
+                format!("unknown planted bug {name:?}; known: lose-conflict-copy, echo, forget-staged, give-up-on-error")
             })?);
         }
         #[cfg(not(feature = "planted-bugs"))]

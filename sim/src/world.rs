@@ -8,7 +8,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rsyncfs_conflict::{Meta, NodeId};
-use rsyncfs_mesh::engine::{Apply, Config, Engine, FetchError, Input, OpId, Output, StagedId};
+use rsyncfs_mesh::engine::{Apply, Config, Engine, FetchError, Input, Now, OpId, Output, StagedId};
 use rsyncfs_mesh::wire::{self, Message};
 use rsyncfs_mesh::{MemStore, RelPath, Store};
 use std::cmp::Reverse;
@@ -136,8 +136,6 @@ struct SimNode {
     timer_at: Option<u64>,
     commit_at: Option<u64>,
     io_free_at: u64,
-    /// Fetches out to each peer, failed when the link drops.
-    fetches_out: BTreeMap<OpId, usize>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -223,7 +221,6 @@ impl World {
                     timer_at: None,
                     commit_at: None,
                     io_free_at: 0,
-                    fetches_out: BTreeMap::new(),
                 };
                 node.engine = Some(Engine::new(
                     engine_config(id, &opts),
@@ -291,17 +288,10 @@ impl World {
         self.node_time_at(n, self.time)
     }
 
-    /// The earliest simulation time (not before now) at which node `n`'s clock shows `node_ns`.
-    fn sim_time_of(&self, n: usize, node_ns: u64) -> u64 {
-        let node = &self.nodes[n];
-        let local = node_ns as i128 - EPOCH_NS as i128 - node.offset_ns as i128;
-        let mut t = (local * 1_000_000 / (1_000_000 + node.drift_ppm as i128))
-            .max(self.time as i128) as u64;
-        // Integer division may land a few nanoseconds early; step forward until the clock is there.
-        while self.node_time_at(n, t) < node_ns {
-            t += 1;
-        }
-        t
+    /// Node `n`'s two clocks now: the monotonic one is the simulation's time (it never goes
+    /// back), the wall clock is skewed, drifts and is stepped.
+    fn node_now(&self, n: usize) -> Now {
+        Now::new(self.time, self.node_time(n))
     }
 
     pub fn run(mut self) -> Outcome {
@@ -455,9 +445,6 @@ impl World {
                 if !self.on_connection(client, server, epoch) {
                     return;
                 }
-                if self.nodes[client].fetches_out.remove(&op).is_none() {
-                    return;
-                }
                 let result = match found {
                     Some(bytes) => {
                         let n = &mut self.nodes[client];
@@ -514,7 +501,7 @@ impl World {
                     return;
                 }
                 self.nodes[node].timer_at = None;
-                let now = self.node_time(node);
+                let now = self.node_now(node);
                 if let Some(engine) = self.nodes[node].engine.as_mut() {
                     engine.handle_timeout(now);
                 }
@@ -566,7 +553,7 @@ impl World {
     // ---- Engines and their outputs ----
 
     fn feed(&mut self, n: usize, input: Input) {
-        let now = self.node_time(n);
+        let now = self.node_now(n);
         let Some(engine) = self.nodes[n].engine.as_mut() else {
             return;
         };
@@ -588,7 +575,7 @@ impl World {
                 for path in std::mem::take(&mut observe) {
                     let observed = self.nodes[n].fs.meta(&path_str(&path));
                     self.log(|| format!("n{n} observe {path}: {}", short_meta(&observed)));
-                    let now = self.node_time(n);
+                    let now = self.node_now(n);
                     let engine = self.nodes[n].engine.as_mut().expect("checked");
                     engine.handle(now, Input::LocalChange { path, observed });
                 }
@@ -601,7 +588,7 @@ impl World {
                     let link = self.links[&link_key(n, server)];
                     if !link.up {
                         // The engine learns of the drop with PeerDown; fail the fetch now.
-                        let now = self.node_time(n);
+                        let now = self.node_now(n);
                         let engine = self.nodes[n].engine.as_mut().expect("checked");
                         engine.handle(
                             now,
@@ -613,7 +600,6 @@ impl World {
                         continue;
                     }
                     self.log(|| format!("n{n} fetch {} {} from n{server}", f.op, f.path));
-                    self.nodes[n].fetches_out.insert(f.op, server);
                     let delay = self.delay();
                     self.schedule(
                         self.time + delay,
@@ -646,6 +632,15 @@ impl World {
                 Output::Release { staged } => {
                     self.nodes[n].staged.remove(&staged);
                 }
+                Output::Commit => {
+                    if self.nodes[n].commit_at.is_none() {
+                        // The store's disk takes a few milliseconds; a crash before loses it.
+                        let at = self.time + self.rng.random_range(MS..10 * MS);
+                        self.nodes[n].commit_at = Some(at);
+                        let life = self.nodes[n].life;
+                        self.schedule(at, Event::Commit { node: n, life });
+                    }
+                }
             }
         }
         self.reschedule(n);
@@ -655,22 +650,15 @@ impl World {
         let Some(engine) = self.nodes[n].engine.as_ref() else {
             return;
         };
-        let deadline = engine.poll_timeout();
-        let uncommitted = engine.store().uncommitted() > 0;
-        if let Some(d) = deadline {
-            let at = self.sim_time_of(n, d);
+        if let Some(at) = engine.poll_timeout() {
+            // The monotonic clock is the simulation's; an engine that yielded with work left
+            // wants to go on at once, after what else is due now.
+            let at = at.max(self.time);
             if self.nodes[n].timer_at.is_none_or(|t| at < t) {
                 self.nodes[n].timer_at = Some(at);
                 let life = self.nodes[n].life;
                 self.schedule(at, Event::Timer { node: n, life });
             }
-        }
-        if uncommitted && self.nodes[n].commit_at.is_none() {
-            // Group commit a few milliseconds after the first uncommitted write.
-            let at = self.time + self.rng.random_range(MS..10 * MS);
-            self.nodes[n].commit_at = Some(at);
-            let life = self.nodes[n].life;
-            self.schedule(at, Event::Commit { node: n, life });
         }
     }
 
@@ -788,22 +776,6 @@ impl World {
             if self.nodes[me].engine.is_none() {
                 continue;
             }
-            let failed: Vec<OpId> = self.nodes[me]
-                .fetches_out
-                .iter()
-                .filter(|(_, s)| **s == other)
-                .map(|(op, _)| *op)
-                .collect();
-            for op in failed {
-                self.nodes[me].fetches_out.remove(&op);
-                self.feed(
-                    me,
-                    Input::FetchDone {
-                        op,
-                        result: Err(FetchError::Unreachable),
-                    },
-                );
-            }
             let id = self.nodes[other].id;
             self.feed(me, Input::PeerDown { peer: id });
         }
@@ -822,7 +794,6 @@ impl World {
         node.life += 1;
         node.open.clear();
         node.staged.clear();
-        node.fetches_out.clear();
         node.timer_at = None;
         node.commit_at = None;
         self.refresh_links_of(n);
@@ -1346,6 +1317,13 @@ impl World {
                     "quiescence",
                     None,
                     format!("n{i} is not idle at the end: {:?}", engine.pending_paths()),
+                );
+            }
+            if let Err(e) = engine.check_tally() {
+                self.check.violate(
+                    "store matches filesystem",
+                    None,
+                    format!("n{i}'s tally of directories is off: {e}"),
                 );
             }
             // The engine's view of its own filesystem must be the filesystem.

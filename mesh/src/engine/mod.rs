@@ -2,7 +2,9 @@
 //!
 //! In the style of `quinn-proto`: the driver feeds [`Input`]s in with the current time
 //! ([`Engine::handle`], [`Engine::handle_timeout`]) and carries [`Output`]s out
-//! ([`Engine::poll_output`], [`Engine::poll_timeout`]). The engine never touches a socket, a file
+//! ([`Engine::poll_output`], [`Engine::poll_timeout`]). Time comes as a [`Now`]: a monotonic
+//! clock for every timer and the wall clock for hybrid logical clock stamps only, so that a wall
+//! clock stepped back or forward never stalls a resend or a retry. The engine never touches a socket, a file
 //! or a clock; the only state it shares with the world is its [`Store`], which it calls directly.
 //! The same engine runs in the daemon and, thousands of times per second, in the simulator.
 //!
@@ -26,6 +28,7 @@
 
 mod reconcile;
 mod replicate;
+mod tally;
 
 use crate::path::RelPath;
 use crate::store::{Entry, Store};
@@ -36,6 +39,22 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 pub use replicate::PeerStatus;
+
+/// What time it is, as the driver's two clocks say. Timers (resends, retries, flushes, commits)
+/// run on `mono_ns`, which never goes back (nanoseconds since any fixed point, such as the
+/// process start); `wall_ns` (nanoseconds since the UNIX epoch) only stamps writes and moves the
+/// hybrid logical clock, and may jump either way.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Now {
+    pub mono_ns: u64,
+    pub wall_ns: u64,
+}
+
+impl Now {
+    pub fn new(mono_ns: u64, wall_ns: u64) -> Now {
+        Now { mono_ns, wall_ns }
+    }
+}
 
 /// Identifies one fetch or apply the engine asked for.
 pub type OpId = u64;
@@ -61,6 +80,11 @@ pub enum PlantedBug {
     LoseConflictCopy,
     /// Send records back to their author and to the peer they came from.
     Echo,
+    /// Let staged content go when an apply is refused (Busy or Stale), though the path still
+    /// counts on it.
+    ForgetStaged,
+    /// Never retry an apply that failed with an I/O error.
+    GiveUpOnError,
 }
 
 /// The engine's limits and timings. Every queue and batch it keeps is bounded by one of these.
@@ -80,7 +104,8 @@ pub struct Config {
     pub idle_flush_after: Duration,
     /// Content fetches in flight at once.
     pub fetches_max: usize,
-    /// Paths with pending work beyond which no new batch is taken (the sender waits and resends).
+    /// Paths with pending work beyond which no new batch is taken: batches wait (a few per peer)
+    /// until the work shrinks, and the sender is told to wait.
     pub pending_max: usize,
     /// Bytes of inline content kept while the paths that need it wait.
     pub cache_bytes_max: usize,
@@ -90,6 +115,14 @@ pub struct Config {
     pub hlc_max_delta: Duration,
     /// Sequences reserved per durable reservation.
     pub seq_block: u64,
+    /// A group commit is asked for ([`Output::Commit`]) this long after the first write it
+    /// holds, or at once when this many writes wait.
+    pub commit_after: Duration,
+    pub commit_writes_max: usize,
+    /// Paths reconciled per call before the engine yields to the driver (and asks to be called
+    /// again at once with [`Engine::poll_timeout`]), so that a signal or a status request never
+    /// waits behind a large tree.
+    pub reconciles_per_call_max: usize,
     #[cfg(feature = "planted-bugs")]
     pub planted_bug: Option<PlantedBug>,
 }
@@ -110,6 +143,9 @@ impl Config {
             retry_after: Duration::from_millis(50),
             hlc_max_delta: Hlc::MAX_DELTA_DEFAULT,
             seq_block: 1024,
+            commit_after: Duration::from_millis(20),
+            commit_writes_max: 20_000,
+            reconciles_per_call_max: 2_000,
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
         }
@@ -153,24 +189,85 @@ pub enum Input {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FetchError {
-    /// The peer holds no file with that content any more.
-    NotFound,
-    /// The connection to the peer failed.
-    Unreachable,
-    Io(String),
+/// What kind of local failure an I/O error was: what status says, and how loudly.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IoKind {
+    /// The backing filesystem is full (ENOSPC, EDQUOT).
+    NoSpace,
+    /// Permission denied (EACCES, EPERM).
+    Permission,
+    /// The backing filesystem is read-only (EROFS).
+    ReadOnly,
+    /// The device failed (EIO).
+    Device,
+    Other,
 }
 
+impl IoKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoKind::NoSpace => "no space left on the backing filesystem",
+            IoKind::Permission => "permission denied",
+            IoKind::ReadOnly => "the backing filesystem is read-only",
+            IoKind::Device => "I/O error",
+            IoKind::Other => "I/O failure",
+        }
+    }
+}
+
+/// A local I/O failure: its kind and what the driver knows of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IoFailure {
+    pub kind: IoKind,
+    pub detail: String,
+}
+
+impl IoFailure {
+    pub fn new(kind: IoKind, detail: impl Into<String>) -> IoFailure {
+        IoFailure {
+            kind,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for IoFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.kind.name(), self.detail)
+    }
+}
+
+/// Why a fetch failed, which decides what the engine does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchError {
+    /// The peer holds no file with that content any more: that peer is not asked for it again
+    /// until it announces the path anew.
+    NotFound,
+    /// The peer sent content that does not check out (a lying or broken peer): not asked again
+    /// until it announces the path anew.
+    Corrupt(String),
+    /// The connection to the peer failed: asked again when it is back.
+    Unreachable,
+    /// Staging the content failed here (a full disk, say): the same peer is asked again after
+    /// a backoff.
+    Io(IoFailure),
+}
+
+/// Why an apply failed. Every one of them is retried: none gives up on a path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApplyError {
-    /// A local process has the path open for writing; the update waits (the open-writer guard).
+    /// A local process has the path open for writing; the update waits (the open-writer guard)
+    /// until the writer closes, with a slow retry in case the close is never reported.
     Busy,
     /// The path (or one above it) does not hold what the apply expected: a local change the
-    /// engine has not seen yet.
+    /// engine has not seen yet. The engine observes it and tries again.
     Stale,
-    /// The filesystem failed (a full disk, say). The engine tries again later.
-    Io(String),
+    /// The filesystem failed (a full disk, say). The engine tries again with a backoff and
+    /// status shows the failure until an apply succeeds.
+    Io(IoFailure),
+    /// The staged content the apply names is not there (a driver lost it, or someone removed
+    /// it from the state folder): the engine fetches it again.
+    StagedGone,
 }
 
 /// Something the engine asks the driver to do.
@@ -193,6 +290,9 @@ pub enum Output {
     Release {
         staged: StagedId,
     },
+    /// Make the store's writes durable now (after whatever the driver must make durable first,
+    /// such as the directories its applies changed).
+    Commit,
 }
 
 /// Get the content with `hash` from `from`, checked against the hash, and report
@@ -254,7 +354,8 @@ pub struct Stats {
     pub applies: u64,
     pub fetches: u64,
     pub clock_skew_refusals: u64,
-    pub batches_refused_busy: u64,
+    /// Batches kept for later because too much work was pending.
+    pub batches_deferred: u64,
 }
 
 /// Work in progress on one path.
@@ -279,6 +380,8 @@ struct Pending {
     busy: bool,
     retry_at: Option<u64>,
     retries: u32,
+    /// The last local I/O failure of this path's work, until the work is done (for status).
+    failing: Option<IoFailure>,
     /// This target only exists to keep a losing content of that path as a conflict copy.
     wish_of: Option<RelPath>,
 }
@@ -309,13 +412,14 @@ pub struct Engine<S: Store> {
     cfg: Config,
     store: S,
     hlc: Hlc,
+    /// The monotonic time of the last input (for timers).
     now: u64,
+    /// The wall time of the last input (for HLC stamps only).
+    wall: u64,
     next_seq: u64,
     peers: BTreeMap<NodeId, replicate::Peer>,
     /// Peers sent a Hello since this engine started.
     greeted: BTreeSet<NodeId>,
-    /// The last session number given to a peer connection (see [`Message::Hello`]).
-    last_session: u64,
     pending: BTreeMap<RelPath, Pending>,
     dirty: BTreeSet<RelPath>,
     /// path -> conflict copies wished for it (pending targets with `wish_of` set to it).
@@ -332,11 +436,17 @@ pub struct Engine<S: Store> {
     cache_bytes: usize,
     out: VecDeque<Output>,
     stats: Stats,
+    /// Directories with something live, or something on disk, below them (see [`tally`]).
+    tally: std::collections::HashMap<RelPath, tally::Counts>,
+    /// When the next group commit is due (monotonic), while uncommitted writes wait.
+    commit_due: Option<u64>,
+    /// Replication latencies of recent peers' writes applied here (wall clock, from the
+    /// write's HLC stamp to its apply), in milliseconds.
+    latencies_ms: VecDeque<f64>,
 }
 
-/// Most paths one call reconciles; the rest wait for the next call, so that one input never
-/// stalls the driver for long.
-const RECONCILES_PER_CALL_MAX: usize = 100_000;
+/// Latencies kept for status.
+const LATENCIES_KEPT: usize = 1024;
 
 impl<S: Store> Engine<S> {
     /// Starts an engine over a store, which may hold the state of an earlier run.
@@ -350,15 +460,16 @@ impl<S: Store> Engine<S> {
         let next_seq = store.seq_reserved() + 1;
         store.reserve_seq(next_seq + cfg.seq_block);
         let hlc = Hlc::new(cfg.node, cfg.hlc_max_delta);
+        let tally = tally::build(&store);
         Engine {
             cfg,
             store,
             hlc,
             now: 0,
+            wall: 0,
             next_seq,
             peers: BTreeMap::new(),
             greeted: BTreeSet::new(),
-            last_session: 0,
             pending: BTreeMap::new(),
             dirty: BTreeSet::new(),
             wishes: BTreeMap::new(),
@@ -373,6 +484,9 @@ impl<S: Store> Engine<S> {
             cache_bytes: 0,
             out: VecDeque::new(),
             stats: Stats::default(),
+            tally,
+            commit_due: None,
+            latencies_ms: VecDeque::new(),
         }
     }
 
@@ -442,9 +556,9 @@ impl<S: Store> Engine<S> {
         (self.pending.len(), bytes)
     }
 
-    /// Feeds one input in at time `now` (nanoseconds since the UNIX epoch).
-    pub fn handle(&mut self, now: u64, input: Input) {
-        self.now = self.now.max(now);
+    /// Feeds one input in at time `now`.
+    pub fn handle(&mut self, now: Now, input: Input) {
+        self.tick(now);
         match input {
             Input::LocalChange { path, observed } => self.on_local_change(path, observed),
             Input::WriterClosed { path } => self.on_writer_closed(&path),
@@ -458,8 +572,12 @@ impl<S: Store> Engine<S> {
     }
 
     /// Lets timers fire at time `now`.
-    pub fn handle_timeout(&mut self, now: u64) {
-        self.now = self.now.max(now);
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.tick(now);
+        if self.commit_due.is_some_and(|at| at <= self.now) {
+            self.commit_due = None;
+            self.out.push_back(Output::Commit);
+        }
         while let Some((at, _)) = self.retries.first() {
             if *at > self.now {
                 break;
@@ -475,15 +593,43 @@ impl<S: Store> Engine<S> {
         self.flush();
     }
 
-    /// When [`Engine::handle_timeout`] wants to be called next.
+    fn tick(&mut self, now: Now) {
+        self.now = self.now.max(now.mono_ns);
+        self.wall = now.wall_ns;
+    }
+
+    /// When [`Engine::handle_timeout`] wants to be called next, on the monotonic clock: now,
+    /// when a call left work undone.
     pub fn poll_timeout(&self) -> Option<u64> {
+        if !self.dirty.is_empty() {
+            return Some(self.now);
+        }
         let retry = self.retries.first().map(|(at, _)| *at);
         let peers = self
             .peers
             .values()
             .filter_map(|p| p.deadline(&self.cfg))
             .min();
-        retry.into_iter().chain(peers).min()
+        retry.into_iter().chain(peers).chain(self.commit_due).min()
+    }
+
+    /// Recent replication latencies, in milliseconds (see [`Engine::note_latency`]).
+    pub fn latencies_ms(&self) -> &VecDeque<f64> {
+        &self.latencies_ms
+    }
+
+    /// A peer's write now shows here: how long it took, by the wall clocks (which may disagree
+    /// by their skew).
+    fn note_latency(&mut self, record: &Record) {
+        let written = record.winner().hlc.get_time().to_duration();
+        let ms = Duration::from_nanos(self.wall)
+            .saturating_sub(written)
+            .as_secs_f64()
+            * 1e3;
+        if self.latencies_ms.len() >= LATENCIES_KEPT {
+            self.latencies_ms.pop_front();
+        }
+        self.latencies_ms.push_back(ms);
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -501,8 +647,9 @@ impl<S: Store> Engine<S> {
         seq
     }
 
-    fn now_ntp(&self) -> NTP64 {
-        NTP64::from(Duration::from_nanos(self.now))
+    /// The wall clock as the HLC takes it.
+    fn wall_ntp(&self) -> NTP64 {
+        NTP64::from(Duration::from_nanos(self.wall))
     }
 
     fn on_local_change(&mut self, path: RelPath, observed: Option<Meta>) {
@@ -511,8 +658,8 @@ impl<S: Store> Engine<S> {
             return;
         }
         if self.cfg.mode == Mode::ReceiveOnly {
-            // The mount refuses writes; a change made behind its back is not shipped, and the
-            // next update from a peer replaces it.
+            // The mount refuses writes; a change made behind its back (in the backing
+            // directory) is not shipped, and stays until the mesh changes that path.
             self.put_local(&path, entry, observed);
             return;
         }
@@ -528,10 +675,11 @@ impl<S: Store> Engine<S> {
             node: self.cfg.node,
             counter: seq,
         };
-        let hlc = self.hlc.new_timestamp(self.now_ntp());
+        let hlc = self.hlc.new_timestamp(self.wall_ntp());
         let meta = observed.clone().unwrap_or_else(Meta::tombstone);
         let record = Record::write(entry.record.as_ref(), dot, hlc, meta);
         self.stats.local_writes += 1;
+        let before = self.own(&path);
         if let Some(p) = self.pending.get_mut(&path) {
             if let Some(target) = &p.target {
                 p.target = Some(rsyncfs_conflict::join(target, &record));
@@ -547,6 +695,7 @@ impl<S: Store> Engine<S> {
             from: None,
         };
         self.store.put(&path, new);
+        self.retally(&path, before);
         self.after_local_state_change(&path);
         self.peers_mark_new_records();
     }
@@ -554,11 +703,7 @@ impl<S: Store> Engine<S> {
     /// Records what the filesystem holds at a path without a new write.
     fn put_local(&mut self, path: &RelPath, mut entry: Entry, local: Option<Meta>) {
         entry.local = local;
-        if entry.record.is_none() && entry.local.is_none() {
-            self.store.remove(path);
-        } else {
-            self.store.put(path, entry);
-        }
+        self.put_entry(path, entry);
         self.after_local_state_change(path);
     }
 
@@ -586,23 +731,8 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// True when something strictly below `path` exists in the version the node is heading
-    /// for: pending targets first, stored records for the rest.
-    fn live_below(&self, path: &RelPath) -> bool {
-        let (lo, hi) = path.under_bounds();
-        let pending = &self.pending;
-        let pending_live = pending
-            .range(lo..hi)
-            .any(|(_, p)| p.target.as_ref().is_some_and(Record::is_live));
-        pending_live
-            || self.store.any_under(path, &mut |p, e| {
-                let overridden = pending.get(p).is_some_and(|w| w.target.is_some());
-                !overridden && e.record.as_ref().is_some_and(Record::is_live)
-            })
-    }
-
     fn flush(&mut self) {
-        let mut budget = RECONCILES_PER_CALL_MAX;
+        let mut budget = self.cfg.reconciles_per_call_max;
         while budget > 0 && !self.dirty.is_empty() {
             // Paths that are to show something go first, so that a copy from a local file is
             // under way before that file's own removal is looked at (and waits for it): a
@@ -623,6 +753,23 @@ impl<S: Store> Engine<S> {
                 budget -= 1;
             }
         }
+        self.take_deferred();
         self.peers_push();
+        self.schedule_commit();
+    }
+
+    /// Asks for a group commit once writes wait: soon, or at once when many do.
+    fn schedule_commit(&mut self) {
+        let waiting = self.store.uncommitted();
+        if waiting == 0 {
+            self.commit_due = None;
+        } else if waiting >= self.cfg.commit_writes_max {
+            self.commit_due = None;
+            if !matches!(self.out.back(), Some(Output::Commit)) {
+                self.out.push_back(Output::Commit);
+            }
+        } else if self.commit_due.is_none() {
+            self.commit_due = Some(self.now + self.cfg.commit_after.as_nanos() as u64);
+        }
     }
 }

@@ -21,9 +21,6 @@ use crate::store::{Entry, Store};
 use bytes::Bytes;
 use rsyncfs_conflict::{join, ConflictCopy, Content, Hash, Meta, NodeId, Record, DIR_MODE_DEFAULT};
 
-/// Most descendants one reconcile marks for work when it waits for a directory to empty.
-const DESCENDANTS_MARKED_MAX: usize = 1024;
-
 /// What a path shows for a record: the winner, or a directory when something below lives
 /// (`shadowed`), or nothing.
 pub(crate) fn shown(record: Option<&Record>, shadowed: bool) -> Option<Meta> {
@@ -69,15 +66,19 @@ impl<S: Store> Engine<S> {
         let shadowed = self.live_below(path);
         let want = shown(target.as_ref(), shadowed);
 
-        // 1. Directories above.
+        // 1. Directories above: the nearest one the disk holds decides (everything above a
+        // directory is a directory; the driver makes the missing ones).
         if want.is_some() {
             for ancestor in path.ancestors() {
-                let local = self.store.get(&ancestor).and_then(|e| e.local);
-                if local.is_some_and(|m| !m.is_dir()) {
+                let Some(local) = self.store.get(&ancestor).and_then(|e| e.local) else {
+                    continue;
+                };
+                if !local.is_dir() {
                     self.wait_for(path, &ancestor);
                     self.dirty.insert(ancestor);
                     return;
                 }
+                break;
             }
         }
 
@@ -105,22 +106,17 @@ impl<S: Store> Engine<S> {
             return;
         }
 
-        // 4. A directory goes only once it is empty.
+        // 4. A directory goes only once it is empty. Nothing below lives (or the path would
+        // show a directory), so what is still on disk below is being removed, and each removal
+        // marks its parent: this path comes back when they are gone. On a receive-only node
+        // what is below may also be a file the mesh never had (made behind the mount's back),
+        // which stays: so does the directory, and its record is stored now.
         let local_is_dir = entry.local.as_ref().is_some_and(Meta::is_dir);
-        if local_is_dir && !want.as_ref().is_some_and(Meta::is_dir) {
-            let mut below = Vec::new();
-            self.store.any_under(path, &mut |p, e| {
-                if e.local.is_some() {
-                    below.push(p.clone());
-                }
-                below.len() >= DESCENDANTS_MARKED_MAX
-            });
-            if !below.is_empty() {
-                // Each removal below marks its parent, so this path comes back when they are
-                // gone.
-                self.dirty.extend(below);
-                return;
+        if local_is_dir && !want.as_ref().is_some_and(Meta::is_dir) && self.local_below(path) {
+            if self.cfg.mode == super::Mode::ReceiveOnly {
+                self.settle_entry(path, target, entry.local, false);
             }
+            return;
         }
 
         // 5. Act.
@@ -272,10 +268,14 @@ impl<S: Store> Engine<S> {
             None => record,
         };
         if p.target.as_ref() != Some(&joined) {
+            let before = self.own(copy_path);
+            let p = self.pending.get_mut(copy_path).expect("made above");
             p.target = Some(joined);
             p.from = None;
             p.tried.clear();
+            self.retally(copy_path, before);
         }
+        let p = self.pending.get_mut(copy_path).expect("made above");
         for s in sources {
             if !p.sources.contains(&s) {
                 p.sources.push(s);
@@ -383,15 +383,16 @@ impl<S: Store> Engine<S> {
             let mut new = entry;
             new.local = want;
             if record_changed {
+                if let Some(r) = applied.as_ref().filter(|_| local_changed) {
+                    if r.winner().dot.node != self.cfg.node {
+                        self.note_latency(r);
+                    }
+                }
                 new.record = applied;
                 new.seq = self.next_seq();
                 new.from = from;
             }
-            if new.record.is_none() && new.local.is_none() {
-                self.store.remove(path);
-            } else {
-                self.store.put(path, new);
-            }
+            self.put_entry(path, new);
         }
         if let Some(p) = self.pending.get_mut(path) {
             p.op = None;
@@ -427,7 +428,10 @@ impl<S: Store> Engine<S> {
     /// Ends the pending work of a path, releasing what it holds.
     pub(super) fn drop_pending(&mut self, path: &RelPath) {
         self.unwish(path);
-        if let Some(p) = self.pending.remove(path) {
+        let before = self.own(path);
+        let removed = self.pending.remove(path);
+        self.retally(path, before);
+        if let Some(p) = removed {
             if let Some((_, staged)) = p.staged {
                 self.out.push_back(Output::Release { staged });
             }
@@ -461,12 +465,14 @@ impl<S: Store> Engine<S> {
         match result {
             Ok(()) if entry.local == expect => {
                 if want.is_some() {
-                    // Directories the driver made above the path.
+                    // Directories the driver made above the path: up to the first one the store
+                    // knows (everything above a directory is a directory).
                     for ancestor in path.ancestors() {
                         let e = self.store.get(&ancestor).unwrap_or_default();
-                        if e.local.is_none() {
-                            self.put_local(&ancestor, e, Some(Meta::dir(DIR_MODE_DEFAULT)));
+                        if e.local.is_some() {
+                            break;
                         }
+                        self.put_local(&ancestor, e, Some(Meta::dir(DIR_MODE_DEFAULT)));
                     }
                 }
                 self.settle_entry(&path, target, want, staged);
@@ -479,9 +485,16 @@ impl<S: Store> Engine<S> {
                     false,
                     "apply to {path} succeeded over an unseen local change"
                 );
-                self.after_failed_apply(&path, None, true);
+                if staged {
+                    if let Some(p) = self.pending.get_mut(&path) {
+                        p.staged = None; // consumed by the apply
+                    }
+                }
+                self.after_failed_apply(&path, None);
             }
             Err(ApplyError::Busy) => {
+                #[cfg(feature = "planted-bugs")]
+                self.planted_forget_staged(&path);
                 if let Some(p) = self.pending.get_mut(&path) {
                     p.op = None;
                     p.busy = true;
@@ -491,32 +504,68 @@ impl<S: Store> Engine<S> {
                 self.schedule_retry(&path, delay.as_nanos() as u64);
             }
             Err(ApplyError::Stale) => {
-                self.after_failed_apply(&path, source, true);
+                #[cfg(feature = "planted-bugs")]
+                self.planted_forget_staged(&path);
+                self.after_failed_apply(&path, source);
             }
-            Err(ApplyError::Io(_)) => {
-                self.after_failed_apply(&path, None, false);
+            Err(ApplyError::StagedGone) => {
+                if let Some(p) = self.pending.get_mut(&path) {
+                    p.staged = None;
+                }
+                self.after_failed_op(&path, None);
+            }
+            Err(ApplyError::Io(failure)) => {
+                #[cfg(feature = "planted-bugs")]
+                if self.cfg.planted_bug == Some(super::PlantedBug::GiveUpOnError) {
+                    // The bug: the path keeps its pending work but is never looked at again.
+                    if let Some(p) = self.pending.get_mut(&path) {
+                        p.op = None;
+                        p.retry_at = Some(u64::MAX);
+                    }
+                    return;
+                }
+                self.after_failed_op(&path, Some(failure));
             }
         }
     }
 
-    fn after_failed_apply(&mut self, path: &RelPath, source: Option<RelPath>, stale: bool) {
-        let retries = match self.pending.get_mut(path) {
-            Some(p) => {
-                p.op = None;
-                p.retries += 1;
-                p.retries
-            }
-            None => 1,
-        };
-        if stale {
-            // Learn what is really there before trying again.
-            for p in std::iter::once(path.clone())
-                .chain(path.ancestors())
-                .chain(source)
-            {
-                self.out.push_back(Output::Observe { path: p });
-            }
+    /// The planted bug `forget-staged`: a refused apply lets its staged content go, but the path
+    /// still counts on it.
+    #[cfg(feature = "planted-bugs")]
+    fn planted_forget_staged(&mut self, path: &RelPath) {
+        if self.cfg.planted_bug != Some(super::PlantedBug::ForgetStaged) {
+            return;
         }
+        if let Some((_, staged)) = self.pending.get(path).and_then(|p| p.staged) {
+            self.out.push_back(Output::Release { staged });
+        }
+    }
+
+    /// An apply found something else than it expected: learn what is really there, then try
+    /// again after a backoff.
+    fn after_failed_apply(&mut self, path: &RelPath, source: Option<RelPath>) {
+        for p in std::iter::once(path.clone())
+            .chain(path.ancestors())
+            .chain(source)
+        {
+            self.out.push_back(Output::Observe { path: p });
+        }
+        self.after_failed_op(path, None);
+    }
+
+    /// An operation on `path` failed: it is tried again after a backoff that doubles with each
+    /// failure (up to 64 times [`super::Config::retry_after`]); an I/O failure is kept for
+    /// status until the path's work is done.
+    fn after_failed_op(&mut self, path: &RelPath, failure: Option<super::IoFailure>) {
+        let retries = {
+            let p = self.pending.entry(path.clone()).or_default();
+            p.op = None;
+            p.retries = p.retries.saturating_add(1);
+            if failure.is_some() {
+                p.failing = failure;
+            }
+            p.retries
+        };
         let backoff = self.cfg.retry_after.as_nanos() as u64 * (1u64 << retries.min(6));
         self.schedule_retry(path, backoff);
         // A source kept for this copy need not wait for the retry.
@@ -546,11 +595,13 @@ impl<S: Store> Engine<S> {
             },
         )) = self.ops.remove(&op)
         else {
+            // A fetch the engine gave up on (its peer went down): what it staged is not needed.
+            if let Ok(staged) = result {
+                self.out.push_back(Output::Release { staged });
+            }
             return;
         };
-        self.fetches -= 1;
-        let queued = std::mem::take(&mut self.fetch_queue);
-        self.dirty.extend(queued);
+        self.fetch_ended();
         let Some(p) = self.pending.get_mut(&path) else {
             if let Ok(staged) = result {
                 self.out.push_back(Output::Release { staged });
@@ -560,20 +611,38 @@ impl<S: Store> Engine<S> {
         p.op = None;
         match result {
             Ok(staged) => {
+                p.failing = None;
                 if let Some((_, old)) = p.staged.replace((hash, staged)) {
                     self.out.push_back(Output::Release { staged: old });
                 }
+                self.dirty.insert(path);
             }
-            Err(FetchError::NotFound) | Err(FetchError::Unreachable) | Err(FetchError::Io(_)) => {
+            Err(FetchError::NotFound) | Err(FetchError::Corrupt(_)) => {
                 // That peer's file changed since it announced it (it will announce the newer
-                // one), or the connection failed (it announces again on reconnect). Unless it
-                // announced something since the fetch started: then it may have it now.
+                // one), or what it sent did not check out. Unless it announced something since
+                // the fetch started: then it may have it now.
                 if p.announcements == announcements {
                     p.tried.insert((from, hash));
                 }
+                self.dirty.insert(path);
+            }
+            Err(FetchError::Unreachable) => {
+                // The link may be going down (PeerDown takes the source away then) or a stream
+                // failed on a link that stays: ask again after a while.
+                self.after_failed_op(&path, None);
+            }
+            Err(FetchError::Io(failure)) => {
+                // Staging failed here (a full disk): the same source is asked again later.
+                self.after_failed_op(&path, Some(failure));
             }
         }
-        self.dirty.insert(path);
+    }
+
+    /// A fetch is over (done, failed or given up): the next queued ones may start.
+    pub(super) fn fetch_ended(&mut self) {
+        self.fetches -= 1;
+        let queued = std::mem::take(&mut self.fetch_queue);
+        self.dirty.extend(queued);
     }
 
     pub(super) fn cache_put(&mut self, hash: Hash, data: Bytes) {

@@ -9,7 +9,8 @@
 //! sees a lost or reordered batch as a gap and asks for a resend with `Pull`; a lost tail is
 //! resent when its acknowledgement does not come.
 
-use super::Engine;
+use super::{Engine, OpKind};
+use crate::path::RelPath;
 use crate::store::{Entry, Store};
 use crate::wire::{self, Batch, Message, WireRecord, BATCH_BYTES_MAX};
 use rsyncfs_conflict::{settle, Decision, NodeId};
@@ -18,6 +19,16 @@ use std::collections::{BTreeMap, VecDeque};
 /// Ranges of skipped records scanned per push before yielding, so that a peer that already has
 /// a huge log does not stall the engine in one call.
 const SCANS_PER_PUSH_MAX: usize = 64;
+
+/// How often a receiver that defers a peer's batches tells it so.
+fn keepalive_ns(cfg: &super::Config) -> u64 {
+    cfg.resend_after.as_nanos() as u64 / 4
+}
+
+/// Batches deferred per peer; more (resends) are dropped and come again.
+fn deferred_max(cfg: &super::Config) -> usize {
+    2 * cfg.window_batches
+}
 
 /// One connected peer.
 #[derive(Debug)]
@@ -48,6 +59,11 @@ pub(super) struct Peer {
     /// Sequences of the peer's records that are folded into pending targets, with counts.
     holds: BTreeMap<u64, u32>,
     pull_sent_at: Option<u64>,
+    /// Batches that arrived while too much work was pending here, in order, taken when the
+    /// pending work shrinks. While any wait, the peer is told every so often that we are alive
+    /// (an Ack of what we have), so that it does not resend them.
+    deferred: VecDeque<Batch>,
+    keepalive_sent_at: u64,
     /// Times the master side started again from an earlier position (a Pull or a resend).
     rewinds: u64,
 }
@@ -83,12 +99,18 @@ impl Peer {
             recv,
             holds: BTreeMap::new(),
             pull_sent_at: None,
+            deferred: VecDeque::new(),
+            keepalive_sent_at: 0,
             rewinds: 0,
         }
     }
 
     pub(super) fn is_idle(&self) -> bool {
-        self.welcomed && self.inflight.is_empty() && self.sent == self.scan && self.holds.is_empty()
+        self.welcomed
+            && self.inflight.is_empty()
+            && self.sent == self.scan
+            && self.holds.is_empty()
+            && self.deferred.is_empty()
     }
 
     /// The highest position of the peer's log that is safe to store as progress: everything up
@@ -112,11 +134,14 @@ impl Peer {
             .map(|at| at + cfg.resend_after.as_nanos() as u64);
         let hello =
             (!self.welcomed).then(|| self.hello_sent_at + cfg.resend_after.as_nanos() as u64);
+        let keepalive =
+            (!self.deferred.is_empty()).then(|| self.keepalive_sent_at + keepalive_ns(cfg));
         resend
             .into_iter()
             .chain(flush)
             .chain(pull)
             .chain(hello)
+            .chain(keepalive)
             .min()
     }
 }
@@ -125,9 +150,9 @@ impl<S: Store> Engine<S> {
     pub(super) fn on_peer_up(&mut self, peer: NodeId) {
         assert_ne!(peer, self.cfg.node, "a node does not connect to itself");
         let recv = self.store.progress(&peer);
-        // Sessions grow: the time, or one more than the last, whichever is larger.
-        self.last_session = self.now.max(self.last_session + 1);
-        let session = self.last_session;
+        // Sessions come from the durable sequence, so that they grow across restarts whatever
+        // the clocks do (a peer that missed the restart compares them).
+        let session = self.next_seq();
         self.peers.insert(peer, Peer::new(recv, self.now, session));
         let fresh = self.greeted.insert(peer);
         self.peers.get_mut(&peer).expect("inserted").hello_fresh = fresh;
@@ -152,6 +177,22 @@ impl<S: Store> Engine<S> {
             p.holds.retain(|(n, _)| *n != peer);
             p.sources.retain(|n| *n != peer);
             p.tried.retain(|(n, _)| *n != peer);
+        }
+        // Fetches from the peer end here, whatever the driver reports of them later (a late
+        // result is released).
+        let lost: Vec<(super::OpId, RelPath)> = self
+            .ops
+            .iter()
+            .filter(|(_, (_, kind))| matches!(kind, OpKind::Fetch { from, .. } if *from == peer))
+            .map(|(op, (path, _))| (*op, path.clone()))
+            .collect();
+        for (op, path) in lost {
+            self.ops.remove(&op);
+            self.fetch_ended();
+            if let Some(p) = self.pending.get_mut(&path) {
+                p.op = None;
+            }
+            self.dirty.insert(path);
         }
     }
 
@@ -276,6 +317,13 @@ impl<S: Store> Engine<S> {
         {
             peer.inflight.pop_front();
         }
+        // The receiver is alive and takes batches in order: what is still in flight is waiting
+        // there (it defers batches while busy), not lost; a lost one shows as a gap, which it
+        // pulls, or as silence, which the resend timer covers.
+        let now = self.now;
+        for (_, at) in peer.inflight.iter_mut() {
+            *at = now;
+        }
     }
 
     fn on_pull(&mut self, from: NodeId, after: u64) {
@@ -292,6 +340,47 @@ impl<S: Store> Engine<S> {
 
     fn on_batch(&mut self, from: NodeId, batch: Batch) {
         let now = self.now;
+        let busy = self.pending.len() >= self.cfg.pending_max;
+        let deferred_max = deferred_max(&self.cfg);
+        let peer = self.peers.get_mut(&from).expect("checked by caller");
+        if busy || !peer.deferred.is_empty() {
+            // Too much work waiting here: keep the batch (in order behind others) for when the
+            // work shrinks, and tell the sender we are alive so that it does not resend.
+            self.stats.batches_deferred += 1;
+            if peer.deferred.len() < deferred_max {
+                peer.deferred.push_back(batch);
+            }
+            if peer.keepalive_sent_at + keepalive_ns(&self.cfg) <= now {
+                peer.keepalive_sent_at = now;
+                let progress = peer.recv;
+                self.send(from, Message::Ack { progress });
+            }
+            return;
+        }
+        self.take_batch(from, batch);
+    }
+
+    /// Takes deferred batches while the pending work is below its limit.
+    pub(super) fn take_deferred(&mut self) {
+        let waiting: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.deferred.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            while self.pending.len() < self.cfg.pending_max {
+                let Some(batch) = self.peers.get_mut(&id).and_then(|p| p.deferred.pop_front())
+                else {
+                    break;
+                };
+                self.take_batch(id, batch);
+            }
+        }
+    }
+
+    fn take_batch(&mut self, from: NodeId, batch: Batch) {
+        let now = self.now;
         let resend_ns = self.cfg.resend_after.as_nanos() as u64;
         let peer = self.peers.get_mut(&from).expect("checked by caller");
         if batch.upto <= peer.recv {
@@ -307,11 +396,6 @@ impl<S: Store> Engine<S> {
                 let after = peer.recv;
                 self.send(from, Message::Pull { after });
             }
-            return;
-        }
-        if self.pending.len() >= self.cfg.pending_max {
-            // Too much work waiting: drop the batch unacknowledged; the sender resends it.
-            self.stats.batches_refused_busy += 1;
             return;
         }
         peer.pull_sent_at = None;
@@ -343,7 +427,7 @@ impl<S: Store> Engine<S> {
             data,
         } = wire;
         if let Some(max) = record.siblings.iter().map(|s| s.hlc).max() {
-            if self.hlc.update(&max, self.now_ntp()).is_err() {
+            if self.hlc.update(&max, self.wall_ntp()).is_err() {
                 self.stats.clock_skew_refusals += 1;
             }
         }
@@ -373,11 +457,14 @@ impl<S: Store> Engine<S> {
         if covered && target.is_none() {
             return;
         }
+        let before = self.own(&path);
         let p = self.pending.entry(path.clone()).or_default();
         if let Some(target) = target {
             p.from = (target == record).then_some(from);
             p.target = Some(target);
         }
+        self.retally(&path, before);
+        let p = self.pending.get_mut(&path).expect("made above");
         if !p.sources.contains(&from) {
             p.sources.push(from);
         }
@@ -557,6 +644,14 @@ impl<S: Store> Engine<S> {
             if state.pull_sent_at.is_some_and(|at| at + resend_ns <= now) {
                 state.pull_sent_at = None;
             }
+            if !state.deferred.is_empty()
+                && state.keepalive_sent_at + keepalive_ns(&self.cfg) <= now
+            {
+                state.keepalive_sent_at = now;
+                let progress = state.recv;
+                self.send(id, Message::Ack { progress });
+            }
+            let state = self.peers.get_mut(&id).expect("listed");
             if !state.welcomed && state.hello_sent_at + resend_ns <= now {
                 state.hello_sent_at = now;
                 let (progress, fresh, session) = (state.recv, state.hello_fresh, state.session);

@@ -16,9 +16,13 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_rsyncfs-node");
 /// How long a test waits for replicas to agree.
 pub const CONVERGE: Duration = Duration::from_secs(60);
 
-/// Why these tests cannot run here, if they cannot (printed, never silently passed).
-pub fn cannot_run() -> Option<String> {
-    rsyncfs_logger::why_no_fuse()
+/// A folder for a test's nodes under `base`, or `None` where FUSE tests cannot run (after
+/// saying why; under `CI=true` the test fails instead).
+pub fn root_in(base: &str) -> Option<tempfile::TempDir> {
+    if !rsyncfs_logger::fuse_tests_can_run() {
+        return None;
+    }
+    Some(tempfile::tempdir_in(base).unwrap())
 }
 
 /// A running node.

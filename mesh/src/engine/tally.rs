@@ -1,0 +1,214 @@
+//! Which directories have something below them: something live in the version the node is
+//! heading for (so the directory shows whatever its own record says), and something on the
+//! node's disk (so it cannot be removed yet). Kept up to date with every change, so that
+//! neither question scans the store: the cost of one change is a store read or two, plus one
+//! step up per directory whose answer flips.
+//!
+//! For each kind, a path "has" it when it has it itself (its own heading record is live; its
+//! own entry says the disk holds something) or some path below does. A directory's count is
+//! the number of its direct children, explicit or implied by a deeper path, that have it; only
+//! non-zero counts are kept, so memory grows with the directories that have something below.
+
+use super::Engine;
+use crate::path::RelPath;
+use crate::store::{Entry, Store};
+use rsyncfs_conflict::Record;
+use std::collections::{HashMap, HashSet};
+
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Counts {
+    live: u32,
+    local: u32,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    Live,
+    Local,
+}
+
+const KINDS: [Kind; 2] = [Kind::Live, Kind::Local];
+
+impl Counts {
+    fn get(&self, kind: Kind) -> u32 {
+        match kind {
+            Kind::Live => self.live,
+            Kind::Local => self.local,
+        }
+    }
+
+    fn get_mut(&mut self, kind: Kind) -> &mut u32 {
+        match kind {
+            Kind::Live => &mut self.live,
+            Kind::Local => &mut self.local,
+        }
+    }
+}
+
+/// What a path has itself: (its heading record is live, the disk holds something there).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) struct Own {
+    live: bool,
+    local: bool,
+}
+
+impl Own {
+    fn get(&self, kind: Kind) -> bool {
+        match kind {
+            Kind::Live => self.live,
+            Kind::Local => self.local,
+        }
+    }
+}
+
+/// The counts of every directory, built from a store's entries (nothing is pending then).
+pub(super) fn build<S: Store>(store: &S) -> HashMap<RelPath, Counts> {
+    let mut owns = Vec::new();
+    store.for_each(&mut |path, entry| {
+        let own = own_of(None, Some(entry));
+        if own.live || own.local {
+            owns.push((path.clone(), own));
+        }
+    });
+    count(owns)
+}
+
+/// The counts, from what every path has itself.
+fn count(owns: Vec<(RelPath, Own)>) -> HashMap<RelPath, Counts> {
+    let mut has: [HashSet<RelPath>; 2] = [HashSet::new(), HashSet::new()];
+    for (path, own) in owns {
+        for (i, kind) in KINDS.into_iter().enumerate() {
+            // This path and every directory above it have it; stop where an earlier path
+            // already said so.
+            if own.get(kind) && has[i].insert(path.clone()) {
+                for up in path.ancestors() {
+                    if !has[i].insert(up) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let mut counts: HashMap<RelPath, Counts> = HashMap::new();
+    for (i, kind) in KINDS.into_iter().enumerate() {
+        for path in &has[i] {
+            if let Some(parent) = path.parent() {
+                *counts.entry(parent).or_default().get_mut(kind) += 1;
+            }
+        }
+    }
+    counts
+}
+
+fn own_of(target: Option<&Record>, entry: Option<&Entry>) -> Own {
+    let record = target.or(entry.and_then(|e| e.record.as_ref()));
+    Own {
+        live: record.is_some_and(Record::is_live),
+        local: entry.is_some_and(|e| e.local.is_some()),
+    }
+}
+
+impl<S: Store> Engine<S> {
+    /// What `path` has itself, now.
+    pub(super) fn own(&self, path: &RelPath) -> Own {
+        let target = self.pending.get(path).and_then(|p| p.target.as_ref());
+        let entry = self.store.get(path);
+        own_of(target, entry.as_ref())
+    }
+
+    /// True when something strictly below `path` exists in the version the node is heading
+    /// for: pending targets first, stored records for the rest.
+    pub(super) fn live_below(&self, path: &RelPath) -> bool {
+        self.tally.get(path).is_some_and(|c| c.live > 0)
+    }
+
+    /// True when the node's disk holds something strictly below `path`.
+    pub(super) fn local_below(&self, path: &RelPath) -> bool {
+        self.tally.get(path).is_some_and(|c| c.local > 0)
+    }
+
+    /// After a change to what `path` has itself (its entry, or its pending target), which
+    /// before was `before`: moves the counts of the directories above where the answer flips.
+    pub(super) fn retally(&mut self, path: &RelPath, before: Own) {
+        let after = self.own(path);
+        for kind in KINDS {
+            if before.get(kind) == after.get(kind) {
+                continue;
+            }
+            if self.tally.get(path).is_some_and(|c| c.get(kind) > 0) {
+                continue; // it has it anyway, through what is below
+            }
+            self.propagate(path.parent(), kind, after.get(kind));
+        }
+    }
+
+    /// A child of `at` started (`up`) or stopped having `kind`: count it, and go on up while
+    /// directories flip.
+    fn propagate(&mut self, mut at: Option<RelPath>, kind: Kind, up: bool) {
+        while let Some(dir) = at {
+            let counts = self.tally.entry(dir.clone()).or_default();
+            let old = counts.get(kind);
+            let count = counts.get_mut(kind);
+            if up {
+                *count += 1;
+            } else {
+                assert!(old > 0, "the tally of {dir} went below zero");
+                *count -= 1;
+            }
+            if *counts == Counts::default() {
+                self.tally.remove(&dir);
+            }
+            let flipped = if up { old == 0 } else { old == 1 };
+            if !flipped || self.own(&dir).get(kind) {
+                return;
+            }
+            at = dir.parent();
+        }
+    }
+
+    /// Stores an entry (or forgets the path when it holds nothing) and keeps the counts.
+    pub(super) fn put_entry(&mut self, path: &RelPath, entry: Entry) {
+        let before = self.own(path);
+        if entry.record.is_none() && entry.local.is_none() {
+            self.store.remove(path);
+        } else {
+            self.store.put(path, entry);
+        }
+        self.retally(path, before);
+    }
+
+    /// Checks the counts against a recount from scratch (for tests and the simulator: it reads
+    /// the whole store).
+    pub fn check_tally(&self) -> Result<(), String> {
+        let mut paths: Vec<RelPath> = Vec::new();
+        self.store.for_each(&mut |path, _| paths.push(path.clone()));
+        paths.extend(self.pending.keys().cloned());
+        paths.sort();
+        paths.dedup();
+        let owns = paths
+            .into_iter()
+            .map(|p| {
+                let own = self.own(&p);
+                (p, own)
+            })
+            .collect();
+        let fresh = count(owns);
+        if fresh == self.tally {
+            return Ok(());
+        }
+        let wrong: Vec<String> = fresh
+            .keys()
+            .chain(self.tally.keys())
+            .filter(|p| fresh.get(*p) != self.tally.get(*p))
+            .take(5)
+            .map(|p| {
+                format!(
+                    "{p}: kept {:?}, recounted {:?}",
+                    self.tally.get(p),
+                    fresh.get(p)
+                )
+            })
+            .collect();
+        Err(wrong.join("; "))
+    }
+}
