@@ -51,6 +51,46 @@ pub fn join(a: &Record, b: &Record) -> Record {
     }
 }
 
+/// Folds a record with too many siblings (more concurrent writers than a record may carry)
+/// into one that has seen all of them and holds only the winner's content, as a write of its
+/// own. Callers keep every losing content as a conflict copy first; then nothing is lost.
+///
+/// The fold's write is a pure function of the record: its dot is the first and only write of
+/// a pseudo node named by a hash of the record's vector and siblings, and its time is the
+/// winner's. So every node that folds the same record makes the same write, and their folds
+/// merge instead of piling up as new siblings; folds of different records are concurrent
+/// writes of one content, which merge without a conflict.
+pub fn fold(record: &Record) -> Record {
+    let winner = record.winner();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"rsyncfs fold 1");
+    for d in record.vv.iter() {
+        hasher.update(&d.node.0);
+        hasher.update(&d.counter.to_be_bytes());
+    }
+    for s in &record.siblings {
+        hasher.update(&s.dot.node.0);
+        hasher.update(&s.dot.counter.to_be_bytes());
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    id[0] |= 1; // never zero
+    let node = crate::NodeId(id);
+    let dot = crate::Dot { node, counter: 1 };
+    let hlc = uhlc::Timestamp::new(*winner.hlc.get_time(), node.hlc_id());
+    let mut vv = record.vv.clone();
+    vv.add(dot);
+    Record {
+        vv,
+        siblings: vec![Sibling {
+            dot,
+            hlc,
+            meta: winner.meta.clone(),
+        }],
+        author: None,
+    }
+}
+
 /// A conflict copy: a losing content kept at a name next to the path it lost at.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct ConflictCopy {

@@ -320,3 +320,39 @@ fn the_largest_valid_record_fits_its_stated_size() {
     // The bound is not loose by much: it is what the frame limit is sized from.
     assert!(size * 10 >= limits::RECORD_ENCODED_BYTES_MAX * 9, "{size}");
 }
+
+/// More concurrent writers than a record may carry: the fold keeps the winner's content, has
+/// seen every write, and is the same wherever it is made, so folds of one record merge.
+#[test]
+fn folds_of_too_many_siblings_agree_and_merge() {
+    let writes: Vec<Record> = (1..=70)
+        .map(|n| write(None, n, 1, 100 + n, file(n as u8)))
+        .collect();
+    let all = writes
+        .iter()
+        .skip(1)
+        .fold(writes[0].clone(), |r, w| join(&r, w));
+    assert_eq!(all.siblings.len(), 70);
+    assert!(all.validate().is_err(), "70 siblings are over the limit");
+    let folded = fold(&all);
+    assert_eq!(folded.validate(), Ok(()));
+    assert_eq!(folded.siblings.len(), 1);
+    assert_eq!(folded.winner().meta, all.winner().meta);
+    for w in &writes {
+        assert!(folded.vv.covers(&w.siblings[0].dot));
+    }
+    // The same fold made on two nodes is one write.
+    assert_eq!(join(&folded, &fold(&all)), folded);
+    // Folds of different records with the same winner are concurrent writes of one content:
+    // a merge, no copy.
+    let some = writes[5..]
+        .iter()
+        .skip(1)
+        .fold(writes[4].clone(), |r, w| join(&r, w));
+    let other = fold(&some);
+    let merged = join(&folded, &other);
+    assert!(merged.siblings.len() <= 2);
+    assert!(merged.copies("f", false).is_empty());
+    // Every losing write is superseded by the fold: a node that still holds one takes the fold.
+    assert_eq!(settle("f", Some(&writes[3]), &folded), Decision::TakeRemote);
+}

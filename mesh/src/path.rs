@@ -80,15 +80,15 @@ impl RelPath {
         self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
     }
 
-    /// Every directory above this path, nearest first.
+    /// Every directory above this path, nearest first (made one at a time: a caller that
+    /// stops early pays only for what it took).
     pub fn ancestors(&self) -> impl Iterator<Item = RelPath> + '_ {
-        self.0
-            .char_indices()
-            .filter(|&(_, c)| c == '/')
-            .map(|(i, _)| RelPath(self.0[..i].to_string()))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
+        let mut end = self.0.len();
+        std::iter::from_fn(move || {
+            let i = self.0[..end].rfind('/')?;
+            end = i;
+            Some(RelPath(self.0[..i].to_string()))
+        })
     }
 
     /// The last component.

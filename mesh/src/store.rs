@@ -104,6 +104,9 @@ pub struct MemStore {
     live: State,
     durable: State,
     uncommitted: Vec<Op>,
+    /// Operations the engine asked for (entries read, written or visited), for the
+    /// simulator's cost invariant.
+    ops: std::cell::Cell<u64>,
 }
 
 impl MemStore {
@@ -143,39 +146,57 @@ impl MemStore {
     pub fn entries(&self) -> impl Iterator<Item = (&RelPath, &Entry)> {
         self.live.entries.iter()
     }
+
+    /// Operations made through the [`Store`] trait so far: one per entry read, written or
+    /// visited.
+    pub fn ops(&self) -> u64 {
+        self.ops.get()
+    }
+
+    fn charge(&self, n: usize) {
+        self.ops.set(self.ops.get() + n as u64);
+    }
 }
 
 impl Store for MemStore {
     fn get(&self, path: &RelPath) -> Option<Entry> {
+        self.charge(1);
         self.live.entries.get(path).cloned()
     }
 
     fn put(&mut self, path: &RelPath, entry: Entry) {
+        self.charge(1);
         self.uncommitted.push(Op::Put(path.clone(), entry.clone()));
         self.live.put(path, entry);
     }
 
     fn remove(&mut self, path: &RelPath) {
+        self.charge(1);
         self.uncommitted.push(Op::Remove(path.clone()));
         self.live.remove(path);
     }
 
     fn after(&self, seq: u64, limit: usize) -> Vec<(RelPath, Entry)> {
-        self.live
+        let out: Vec<(RelPath, Entry)> = self
+            .live
             .log
             .range(seq + 1..)
             .take(limit)
             .map(|(_, p)| (p.clone(), self.live.entries[p].clone()))
-            .collect()
+            .collect();
+        self.charge(out.len() + 1);
+        out
     }
 
     fn for_each(&self, visit: &mut dyn FnMut(&RelPath, &Entry)) {
+        self.charge(self.live.entries.len());
         for (p, e) in &self.live.entries {
             visit(p, e);
         }
     }
 
     fn find_local(&self, hash: &Hash) -> Option<RelPath> {
+        self.charge(1);
         self.live
             .by_hash
             .get(hash)

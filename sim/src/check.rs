@@ -8,8 +8,16 @@
 //! - **no echo**: a record never goes back to its author (except once to an author that
 //!   restarted and may have lost it), and never crosses one connection twice except when the
 //!   sender rewinds (after a Pull or a resend timeout);
-//! - **store matches filesystem**: each engine's idea of its own tree is the tree;
-//! - **quiescence**: after the last fault heals, the mesh goes quiet and no path stays pending.
+//! - **store matches filesystem**: each engine's idea of its own tree is the tree (and its
+//!   tally of directories matches a recount);
+//! - **liveness**: once every fault has stopped (links healed, nodes back, disks with space),
+//!   every node is done within a bounded simulated time, with no restart and no reconnect; a
+//!   path pending forever fails the seed;
+//! - **cost**: one engine call makes a bounded number of store operations (no scan per path);
+//! - **driver contract**: staged content is never used after the engine released it, nor
+//!   released twice;
+//! - **engine invariant**: what the engine checks of itself (a stored record never goes back
+//!   on a write it had seen) held.
 //!
 //! Determinism (same seed, same digest) is checked by running twice.
 
@@ -41,6 +49,7 @@ pub struct SendContext {
     pub unskip_upto: u64,
 }
 
+#[derive(Default)]
 pub struct Checker {
     violations: Vec<Violation>,
     /// Contents owed to every node: content -> (node, path) where a user wrote it.
@@ -50,24 +59,12 @@ pub struct Checker {
     dead: BTreeSet<Hash>,
     sends: HashMap<(usize, usize, u64), HashMap<[u8; 32], u64>>,
     pub records_stored: u64,
-    nodes: usize,
 }
 
 /// Violations reported per run; the first few tell the story.
 const VIOLATIONS_MAX: usize = 20;
 
 impl Checker {
-    pub fn new(nodes: usize) -> Checker {
-        Checker {
-            violations: Vec::new(),
-            alive: BTreeMap::new(),
-            dead: BTreeSet::new(),
-            sends: HashMap::new(),
-            records_stored: 0,
-            nodes,
-        }
-    }
-
     pub fn violate(&mut self, invariant: &'static str, path: Option<String>, detail: String) {
         if self.violations.len() < VIOLATIONS_MAX {
             self.violations.push(Violation {
@@ -152,20 +149,22 @@ impl Checker {
         }
     }
 
-    pub fn convergence(&mut self, trees: &[&SimFs], stores: &[&MemStore]) {
-        for i in 1..self.nodes {
-            if trees[i] != trees[0] {
-                let mut paths: BTreeSet<&String> = trees[0].iter().map(|(p, _)| p).collect();
-                paths.extend(trees[i].iter().map(|(p, _)| p));
+    /// The replicas (node index, tree) must hold the same trees and records.
+    pub fn convergence(&mut self, replicas: &[(usize, &SimFs)], stores: &[&MemStore]) {
+        let (n0, t0) = replicas[0];
+        for (k, &(i, ti)) in replicas.iter().enumerate().skip(1) {
+            if ti != t0 {
+                let mut paths: BTreeSet<&String> = t0.iter().map(|(p, _)| p).collect();
+                paths.extend(ti.iter().map(|(p, _)| p));
                 let differ: Vec<String> = paths
                     .into_iter()
-                    .filter(|p| trees[0].get(p) != trees[i].get(p))
+                    .filter(|p| t0.get(p) != ti.get(p))
                     .take(5)
                     .map(|p| {
                         format!(
-                            "{p}: n0 {:?} / n{i} {:?}",
-                            trees[0].meta(p).map(|m| m.content),
-                            trees[i].meta(p).map(|m| m.content)
+                            "{p}: n{n0} {:?} / n{i} {:?}",
+                            t0.meta(p).map(|m| m.content),
+                            ti.meta(p).map(|m| m.content)
                         )
                     })
                     .collect();
@@ -175,12 +174,12 @@ impl Checker {
                 self.violate(
                     "convergence",
                     path,
-                    format!("trees of n0 and n{i} differ: {}", differ.join("; ")),
+                    format!("trees of n{n0} and n{i} differ: {}", differ.join("; ")),
                 );
                 return;
             }
             let a: Vec<_> = stores[0].records().collect();
-            let b: Vec<_> = stores[i].records().collect();
+            let b: Vec<_> = stores[k].records().collect();
             if a != b {
                 let first = a.iter().zip(b.iter()).find(|(x, y)| x != y);
                 let path = first.map(|(x, _)| x.0.to_string());
@@ -209,7 +208,7 @@ impl Checker {
                     "convergence",
                     path,
                     format!(
-                        "stores of n0 and n{i} differ ({} and {} records): {detail}",
+                        "stores of n{n0} and n{i} differ ({} and {} records): {detail}",
                         a.len(),
                         b.len()
                     ),
@@ -219,10 +218,12 @@ impl Checker {
         }
     }
 
-    pub fn nothing_lost(&mut self, trees: &[&SimFs]) {
-        let held: Vec<BTreeSet<Hash>> = trees.iter().map(|t| t.contents()).collect();
+    /// Every content owed is held by every one of the replicas (node index, tree).
+    pub fn nothing_lost(&mut self, replicas: &[(usize, &SimFs)]) {
+        let held: Vec<(usize, BTreeSet<Hash>)> =
+            replicas.iter().map(|(i, t)| (*i, t.contents())).collect();
         for (hash, (node, path)) in self.alive.clone() {
-            for (i, contents) in held.iter().enumerate() {
+            for (i, contents) in &held {
                 if !contents.contains(&hash) {
                     self.violate(
                         "nothing lost",

@@ -3,8 +3,11 @@
 
 use bytes::Bytes;
 use rsyncfs_conflict::{Content, Hash, Meta, DIR_MODE_DEFAULT};
-use rsyncfs_mesh::engine::{Action, Apply, ApplyError, Source, StagedId};
+use rsyncfs_mesh::engine::{Action, Apply, ApplyError, IoFailure, IoKind, Source, StagedId};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// Extended attributes of a file or directory, sorted by name.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Node {
@@ -13,9 +16,11 @@ pub enum Node {
         hash: Hash,
         mode: u32,
         mtime_ns: i64,
+        xattrs: Xattrs,
     },
     Dir {
         mode: u32,
+        xattrs: Xattrs,
     },
     Symlink {
         target: String,
@@ -30,6 +35,14 @@ impl Node {
             hash,
             mode,
             mtime_ns,
+            xattrs: Vec::new(),
+        }
+    }
+
+    pub fn dir(mode: u32) -> Node {
+        Node::Dir {
+            mode,
+            xattrs: Vec::new(),
         }
     }
 
@@ -40,8 +53,9 @@ impl Node {
                 hash,
                 mode,
                 mtime_ns,
-            } => Meta::file(data.len() as u64, *hash, *mode, *mtime_ns),
-            Node::Dir { mode } => Meta::dir(*mode),
+                xattrs,
+            } => Meta::file(data.len() as u64, *hash, *mode, *mtime_ns).with_xattrs(xattrs.clone()),
+            Node::Dir { mode, xattrs } => Meta::dir(*mode).with_xattrs(xattrs.clone()),
             Node::Symlink { target } => Meta::symlink(target.clone()),
         }
     }
@@ -59,6 +73,8 @@ pub enum Errno {
     NotDir,
     IsDir,
     NotEmpty,
+    /// The disk is full.
+    NoSpace,
 }
 
 /// A tree of files, directories and symlinks keyed by relative path. Parents sort before their
@@ -66,18 +82,12 @@ pub enum Errno {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SimFs {
     nodes: BTreeMap<String, Node>,
+    /// While set, nothing new can be written (ENOSPC): file contents, directories, symlinks.
+    pub full: bool,
 }
 
 fn parent(path: &str) -> Option<&str> {
     path.rfind('/').map(|i| &path[..i])
-}
-
-fn ancestors(path: &str) -> Vec<&str> {
-    // Top-down.
-    path.char_indices()
-        .filter(|&(_, c)| c == '/')
-        .map(|(i, _)| &path[..i])
-        .collect()
 }
 
 impl SimFs {
@@ -91,6 +101,11 @@ impl SimFs {
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Node)> {
         self.nodes.iter()
+    }
+
+    /// Keeps only the paths `keep` says yes to (for comparisons).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.nodes.retain(|p, _| keep(p));
     }
 
     /// Paths strictly below `dir`.
@@ -145,6 +160,9 @@ impl SimFs {
         mtime_ns: i64,
     ) -> Result<(), Errno> {
         self.parent_ok(path)?;
+        if self.full {
+            return Err(Errno::NoSpace);
+        }
         match self.nodes.get(path) {
             Some(Node::Dir { .. }) => return Err(Errno::IsDir),
             Some(Node::Symlink { .. }) => {
@@ -153,12 +171,15 @@ impl SimFs {
             }
             _ => {}
         }
-        let mode = match self.nodes.get(path) {
-            Some(Node::File { mode, .. }) => *mode,
-            _ => mode,
+        let (mode, xattrs) = match self.nodes.get(path) {
+            Some(Node::File { mode, xattrs, .. }) => (*mode, xattrs.clone()),
+            _ => (mode, Vec::new()),
         };
-        self.nodes
-            .insert(path.to_string(), Node::file(data, mode, mtime_ns));
+        let mut node = Node::file(data, mode, mtime_ns);
+        if let Node::File { xattrs: x, .. } = &mut node {
+            *x = xattrs;
+        }
+        self.nodes.insert(path.to_string(), node);
         Ok(())
     }
 
@@ -174,8 +195,25 @@ impl SimFs {
         if self.nodes.contains_key(path) {
             return Err(Errno::Exist);
         }
-        self.nodes.insert(path.to_string(), Node::Dir { mode });
+        if self.full {
+            return Err(Errno::NoSpace);
+        }
+        self.nodes.insert(path.to_string(), Node::dir(mode));
         Ok(())
+    }
+
+    /// setxattr of a whole set (replacing what was there) on a file or directory.
+    pub fn set_xattrs(&mut self, path: &str, new: Xattrs) -> Result<(), Errno> {
+        if self.full {
+            return Err(Errno::NoSpace);
+        }
+        match self.nodes.get_mut(path) {
+            Some(Node::File { xattrs, .. }) | Some(Node::Dir { xattrs, .. }) => {
+                *xattrs = Meta::tombstone().with_xattrs(new).xattrs;
+                Ok(())
+            }
+            _ => Err(Errno::NoEnt),
+        }
     }
 
     pub fn rmdir(&mut self, path: &str) -> Result<(), Errno> {
@@ -207,6 +245,9 @@ impl SimFs {
         if self.nodes.contains_key(path) {
             return Err(Errno::Exist);
         }
+        if self.full {
+            return Err(Errno::NoSpace);
+        }
         self.nodes.insert(
             path.to_string(),
             Node::Symlink {
@@ -218,7 +259,7 @@ impl SimFs {
 
     pub fn chmod(&mut self, path: &str, new_mode: u32) -> Result<(), Errno> {
         match self.nodes.get_mut(path) {
-            Some(Node::File { mode, .. }) | Some(Node::Dir { mode }) => {
+            Some(Node::File { mode, .. }) | Some(Node::Dir { mode, .. }) => {
                 *mode = new_mode;
                 Ok(())
             }
@@ -279,17 +320,29 @@ impl SimFs {
         if self.meta(path) != apply.expect {
             return Err(ApplyError::Stale);
         }
-        let ups = ancestors(path);
-        if ups
-            .iter()
-            .any(|a| self.nodes.get(*a).is_some_and(|n| !n.is_dir()))
-        {
-            return Err(ApplyError::Stale);
+        // The directories above that are missing, up to the nearest one there (which must be
+        // a directory), as a real driver's mkdir -p finds them.
+        let mut ups: Vec<&str> = Vec::new();
+        let mut at = path;
+        while let Some(up) = parent(at) {
+            match self.nodes.get(up) {
+                Some(n) if n.is_dir() => break,
+                Some(_) => return Err(ApplyError::Stale),
+                None => ups.push(up),
+            }
+            at = up;
         }
         let current_is_dir = self.nodes.get(path).is_some_and(Node::is_dir);
         let replaces = !matches!(apply.action, Action::SetAttr { .. } | Action::Mkdir { .. });
         if current_is_dir && replaces && self.below(path).next().is_some() {
             return Err(ApplyError::Stale);
+        }
+        // A full disk takes nothing new; a removal still works.
+        if self.full && !matches!(apply.action, Action::Remove) {
+            return Err(ApplyError::Io(IoFailure::new(
+                IoKind::NoSpace,
+                format!("{path}: no space left on device"),
+            )));
         }
         // Everything checked; now change the tree.
         let new = match &apply.action {
@@ -299,16 +352,31 @@ impl SimFs {
             }
             Action::SetAttr { meta } => {
                 match (self.nodes.get_mut(path), &meta.content) {
-                    (Some(Node::File { mode, mtime_ns, .. }), Content::File { .. }) => {
+                    (
+                        Some(Node::File {
+                            mode,
+                            mtime_ns,
+                            xattrs,
+                            ..
+                        }),
+                        Content::File { .. },
+                    ) => {
                         *mode = meta.mode;
                         *mtime_ns = meta.mtime_ns;
+                        *xattrs = meta.xattrs.clone();
                     }
-                    (Some(Node::Dir { mode }), Content::Dir) => *mode = meta.mode,
+                    (Some(Node::Dir { mode, xattrs }), Content::Dir) => {
+                        *mode = meta.mode;
+                        *xattrs = meta.xattrs.clone();
+                    }
                     _ => return Err(ApplyError::Stale),
                 }
                 return Ok(());
             }
-            Action::Mkdir { meta } => Node::Dir { mode: meta.mode },
+            Action::Mkdir { meta } => Node::Dir {
+                mode: meta.mode,
+                xattrs: meta.xattrs.clone(),
+            },
             Action::Symlink { target } => Node::Symlink {
                 target: target.clone(),
             },
@@ -326,7 +394,10 @@ impl SimFs {
                         _ => return Err(ApplyError::Stale),
                     },
                 };
-                let node = Node::file(data, meta.mode, meta.mtime_ns);
+                let mut node = Node::file(data, meta.mode, meta.mtime_ns);
+                if let Node::File { xattrs, .. } = &mut node {
+                    *xattrs = meta.xattrs.clone();
+                }
                 assert_eq!(
                     node.meta(),
                     *meta,
@@ -336,14 +407,13 @@ impl SimFs {
             }
         };
         for a in ups {
-            self.nodes.entry(a.to_string()).or_insert(Node::Dir {
-                mode: DIR_MODE_DEFAULT,
-            });
+            self.nodes
+                .entry(a.to_string())
+                .or_insert(Node::dir(DIR_MODE_DEFAULT));
         }
-        if let (Some(Node::Dir { .. }), Node::Dir { mode }) = (self.nodes.get_mut(path), &new) {
-            // Making a directory where one is: set its mode, keep what is inside.
-            let mode = *mode;
-            self.nodes.insert(path.to_string(), Node::Dir { mode });
+        if let (Some(Node::Dir { .. }), Node::Dir { .. }) = (self.nodes.get(path), &new) {
+            // Making a directory where one is: set its attributes, keep what is inside.
+            self.nodes.insert(path.to_string(), new);
             return Ok(());
         }
         self.nodes.insert(path.to_string(), new);

@@ -9,6 +9,7 @@
 //! the network, the clock and the store's disk are simulated. [`check`] lists the invariants.
 
 pub mod check;
+pub mod faults;
 pub mod fs;
 pub mod world;
 
@@ -55,6 +56,9 @@ pub struct Options {
     pub topology: Topology,
     /// Keep a trace of events for a failure report (slower).
     pub trace: bool,
+    /// Draw the seed's faults and shapes ([`faults::Character`]); off, only partitions,
+    /// crashes and the network's weather remain.
+    pub faults: bool,
     #[cfg(feature = "planted-bugs")]
     pub planted_bug: Option<PlantedBug>,
 }
@@ -67,6 +71,7 @@ impl Options {
             steps: 1000,
             topology: Topology::Full,
             trace: false,
+            faults: true,
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
         }
@@ -82,6 +87,9 @@ impl Options {
             self.steps,
             self.topology.name()
         );
+        if !self.faults {
+            line.push_str(" --no-faults");
+        }
         #[cfg(feature = "planted-bugs")]
         if let Some(bug) = self.planted_bug {
             line.push_str(&format!(" --planted-bug {}", planted_bug_name(bug)));

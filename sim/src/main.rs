@@ -28,6 +28,10 @@ struct Common {
     /// the planted-bugs feature.
     #[arg(long)]
     planted_bug: Option<String>,
+    /// Leave out the seed's faults and shapes (modes, full disks, failing applies, clock steps,
+    /// long holds, limits, deep and wide trees): only partitions, crashes and the network.
+    #[arg(long)]
+    no_faults: bool,
 }
 
 #[derive(Subcommand)]
@@ -64,6 +68,7 @@ fn options(seed: u64, topology: Topology, common: &Common) -> Result<Options, St
     let mut o = Options::new(seed, common.nodes as usize);
     o.steps = common.steps;
     o.topology = topology;
+    o.faults = !common.no_faults;
     if let Some(name) = &common.planted_bug {
         #[cfg(feature = "planted-bugs")]
         {
@@ -165,8 +170,9 @@ fn main() -> ExitCode {
                 println!("{line}");
             }
             let s = &outcome.stats;
+            println!("faults: {}", outcome.character);
             println!(
-                "seed {seed}: {} nodes, {}, {} ops, {} messages, {} records sent, {} conflicts, {} crashes, {} cuts, {} ms simulated in {:.1} ms",
+                "seed {seed}: {} nodes, {}, {} ops, {} messages, {} records sent, {} conflicts, {} crashes, {} cuts, {} ms simulated in {:.1} ms, at most {} store operations per engine call",
                 opts.nodes,
                 opts.topology.name(),
                 s.ops,
@@ -176,7 +182,8 @@ fn main() -> ExitCode {
                 s.crashes,
                 s.cuts,
                 s.virtual_ms,
-                started.elapsed().as_secs_f64() * 1e3
+                started.elapsed().as_secs_f64() * 1e3,
+                s.store_ops_max
             );
             if outcome.violations.is_empty() {
                 println!(
@@ -223,7 +230,26 @@ fn main() -> ExitCode {
                         }
                         let t = topology.unwrap_or(Topology::ALL[(seed % 4) as usize]);
                         let opts = options(seed, t, &common).expect("checked above");
-                        let outcome = run(&opts);
+                        // A panic (an engine assertion) fails its seed, not the sweep.
+                        let outcome = match std::panic::catch_unwind(|| run(&opts)) {
+                            Ok(o) => o,
+                            Err(e) => {
+                                let why = e
+                                    .downcast_ref::<String>()
+                                    .cloned()
+                                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                                    .unwrap_or_default();
+                                failures.lock().expect("no panics hold it").push((
+                                    opts,
+                                    vec![rsyncfs_sim::Violation {
+                                        invariant: "no panic",
+                                        path: None,
+                                        detail: why,
+                                    }],
+                                ));
+                                continue;
+                            }
+                        };
                         if !outcome.violations.is_empty() {
                             failures
                                 .lock()

@@ -2,13 +2,17 @@
 //! seeded workload and fault schedule, and the checks of every invariant.
 
 use crate::check::{Checker, SendContext, Violation};
+use crate::faults::{Character, Shape};
 use crate::fs::{Node, SimFs};
 use crate::{Options, Topology};
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rsyncfs_conflict::{Meta, NodeId};
-use rsyncfs_mesh::engine::{Apply, Config, Engine, FetchError, Input, Now, OpId, Output, StagedId};
+use rsyncfs_mesh::engine::{
+    Action, Apply, ApplyError, Config, Engine, FetchError, Input, IoFailure, IoKind, Mode, Now,
+    OpId, Output, Source, StagedId,
+};
 use rsyncfs_mesh::wire::{self, Message};
 use rsyncfs_mesh::{MemStore, RelPath, Store};
 use std::cmp::Reverse;
@@ -21,10 +25,17 @@ const EPOCH_NS: u64 = 1_795_651_200 * 1_000_000_000;
 /// Files up to this size travel inline in the simulator; larger ones are fetched, so that both
 /// paths run on every seed.
 const SIM_INLINE_BYTES_MAX: u64 = 128;
-/// Longest the network may take to go quiet after the last fault heals.
-const QUIET_LIMIT_NS: u64 = 600_000 * MS;
-/// Trace lines kept for a failure report.
+/// Liveness: once every fault has stopped (links healed, nodes back, disks with space, clocks
+/// left alone), every node must be done within this much simulated time, without a restart or a
+/// reconnect: a path still pending then is a failed seed.
+const LIVENESS_LIMIT_NS: u64 = 120_000 * MS;
+/// Cost: store operations one engine call may make, at most. The engine reconciles at most
+/// `reconciles_per_call_max` paths per call and never scans the store per path; this bound is
+/// that budget with room for a batch, a window of pushes and the tally's walks up a deep tree.
+const STORE_OPS_PER_CALL_MAX: u64 = 200_000;
+/// Trace lines kept for a failure report, and the bytes of one line.
 const TRACE_LINES_MAX: usize = 200_000;
+const TRACE_LINE_BYTES_MAX: usize = 400;
 
 /// The hot paths of the workload: few, so that races are common. Some directory names are also
 /// written as files, so that file-against-directory races happen too.
@@ -94,6 +105,21 @@ enum Event {
         node: usize,
     },
     HealAll,
+    DiskFull {
+        node: usize,
+        full: bool,
+    },
+    ClockStep {
+        node: usize,
+        step_ns: i64,
+    },
+    Shape(Shape),
+    /// The driver answers an observation (late, in its I/O order).
+    ObserveExec {
+        node: usize,
+        life: u64,
+        path: RelPath,
+    },
 }
 
 struct Scheduled {
@@ -130,6 +156,8 @@ struct SimNode {
     /// Files a local process has open for writing, and whether it wrote since the last report.
     open: BTreeMap<String, bool>,
     staged: BTreeMap<StagedId, Bytes>,
+    /// Staged contents the engine released: using one again breaks the driver contract.
+    released: BTreeSet<StagedId>,
     next_staged: StagedId,
     /// Bumped at every crash and restart; events of an earlier life are ignored.
     life: u64,
@@ -158,6 +186,8 @@ pub struct Outcome {
     pub violations: Vec<Violation>,
     pub trace: Vec<String>,
     pub stats: RunStats,
+    /// The seed's faults and shapes, in a few words.
+    pub character: String,
 }
 
 #[derive(Default, Debug, Clone)]
@@ -175,6 +205,8 @@ pub struct RunStats {
     pub final_conflict_copies: u64,
     /// Contents the checker required to survive.
     pub contents_owed: u64,
+    /// The most store operations one engine call made (the cost invariant's measure).
+    pub store_ops_max: u64,
 }
 
 pub struct World {
@@ -192,6 +224,17 @@ pub struct World {
     stats: RunStats,
     content_counter: u64,
     workload_end: u64,
+    character: Character,
+    /// The hot paths of this run: the usual ones, plus paths at the limits for some seeds.
+    files: Vec<String>,
+    dirs: Vec<String>,
+    /// Set when every fault has stopped (HealAll).
+    faults_over: bool,
+    /// The most store operations one engine call made.
+    store_ops_max: u64,
+    /// A path whose record and pending target every node's trace shows as they change
+    /// (`RSYNCFS_SIM_WATCH=path`, for debugging a seed).
+    watch: Option<(RelPath, Vec<String>)>,
 }
 
 fn link_key(a: usize, b: usize) -> (usize, usize) {
@@ -202,6 +245,12 @@ impl World {
     pub fn new(opts: Options) -> World {
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         let n = opts.nodes;
+        let character = if opts.faults {
+            // The workload ends after about 2 ms per step.
+            Character::draw(&mut rng, n, opts.topology, opts.steps * 2 * MS)
+        } else {
+            Character::calm(n)
+        };
         let nodes = (0..n)
             .map(|i| {
                 let id = NodeId::from_index(i as u64);
@@ -216,6 +265,7 @@ impl World {
                     drift_ppm,
                     open: BTreeMap::new(),
                     staged: BTreeMap::new(),
+                    released: BTreeSet::new(),
                     next_staged: 1,
                     life: 0,
                     timer_at: None,
@@ -223,7 +273,7 @@ impl World {
                     io_free_at: 0,
                 };
                 node.engine = Some(Engine::new(
-                    engine_config(id, &opts),
+                    engine_config(id, &opts, &character, i),
                     node.parked.take().expect("fresh"),
                 ));
                 node
@@ -239,8 +289,26 @@ impl World {
             delay_max_ns: [MS, 5 * MS, 30 * MS][rng.random_range(0..3)],
         };
         let trace = opts.trace.then(VecDeque::new);
+        let (mut files, mut dirs): (Vec<String>, Vec<String>) = (
+            FILES.iter().map(|s| s.to_string()).collect(),
+            DIRS.iter().map(|s| s.to_string()).collect(),
+        );
+        if character.long_paths {
+            let (long_files, long_dirs) = long_paths();
+            files.extend(long_files);
+            dirs.extend(long_dirs);
+        }
         World {
-            check: Checker::new(n),
+            character,
+            files,
+            dirs,
+            faults_over: false,
+            store_ops_max: 0,
+            watch: std::env::var("RSYNCFS_SIM_WATCH")
+                .ok()
+                .and_then(|p| RelPath::new(p).ok())
+                .map(|p| (p, vec![String::new(); n])),
+            check: Checker::default(),
             opts,
             rng,
             time: 0,
@@ -272,7 +340,17 @@ impl World {
                 trace.pop_front();
             }
             let t = self.time as f64 / MS as f64;
-            trace.push_back(format!("[{t:10.3} ms] {}", line()));
+            let mut line = line();
+            if line.len() > TRACE_LINE_BYTES_MAX {
+                // Long paths (deep trees, names at the limit) would drown the trace.
+                let mut cut = TRACE_LINE_BYTES_MAX;
+                while !line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                line.truncate(cut);
+                line.push('…');
+            }
+            trace.push_back(format!("[{t:10.3} ms] {line}"));
         }
     }
 
@@ -296,18 +374,39 @@ impl World {
 
     pub fn run(mut self) -> Outcome {
         self.schedule_workload();
+        // A first sync: trees that are there before the nodes first meet.
+        let bulk: Vec<Shape> = self
+            .character
+            .shapes
+            .iter()
+            .filter(|(_, s)| matches!(s, Shape::Bulk { .. }))
+            .map(|(_, s)| s.clone())
+            .collect();
+        for shape in bulk {
+            self.shape(shape);
+        }
         for (a, b) in self.links.keys().copied().collect::<Vec<_>>() {
             self.link_up(a, b);
         }
-        let limit = self.workload_end + QUIET_LIMIT_NS;
+        let limit = self.workload_end + LIVENESS_LIMIT_NS;
         while let Some(Reverse(next)) = self.queue.pop() {
             if next.time > limit {
+                let busy: Vec<String> = (0..self.nodes.len())
+                    .filter_map(|i| {
+                        let e = self.nodes[i].engine.as_ref()?;
+                        let paths = e.pending_paths();
+                        (!e.is_idle()).then(|| {
+                            format!("n{i}: {} pending, first {:?}", paths.len(), paths.first())
+                        })
+                    })
+                    .collect();
                 self.check.violate(
-                    "quiescence",
+                    "liveness",
                     None,
                     format!(
-                        "the mesh was still busy {} s after the last fault healed",
-                        QUIET_LIMIT_NS / 1_000_000_000
+                        "not done {} s after every fault stopped: {}",
+                        LIVENESS_LIMIT_NS / 1_000_000_000,
+                        busy.join("; ")
                     ),
                 );
                 break;
@@ -355,6 +454,18 @@ impl World {
             self.schedule((at + dur).min(t), Event::Restart { node });
         }
         self.schedule(t + MS, Event::HealAll);
+        for (node, from, until) in self.character.disk_full.clone() {
+            self.schedule(from, Event::DiskFull { node, full: true });
+            self.schedule(until, Event::DiskFull { node, full: false });
+        }
+        for (node, at, step_ns) in self.character.clock_steps.clone() {
+            self.schedule(at, Event::ClockStep { node, step_ns });
+        }
+        for (at, shape) in self.character.shapes.clone() {
+            if !matches!(shape, Shape::Bulk { .. }) {
+                self.schedule(at, Event::Shape(shape));
+            }
+        }
     }
 
     fn handle_event(&mut self, event: Event) {
@@ -446,6 +557,11 @@ impl World {
                     return;
                 }
                 let result = match found {
+                    // Staging needs space.
+                    Some(_) if self.nodes[client].fs.full => Err(FetchError::Io(IoFailure::new(
+                        IoKind::NoSpace,
+                        "staging: no space left on device",
+                    ))),
                     Some(bytes) => {
                         let n = &mut self.nodes[client];
                         let id = n.next_staged;
@@ -455,28 +571,47 @@ impl World {
                     }
                     None => Err(FetchError::NotFound),
                 };
-                self.log(|| {
-                    format!(
-                        "n{client} fetch {op} from n{server}: {}",
-                        if result.is_ok() { "ok" } else { "not found" }
-                    )
-                });
+                self.log(|| format!("n{client} fetch {op} from n{server}: {result:?}"));
                 self.feed(client, Input::FetchDone { op, result });
             }
             Event::ApplyExec { node, life, apply } => {
                 if self.nodes[node].life != life {
                     return;
                 }
-                let n = &mut self.nodes[node];
-                let open: BTreeSet<String> = n.open.keys().cloned().collect();
-                let result = n.fs.apply(&apply, &open, &n.staged);
-                if result.is_ok() {
-                    if let rsyncfs_mesh::engine::Action::Write {
-                        source: rsyncfs_mesh::engine::Source::Staged(id),
+                let staged_id = match &apply.action {
+                    Action::Write {
+                        source: Source::Staged(id),
                         ..
-                    } = &apply.action
-                    {
-                        n.staged.remove(id);
+                    } => Some(*id),
+                    _ => None,
+                };
+                if let Some(id) = staged_id {
+                    if self.nodes[node].released.contains(&id) {
+                        self.check.violate(
+                            "driver contract",
+                            Some(apply.path.to_string()),
+                            format!(
+                                "n{node}'s engine applied staged content {id} to {} after releasing it",
+                                apply.path
+                            ),
+                        );
+                    }
+                }
+                let fail = !self.faults_over
+                    && self.character.apply_fail_rate > 0.0
+                    && self.rng.random_bool(self.character.apply_fail_rate);
+                let result = if fail {
+                    let kind = [IoKind::Device, IoKind::Permission][self.rng.random_range(0..2)];
+                    Err(ApplyError::Io(IoFailure::new(kind, "injected")))
+                } else {
+                    let n = &mut self.nodes[node];
+                    let open: BTreeSet<String> = n.open.keys().cloned().collect();
+                    n.fs.apply(&apply, &open, &n.staged)
+                };
+                if result.is_ok() {
+                    if let Some(id) = staged_id {
+                        // Renamed into place: consumed.
+                        self.nodes[node].staged.remove(&id);
                     }
                 }
                 self.log(|| {
@@ -503,7 +638,10 @@ impl World {
                 self.nodes[node].timer_at = None;
                 let now = self.node_now(node);
                 if let Some(engine) = self.nodes[node].engine.as_mut() {
+                    let before = engine.store().ops();
                     engine.handle_timeout(now);
+                    let ops = engine.store().ops() - before;
+                    self.charge(node, ops);
                 }
                 self.drain(node);
             }
@@ -529,8 +667,38 @@ impl World {
             }
             Event::Crash { node } => self.crash(node),
             Event::Restart { node } => self.restart(node),
+            Event::DiskFull { node, full } => {
+                if !self.faults_over {
+                    self.log(|| {
+                        format!("n{node} disk {}", if full { "full" } else { "has space" })
+                    });
+                    self.nodes[node].fs.full = full;
+                }
+            }
+            Event::ClockStep { node, step_ns } => {
+                if !self.faults_over {
+                    self.log(|| format!("n{node} wall clock steps {} s", step_ns / 1_000_000_000));
+                    self.nodes[node].offset_ns += step_ns;
+                }
+            }
+            Event::Shape(shape) => {
+                if !self.faults_over {
+                    self.shape(shape);
+                }
+            }
+            Event::ObserveExec { node, life, path } => {
+                if self.nodes[node].life == life {
+                    let observed = self.nodes[node].fs.meta(path.as_str());
+                    self.log(|| format!("n{node} observe {path}: {}", short_meta(&observed)));
+                    self.feed(node, Input::LocalChange { path, observed });
+                }
+            }
             Event::HealAll => {
-                self.log(|| "heal all, restart all, close all".to_string());
+                self.log(|| "heal all, restart all, close all, disks with space".to_string());
+                self.faults_over = true;
+                for node in &mut self.nodes {
+                    node.fs.full = false;
+                }
                 for node in 0..self.nodes.len() {
                     if self.nodes[node].engine.is_none() {
                         self.restart(node);
@@ -557,8 +725,75 @@ impl World {
         let Some(engine) = self.nodes[n].engine.as_mut() else {
             return;
         };
+        let before = engine.store().ops();
         engine.handle(now, input);
+        let ops = engine.store().ops() - before;
+        self.charge(n, ops);
         self.drain(n);
+        self.watch(n);
+    }
+
+    /// Traces the watched path's record and target on node `n` when they changed.
+    fn watch(&mut self, n: usize) {
+        let Some((path, last)) = &self.watch else {
+            return;
+        };
+        let Some(engine) = self.nodes[n].engine.as_ref() else {
+            return;
+        };
+        let show = |r: Option<&rsyncfs_conflict::Record>| {
+            r.map_or("-".to_string(), |r| {
+                let vv: Vec<String> =
+                    r.vv.iter()
+                        .map(|d| {
+                            format!(
+                                "{}:{}",
+                                d.node.short().chars().next().unwrap_or('?'),
+                                d.counter
+                            )
+                        })
+                        .collect();
+                let sibs: Vec<String> = r
+                    .siblings
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}:{}={}",
+                            s.dot.node.short().chars().next().unwrap_or('?'),
+                            s.dot.counter,
+                            short_meta(&Some(s.meta.clone()))
+                        )
+                    })
+                    .collect();
+                format!("vv[{}] [{}]", vv.join(" "), sibs.join(", "))
+            })
+        };
+        let entry = engine.store().get(path);
+        let now = format!(
+            "stored {} local {} target {}",
+            show(entry.as_ref().and_then(|e| e.record.as_ref())),
+            short_meta(&entry.and_then(|e| e.local)),
+            show(engine.pending_target(path))
+        );
+        if last[n] != now {
+            let line = format!("n{n} watch {path}: {now}");
+            self.watch.as_mut().expect("checked").1[n] = now;
+            self.log(|| line);
+        }
+    }
+
+    /// The cost invariant: one engine call made `ops` store operations.
+    fn charge(&mut self, n: usize, ops: u64) {
+        self.store_ops_max = self.store_ops_max.max(ops);
+        if ops > STORE_OPS_PER_CALL_MAX {
+            self.check.violate(
+                "cost",
+                None,
+                format!(
+                    "one call of n{n}'s engine made {ops} store operations (budget {STORE_OPS_PER_CALL_MAX})"
+                ),
+            );
+        }
     }
 
     fn drain(&mut self, n: usize) {
@@ -571,8 +806,26 @@ impl World {
                 if observe.is_empty() {
                     break;
                 }
-                // Answer observations after the outputs before them, as a driver would.
+                // Answer observations after the outputs before them, as a driver would: at once,
+                // or (slow observations) a little later, when more may have changed.
+                let delay_max = self.character.observe_delay_max_ns;
                 for path in std::mem::take(&mut observe) {
+                    if delay_max > 0 {
+                        // What is read is what is there when it is read, and reported at once:
+                        // any order with the node's other events is one a real driver may
+                        // produce.
+                        let at = self.time + self.rng.random_range(0..delay_max);
+                        let life = self.nodes[n].life;
+                        self.schedule(
+                            at,
+                            Event::ObserveExec {
+                                node: n,
+                                life,
+                                path,
+                            },
+                        );
+                        continue;
+                    }
                     let observed = self.nodes[n].fs.meta(&path_str(&path));
                     self.log(|| format!("n{n} observe {path}: {}", short_meta(&observed)));
                     let now = self.node_now(n);
@@ -630,7 +883,16 @@ impl World {
                 }
                 Output::Observe { path } => observe.push(path),
                 Output::Release { staged } => {
-                    self.nodes[n].staged.remove(&staged);
+                    if self.nodes[n].staged.remove(&staged).is_none() {
+                        self.check.violate(
+                            "driver contract",
+                            None,
+                            format!(
+                                "n{n}'s engine released staged content {staged} it does not hold"
+                            ),
+                        );
+                    }
+                    self.nodes[n].released.insert(staged);
                 }
                 Output::Commit => {
                     if self.nodes[n].commit_at.is_none() {
@@ -794,6 +1056,7 @@ impl World {
         node.life += 1;
         node.open.clear();
         node.staged.clear();
+        node.released.clear();
         node.timer_at = None;
         node.commit_at = None;
         self.refresh_links_of(n);
@@ -829,7 +1092,8 @@ impl World {
             .take()
             .expect("a down node has its store");
         let id = self.nodes[n].id;
-        self.nodes[n].engine = Some(Engine::new(engine_config(id, &self.opts), store));
+        let cfg = engine_config(id, &self.opts, &self.character, n);
+        self.nodes[n].engine = Some(Engine::new(cfg, store));
         self.nodes[n].life += 1;
         // The rescan: what is on disk now, then what the store knows that is gone.
         let present: Vec<(String, Meta)> = self.nodes[n]
@@ -919,38 +1183,48 @@ impl World {
             .any(|p| p == path || p.starts_with(&prefix))
     }
 
-    /// mkdir -p of the directories above `path`, each reported.
+    /// mkdir -p of the directories above `path`, each reported (from the nearest one there).
     fn make_parents(&mut self, n: usize, path: &str) -> bool {
-        let mut at = String::new();
-        for part in path
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map(|(_, up)| up.to_vec())
-            .unwrap_or_default()
-        {
-            if !at.is_empty() {
-                at.push('/');
-            }
-            at.push_str(part);
-            match self.nodes[n].fs.get(&at) {
-                Some(Node::Dir { .. }) => {}
+        let mut missing: Vec<String> = Vec::new();
+        let mut at = path;
+        while let Some(i) = at.rfind('/') {
+            at = &path[..i];
+            match self.nodes[n].fs.get(at) {
+                Some(Node::Dir { .. }) => break,
                 Some(_) => return false,
-                None => {
-                    self.nodes[n].fs.mkdir(&at, 0o755).expect("parent checked");
-                    let a = at.clone();
-                    self.report(n, &a);
-                }
+                None => missing.push(at.to_string()),
             }
+        }
+        for dir in missing.into_iter().rev() {
+            // The parent is checked; a full disk can still refuse.
+            if self.nodes[n].fs.mkdir(&dir, 0o755).is_err() {
+                return false;
+            }
+            self.report(n, &dir);
         }
         true
     }
 
     /// One random user operation on node `n`.
     fn user_op(&mut self, n: usize) {
+        if self.character.modes[n] == Mode::ReceiveOnly {
+            // The mount refuses every write with EROFS.
+            return;
+        }
+        if self.character.xattr_rate > 0.0 && self.rng.random_bool(self.character.xattr_rate) {
+            let path = if self.rng.random_bool(0.7) {
+                self.files[self.rng.random_range(0..self.files.len())].clone()
+            } else {
+                self.dirs[self.rng.random_range(0..self.dirs.len())].clone()
+            };
+            self.set_xattrs(n, &path);
+            return;
+        }
         let pick = self.rng.random_range(0..100);
-        let file = FILES[self.rng.random_range(0..FILES.len())];
-        let dir = DIRS[self.rng.random_range(0..DIRS.len())];
+        let file = self.files[self.rng.random_range(0..self.files.len())].clone();
+        let file = file.as_str();
+        let dir = self.dirs[self.rng.random_range(0..self.dirs.len())].clone();
+        let dir = dir.as_str();
         match pick {
             // Write a whole file, or keep writing into one a process holds open.
             0..=29 => {
@@ -978,11 +1252,11 @@ impl World {
             }
             55..=62 => {
                 if self.rng.random_bool(0.7) {
-                    let to = FILES[self.rng.random_range(0..FILES.len())];
-                    self.rename(n, file, to);
+                    let to = self.files[self.rng.random_range(0..self.files.len())].clone();
+                    self.rename(n, file, &to);
                 } else {
-                    let to = DIRS[self.rng.random_range(0..DIRS.len())];
-                    self.rename(n, dir, to);
+                    let to = self.dirs[self.rng.random_range(0..self.dirs.len())].clone();
+                    self.rename(n, dir, &to);
                 };
             }
             63..=68 => {
@@ -1006,7 +1280,7 @@ impl World {
                 let data = self.new_content(n);
                 if self.open(n, file, &data) {
                     let life = self.nodes[n].life;
-                    let close_in = self.rng.random_range(MS..300 * MS);
+                    let close_in = self.rng.random_range(MS..self.character.hold_max_ns);
                     let path = file.to_string();
                     self.schedule(
                         self.time + close_in,
@@ -1099,6 +1373,14 @@ impl World {
                 .collect(),
             None => return false,
         };
+        // Paths the move would make too long to replicate: the users here do not make them
+        // (a real node leaves them out with a warning).
+        if moved
+            .iter()
+            .any(|p| RelPath::new(format!("{to}{}", &p[from.len()..])).is_err())
+        {
+            return false;
+        }
         let old = self.nodes[n].fs.get(to).cloned();
         if self.nodes[n].fs.rename(from, to).is_err() {
             return false;
@@ -1191,6 +1473,100 @@ impl World {
         });
     }
 
+    /// Sets a random set of extended attributes on `path`, up to the limits of a record.
+    pub fn set_xattrs(&mut self, n: usize, path: &str) -> bool {
+        use rsyncfs_conflict::limits::{XATTRS_BYTES_MAX, XATTRS_MAX};
+        let count = self.rng.random_range(1..=XATTRS_MAX);
+        let per = XATTRS_BYTES_MAX / count;
+        let value_len = self.rng.random_range(0..per.saturating_sub(12).max(1));
+        let marker = self.rng.random_range(0..u32::MAX);
+        let xattrs = (0..count)
+            .map(|k| {
+                let name = format!("user.k{k:03}").into_bytes();
+                let mut value = marker.to_be_bytes().to_vec();
+                value.resize(value_len.max(4), b'x');
+                (name, value)
+            })
+            .collect();
+        if self.is_open_at_or_below(n, path) || self.nodes[n].fs.set_xattrs(path, xattrs).is_err() {
+            return false;
+        }
+        self.log(|| format!("n{n} user sets {count} xattrs on {path}"));
+        self.report(n, path);
+        true
+    }
+
+    /// A big one-off piece of work (see [`Shape`]), reported as the change logger would.
+    pub fn shape(&mut self, shape: Shape) {
+        match shape {
+            Shape::Deep { node, depth } => {
+                if self.character.modes[node] == Mode::ReceiveOnly {
+                    return;
+                }
+                self.log(|| format!("n{node} makes a chain {depth} deep"));
+                let mut path = String::from("deep");
+                let mut made = 0;
+                for _ in 0..depth {
+                    if !self.mkdir(node, &path, 0o755) {
+                        break;
+                    }
+                    made += 1;
+                    if path.len() + 2 > rsyncfs_conflict::limits::DIR_BYTES_MAX {
+                        break;
+                    }
+                    path.push_str("/k");
+                }
+                // Removed again, deepest first, a little later.
+                let at = self.time + self.rng.random_range(MS..500 * MS);
+                self.schedule(at, Event::Shape(Shape::Unchain { node, depth: made }));
+            }
+            Shape::Unchain { node, depth } => {
+                self.log(|| format!("n{node} removes a chain {depth} deep"));
+                let mut path = String::from("deep");
+                for _ in 1..depth {
+                    path.push_str("/k");
+                }
+                // What a user's `rm -r` does: bottom up; whatever the mesh put inside meanwhile
+                // stays, and so do the directories above it.
+                loop {
+                    self.rmdir(node, &path);
+                    match path.rfind('/') {
+                        Some(i) => path.truncate(i),
+                        None => break,
+                    }
+                }
+            }
+            Shape::Wide { node, files } => {
+                if self.character.modes[node] == Mode::ReceiveOnly {
+                    return;
+                }
+                self.log(|| format!("n{node} makes a directory of {files} files"));
+                for i in 0..files {
+                    let data = self.new_content(node);
+                    if !self.write(node, &format!("wide/f{i:05}"), &data, 0o644) {
+                        break;
+                    }
+                }
+                // Half of them go again.
+                for i in (0..files).step_by(2) {
+                    self.remove(node, &format!("wide/f{i:05}"));
+                }
+            }
+            Shape::Bulk { node, files } => {
+                if self.character.modes[node] == Mode::ReceiveOnly {
+                    // Its files are its own: a receive-only node ships nothing.
+                    return;
+                }
+                self.log(|| format!("n{node} holds a tree of {files} files before the first sync"));
+                for i in 0..files {
+                    let data = self.new_content(node);
+                    let path = format!("bulk/d{:02}/f{i:05}", i % 50);
+                    self.write(node, &path, &data, 0o644);
+                }
+            }
+        }
+    }
+
     // ---- Scripted runs, for tests of particular stories ----
 
     /// A world without random workload or faults and with a network that neither loses nor
@@ -1199,6 +1575,7 @@ impl World {
         let mut opts = Options::new(0, nodes);
         opts.topology = topology;
         opts.steps = 0;
+        opts.faults = false;
         let mut world = World::new(opts);
         world.weather = Weather {
             loss: 0.0,
@@ -1301,7 +1678,9 @@ impl World {
             .filter(|(p, _)| p.contains(".sync-conflict-"))
             .count() as u64;
         self.stats.contents_owed = self.check.owed();
+        self.stats.store_ops_max = self.store_ops_max;
         Outcome {
+            character: self.character.describe(),
             digest: *self.digest.finalize().as_bytes(),
             violations: self.check.take_violations(),
             trace: self.trace.map(Vec::from).unwrap_or_default(),
@@ -1314,10 +1693,17 @@ impl World {
             let engine = node.engine.as_ref().expect("all nodes run at the end");
             if !engine.is_idle() {
                 self.check.violate(
-                    "quiescence",
+                    "liveness",
                     None,
-                    format!("n{i} is not idle at the end: {:?}", engine.pending_paths()),
+                    format!(
+                        "n{i} is not idle at the end, with nothing left to happen: {:?}",
+                        engine.pending_paths()
+                    ),
                 );
+            }
+            for bug in engine.bugs() {
+                self.check
+                    .violate("engine invariant", None, format!("n{i}: {bug}"));
             }
             if let Err(e) = engine.check_tally() {
                 self.check.violate(
@@ -1356,21 +1742,49 @@ impl World {
             }
             self.check.records_stored += engine.log_end();
         }
-        let trees: Vec<&SimFs> = self.nodes.iter().map(|n| &n.fs).collect();
-        let stores: Vec<&MemStore> = self
-            .nodes
+        // A send-only node applies nothing of its peers': the others must agree, and hold
+        // every write, its writes included.
+        let replicas: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.character.modes[i] != Mode::SendOnly)
+            .collect();
+        // A receive-only node keeps what the mesh never had (files made behind its mount's
+        // back, or a conflict copy it made whose record a crash took before it was shipped):
+        // it ships nothing of its own, so those are left out of the comparison.
+        let own: Vec<SimFs> = replicas
             .iter()
-            .map(|n| n.engine.as_ref().expect("running").store())
+            .map(|&i| {
+                let node = &self.nodes[i];
+                let mut fs = node.fs.clone();
+                if self.character.modes[i] == Mode::ReceiveOnly {
+                    let store = node.engine.as_ref().expect("running").store();
+                    fs.retain(|p| {
+                        RelPath::new(p.to_string())
+                            .ok()
+                            .and_then(|p| store.get(&p))
+                            .is_some_and(|e| e.record.is_some())
+                    });
+                }
+                fs
+            })
+            .collect();
+        let trees: Vec<(usize, &SimFs)> = replicas.iter().copied().zip(own.iter()).collect();
+        let stores: Vec<&MemStore> = replicas
+            .iter()
+            .map(|&i| self.nodes[i].engine.as_ref().expect("running").store())
             .collect();
         self.check.convergence(&trees, &stores);
         self.check.nothing_lost(&trees);
     }
 }
 
-fn engine_config(id: NodeId, opts: &Options) -> Config {
+fn engine_config(id: NodeId, opts: &Options, character: &Character, index: usize) -> Config {
     let mut cfg = Config::new(id);
+    cfg.mode = character.modes[index];
+    cfg.siblings_max = character.siblings_max;
+    cfg.reconciles_per_call_max = 500;
+    cfg.commit_after = Duration::from_millis(5);
     cfg.inline_bytes_max = SIM_INLINE_BYTES_MAX;
-    cfg.batch_records_max = 16;
+    cfg.batch_records_max = character.batch_records_max;
     cfg.window_batches = 4;
     cfg.resend_after = Duration::from_millis(300);
     cfg.idle_flush_after = Duration::from_millis(20);
@@ -1384,6 +1798,35 @@ fn engine_config(id: NodeId, opts: &Options) -> Config {
     }
     let _ = opts;
     cfg
+}
+
+/// Hot paths at the limits: a name of 255 bytes at the top, and a chain of directories with
+/// names of 250 bytes whose directory part is close to the longest allowed, with files in it.
+fn long_paths() -> (Vec<String>, Vec<String>) {
+    use rsyncfs_conflict::limits::{DIR_BYTES_MAX, NAME_BYTES_MAX};
+    let name = |c: char| c.to_string().repeat(250);
+    let mut dir = String::new();
+    let mut dirs = Vec::new();
+    for c in "lmnopqrstuvwxyz".chars() {
+        let next = if dir.is_empty() {
+            name(c)
+        } else {
+            format!("{dir}/{}", name(c))
+        };
+        if next.len() > DIR_BYTES_MAX {
+            break;
+        }
+        dir = next;
+        dirs.push(dir.clone());
+    }
+    let room = rsyncfs_conflict::limits::PATH_BYTES_MAX - dir.len() - 1;
+    let files = vec![
+        "N".repeat(NAME_BYTES_MAX),
+        format!("{}.txt", "E".repeat(NAME_BYTES_MAX - 4)),
+        format!("{dir}/{}", "f".repeat(room.min(NAME_BYTES_MAX))),
+        format!("{dir}/g.txt"),
+    ];
+    (files, dirs)
 }
 
 fn topology_edges(t: Topology, n: usize) -> Vec<(usize, usize)> {

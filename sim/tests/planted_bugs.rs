@@ -103,6 +103,16 @@ fn echo_is_caught() {
 }
 
 #[test]
+fn forgetting_staged_content_is_caught() {
+    caught("forget-staged", "driver contract");
+}
+
+#[test]
+fn giving_up_on_a_failed_apply_is_caught() {
+    caught("give-up-on-error", "liveness");
+}
+
+#[test]
 fn the_feature_alone_breaks_nothing() {
     let (ok, out) = sim(&["sweep", "--seeds", "0..20", "--nodes", "3", "--jobs", "2"]);
     assert!(ok, "{out}");

@@ -115,6 +115,10 @@ pub struct Config {
     pub hlc_max_delta: Duration,
     /// Sequences reserved per durable reservation.
     pub seq_block: u64,
+    /// Siblings a stored record may have (at most [`rsyncfs_conflict::limits::SIBLINGS_MAX`]);
+    /// a record with more concurrent writes is folded ([`rsyncfs_conflict::fold`]) once its
+    /// losing contents are kept as conflict copies.
+    pub siblings_max: usize,
     /// A group commit is asked for ([`Output::Commit`]) this long after the first write it
     /// holds, or at once when this many writes wait.
     pub commit_after: Duration,
@@ -143,6 +147,7 @@ impl Config {
             retry_after: Duration::from_millis(50),
             hlc_max_delta: Hlc::MAX_DELTA_DEFAULT,
             seq_block: 1024,
+            siblings_max: rsyncfs_conflict::limits::SIBLINGS_MAX,
             commit_after: Duration::from_millis(20),
             commit_writes_max: 20_000,
             reconciles_per_call_max: 2_000,
@@ -356,6 +361,8 @@ pub struct Stats {
     pub clock_skew_refusals: u64,
     /// Batches kept for later because too much work was pending.
     pub batches_deferred: u64,
+    /// Records folded because they had more siblings than allowed.
+    pub folds: u64,
 }
 
 /// Work in progress on one path.
@@ -436,6 +443,11 @@ pub struct Engine<S: Store> {
     cache_bytes: usize,
     out: VecDeque<Output>,
     stats: Stats,
+    /// Broken invariants the engine noticed (a bug here, or a driver breaking its contract),
+    /// at most [`BUGS_KEPT`]: the simulator fails a seed on any, the daemon logs them.
+    bugs: Vec<String>,
+    /// Paths the driver was asked to observe and has not reported yet, with when.
+    observing: BTreeMap<RelPath, u64>,
     /// Directories with something live, or something on disk, below them (see [`tally`]).
     tally: std::collections::HashMap<RelPath, tally::Counts>,
     /// When the next group commit is due (monotonic), while uncommitted writes wait.
@@ -447,6 +459,8 @@ pub struct Engine<S: Store> {
 
 /// Latencies kept for status.
 const LATENCIES_KEPT: usize = 1024;
+/// Broken invariants kept for the driver to report.
+const BUGS_KEPT: usize = 16;
 
 impl<S: Store> Engine<S> {
     /// Starts an engine over a store, which may hold the state of an earlier run.
@@ -456,6 +470,10 @@ impl<S: Store> Engine<S> {
         );
         assert!(cfg.inline_bytes_max <= INLINE_BYTES_MAX as u64);
         assert!(cfg.window_batches > 0 && cfg.fetches_max > 0 && cfg.seq_block > 0);
+        // Two folds of different records may meet as two siblings: they must not fold again.
+        assert!(
+            cfg.siblings_max >= 2 && cfg.siblings_max <= rsyncfs_conflict::limits::SIBLINGS_MAX
+        );
         // Sequences up to the reservation may have been used before a crash: start past it.
         let next_seq = store.seq_reserved() + 1;
         store.reserve_seq(next_seq + cfg.seq_block);
@@ -484,6 +502,8 @@ impl<S: Store> Engine<S> {
             cache_bytes: 0,
             out: VecDeque::new(),
             stats: Stats::default(),
+            bugs: Vec::new(),
+            observing: BTreeMap::new(),
             tally,
             commit_due: None,
             latencies_ms: VecDeque::new(),
@@ -524,6 +544,23 @@ impl<S: Store> Engine<S> {
             && self.out.is_empty()
             && self.dirty.is_empty()
             && self.peers.values().all(replicate::Peer::is_idle)
+    }
+
+    /// Invariants the engine found broken (see the field); empty in a correct run.
+    pub fn bugs(&self) -> &[String] {
+        &self.bugs
+    }
+
+    fn note_bug(&mut self, what: String) {
+        debug_assert!(false, "{what}");
+        if self.bugs.len() < BUGS_KEPT {
+            self.bugs.push(what);
+        }
+    }
+
+    /// The record `path` is heading for when it differs from the stored one (diagnostics).
+    pub fn pending_target(&self, path: &RelPath) -> Option<&Record> {
+        self.pending.get(path).and_then(|p| p.target.as_ref())
     }
 
     /// Paths that still have work pending, for diagnostics.
@@ -586,6 +623,8 @@ impl<S: Store> Engine<S> {
             if let Some(p) = self.pending.get_mut(&path) {
                 p.retry_at = None;
                 p.busy = false;
+                // Sources that lacked the content then may have it now.
+                p.tried.clear();
             }
             self.dirty.insert(path);
         }
@@ -653,6 +692,7 @@ impl<S: Store> Engine<S> {
     }
 
     fn on_local_change(&mut self, path: RelPath, observed: Option<Meta>) {
+        self.observing.remove(&path);
         let entry = self.store.get(&path).unwrap_or_default();
         if observed == entry.local {
             return;

@@ -21,6 +21,13 @@ use crate::store::{Entry, Store};
 use bytes::Bytes;
 use rsyncfs_conflict::{join, ConflictCopy, Content, Hash, Meta, NodeId, Record, DIR_MODE_DEFAULT};
 
+/// Observations asked for and not answered that the engine remembers (to ask each once).
+const OBSERVING_MAX: usize = 65_536;
+
+/// Directories above a path that one reconcile looks at (or asks the driver to observe after
+/// a stale apply): enough for every tree people make, bounded for trees thousands deep.
+const ANCESTORS_LOOKED_AT_MAX: usize = 16;
+
 /// What a path shows for a record: the winner, or a directory when something below lives
 /// (`shadowed`), or nothing.
 pub(crate) fn shown(record: Option<&Record>, shadowed: bool) -> Option<Meta> {
@@ -67,9 +74,10 @@ impl<S: Store> Engine<S> {
         let want = shown(target.as_ref(), shadowed);
 
         // 1. Directories above: the nearest one the disk holds decides (everything above a
-        // directory is a directory; the driver makes the missing ones).
+        // directory is a directory; the driver makes the missing ones). The look is bounded:
+        // beyond it the driver's own check finds a file above (Stale) and the engine observes.
         if want.is_some() {
-            for ancestor in path.ancestors() {
+            for ancestor in path.ancestors().take(ANCESTORS_LOOKED_AT_MAX) {
                 let Some(local) = self.store.get(&ancestor).and_then(|e| e.local) else {
                     continue;
                 };
@@ -108,14 +116,11 @@ impl<S: Store> Engine<S> {
 
         // 4. A directory goes only once it is empty. Nothing below lives (or the path would
         // show a directory), so what is still on disk below is being removed, and each removal
-        // marks its parent: this path comes back when they are gone. On a receive-only node
-        // what is below may also be a file the mesh never had (made behind the mount's back),
-        // which stays: so does the directory, and its record is stored now.
+        // marks its parent: this path comes back when they are gone. (On a receive-only node a
+        // file made in the backing directory behind the mount's back is not the mesh's to
+        // remove: it keeps its directory waiting, and status shows the path pending.)
         let local_is_dir = entry.local.as_ref().is_some_and(Meta::is_dir);
         if local_is_dir && !want.as_ref().is_some_and(Meta::is_dir) && self.local_below(path) {
-            if self.cfg.mode == super::Mode::ReceiveOnly {
-                self.settle_entry(path, target, entry.local, false);
-            }
             return;
         }
 
@@ -326,7 +331,13 @@ impl<S: Store> Engine<S> {
             .copied()
             .find(|s| !p.tried.contains(&(*s, hash)) && peers.contains_key(s))
         else {
-            // Nobody we are connected to has it now; a newer record will bring a source.
+            // Nobody we are connected to has it now; a newer record will bring a source. A
+            // source that did not have it may have it later (it was applying it itself): ask
+            // them again after a backoff (a retry forgets what was tried).
+            let asked_all = p.sources.iter().any(|s| peers.contains_key(s));
+            if asked_all {
+                self.after_failed_op(path, None);
+            }
             return None;
         };
         self.next_op += 1;
@@ -368,9 +379,11 @@ impl<S: Store> Engine<S> {
         want: Option<Meta>,
         staged_used: bool,
     ) {
+        let applied = self.fold_if_too_many(path, applied);
         let entry = self.store.get(path).unwrap_or_default();
         let local_changed = entry.local != want;
         let record_changed = applied != entry.record;
+        let shows = want.clone();
         let (from, finished) = match self.pending.get(path) {
             Some(p) => {
                 let newer = p.target.is_some() && p.target != applied;
@@ -405,11 +418,45 @@ impl<S: Store> Engine<S> {
         } else {
             self.dirty.insert(path.clone());
         }
+        // What the path is to show may have changed while the apply was out (something below
+        // came or went): look again.
+        let stored = self.store.get(path).and_then(|e| e.record);
+        if shown(stored.as_ref(), self.live_below(path)) != shows {
+            self.dirty.insert(path.clone());
+        }
         if local_changed {
             self.after_local_state_change(path);
         } else {
             self.wake_waiters(path);
         }
+    }
+
+    /// A record about to be stored with more concurrent writers than a record may carry: every
+    /// losing content is kept by a copy by now and the winner's content is on this node's disk
+    /// (so that it can be had here should the fold lose a race later), so the record folds
+    /// into one write of the winner's content ([`rsyncfs_conflict::fold`]).
+    fn fold_if_too_many(&mut self, path: &RelPath, applied: Option<Record>) -> Option<Record> {
+        let record = match applied {
+            Some(r) if r.siblings.len() > self.cfg.siblings_max => r,
+            other => return other,
+        };
+        let folded = rsyncfs_conflict::fold(&record);
+        self.stats.folds += 1;
+        let before = self.own(path);
+        if let Some(p) = self.pending.get_mut(path) {
+            if let Some(target) = &p.target {
+                // A newer target (records that came while the apply was out) takes the fold in,
+                // or the next store of it would go back on the fold's write.
+                p.target = Some(if *target == record {
+                    folded.clone()
+                } else {
+                    join(target, &folded)
+                });
+                p.from = None;
+            }
+        }
+        self.retally(path, before);
+        Some(folded)
     }
 
     /// Makes a copy target a target of its own (a peer announced it, or a user wrote it).
@@ -462,19 +509,39 @@ impl<S: Store> Engine<S> {
             return;
         };
         let entry = self.store.get(&path).unwrap_or_default();
+        // The record the path heads for now: local writes or records that came while the apply
+        // was out may have moved it on (the disk may even be back at what the apply expected).
+        let heading = self
+            .pending
+            .get(&path)
+            .and_then(|p| p.target.clone())
+            .or(entry.record.clone());
+        if result.is_ok() && entry.local == expect && want.is_some() {
+            // Directories the driver made above the path: up to the first one the store knows
+            // (everything above a directory is a directory).
+            for ancestor in path.ancestors() {
+                let e = self.store.get(&ancestor).unwrap_or_default();
+                if e.local.is_some() {
+                    break;
+                }
+                self.put_local(&ancestor, e, Some(Meta::dir(DIR_MODE_DEFAULT)));
+            }
+        }
         match result {
-            Ok(()) if entry.local == expect => {
-                if want.is_some() {
-                    // Directories the driver made above the path: up to the first one the store
-                    // knows (everything above a directory is a directory).
-                    for ancestor in path.ancestors() {
-                        let e = self.store.get(&ancestor).unwrap_or_default();
-                        if e.local.is_some() {
-                            break;
-                        }
-                        self.put_local(&ancestor, e, Some(Meta::dir(DIR_MODE_DEFAULT)));
+            Ok(()) if entry.local == expect && heading != target => {
+                // Done, but for a record that is no longer the one to store: the disk holds
+                // `want` now; look again from there.
+                if let Some(p) = self.pending.get_mut(&path) {
+                    p.op = None;
+                    if staged {
+                        p.staged = None; // consumed by the apply
                     }
                 }
+                let entry = self.store.get(&path).unwrap_or_default();
+                self.put_local(&path, entry, want);
+                self.dirty.insert(path);
+            }
+            Ok(()) if entry.local == expect => {
                 self.settle_entry(&path, target, want, staged);
             }
             Ok(()) => {
@@ -529,6 +596,24 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// Asks the driver what `path` holds, unless it was asked lately and has not answered: many
+    /// failed applies below one directory must not flood the driver with the same question.
+    pub(super) fn observe(&mut self, path: RelPath) {
+        let resend_ns = self.cfg.resend_after.as_nanos() as u64;
+        if let Some(&asked) = self.observing.get(&path) {
+            if asked + resend_ns > self.now {
+                return;
+            }
+        }
+        if self.observing.len() >= OBSERVING_MAX {
+            // Forget questions old enough to be asked again anyway.
+            let now = self.now;
+            self.observing.retain(|_, asked| *asked + resend_ns > now);
+        }
+        self.observing.insert(path.clone(), self.now);
+        self.out.push_back(Output::Observe { path });
+    }
+
     /// The planted bug `forget-staged`: a refused apply lets its staged content go, but the path
     /// still counts on it.
     #[cfg(feature = "planted-bugs")]
@@ -545,10 +630,10 @@ impl<S: Store> Engine<S> {
     /// again after a backoff.
     fn after_failed_apply(&mut self, path: &RelPath, source: Option<RelPath>) {
         for p in std::iter::once(path.clone())
-            .chain(path.ancestors())
+            .chain(path.ancestors().take(ANCESTORS_LOOKED_AT_MAX))
             .chain(source)
         {
-            self.out.push_back(Output::Observe { path: p });
+            self.observe(p);
         }
         self.after_failed_op(path, None);
     }

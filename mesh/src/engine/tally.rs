@@ -159,7 +159,13 @@ impl<S: Store> Engine<S> {
                 self.tally.remove(&dir);
             }
             let flipped = if up { old == 0 } else { old == 1 };
-            if !flipped || self.own(&dir).get(kind) {
+            if !flipped {
+                return;
+            }
+            // Whether something lives (or is on disk) below `dir` changed: what it shows, or
+            // whether it can go, may change too.
+            self.dirty.insert(dir.clone());
+            if self.own(&dir).get(kind) {
                 return;
             }
             at = dir.parent();
@@ -169,6 +175,18 @@ impl<S: Store> Engine<S> {
     /// Stores an entry (or forgets the path when it holds nothing) and keeps the counts.
     pub(super) fn put_entry(&mut self, path: &RelPath, entry: Entry) {
         let before = self.own(path);
+        if let (Some(old), Some(new)) = (
+            self.store.get(path).and_then(|e| e.record),
+            entry.record.as_ref(),
+        ) {
+            // A path's stored record only ever learns more: one that forgets a write it had
+            // seen would bring that write back, or lose what it replaced.
+            if !old.vv.iter().all(|d| new.vv.covers(&d)) {
+                self.note_bug(format!(
+                    "the stored record of {path} would go back on writes it had seen"
+                ));
+            }
+        }
         if entry.record.is_none() && entry.local.is_none() {
             self.store.remove(path);
         } else {
