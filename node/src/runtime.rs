@@ -772,10 +772,12 @@ impl Core {
         self.tree
             .sync_dirs()
             .map_err(|e| format!("syncing the backing directory: {e}"))?;
-        self.engine
-            .store_mut()
-            .commit()
-            .map_err(|e| format!("committing the store: {e}"))?;
+        self.engine.store_mut().commit().map_err(|e| {
+            format!(
+                "committing the store {}: {e}",
+                self.engine.store().path().display()
+            )
+        })?;
         Ok(())
     }
 

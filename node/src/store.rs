@@ -57,6 +57,8 @@ pub struct RedbStore {
     txn: Option<WriteTransaction>,
     /// Writes since the last commit.
     uncommitted: usize,
+    /// Where the database file is.
+    path: std::path::PathBuf,
 }
 
 impl RedbStore {
@@ -77,9 +79,15 @@ impl RedbStore {
             db,
             txn: None,
             uncommitted: 0,
+            path: path.to_path_buf(),
         };
         store.begin()?;
         Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn begin(&mut self) -> Result<(), StoreError> {
@@ -317,5 +325,34 @@ impl Store for RedbStore {
 
     fn uncommitted(&self) -> usize {
         self.uncommitted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rsyncfs_mesh::store::contract::{self, StoreUnderTest};
+
+    impl StoreUnderTest for RedbStore {
+        fn commit_now(&mut self) {
+            self.commit().expect("commit");
+        }
+
+        /// The process dies: the open transaction is never committed.
+        fn crash_and_reopen(self) -> RedbStore {
+            let path = self.path.clone();
+            drop(self);
+            RedbStore::open(&path).expect("reopens")
+        }
+    }
+
+    #[test]
+    fn passes_the_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = 0;
+        contract::check(&mut || {
+            n += 1;
+            RedbStore::open(&dir.path().join(format!("store{n}.redb"))).unwrap()
+        });
     }
 }

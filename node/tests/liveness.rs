@@ -234,3 +234,66 @@ fn a_tree_1500_levels_deep_comes_and_goes() {
         "a status call waited {slowest:?} behind the engine"
     );
 }
+
+/// Files below `root` (not counting the state folder).
+fn count_files(root: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name() == ".rsyncfs" {
+                continue;
+            }
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => n += 1,
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
+/// A member holding 100,000 small files, and two nodes joining it at once: both receive all
+/// of them (each also hears the other's copies; neither may stall the other). The time is
+/// printed; bench/firstsync.sh compares it with one receiver alone.
+#[test]
+fn a_first_sync_to_two_receivers_at_once_completes() {
+    let Some(dir) = common::root_in("/var/tmp") else {
+        return;
+    };
+    let files = 100_000;
+    let mut a = Node::prepare(dir.path(), "a", "two-way", &[]);
+    for i in 0..files {
+        let d = a.b(&format!("tree/d{:03}", i / 1000));
+        if i % 1000 == 0 {
+            fs::create_dir_all(&d).unwrap();
+        }
+        fs::write(d.join(format!("f{i:06}")), format!("file {i}\n")).unwrap();
+    }
+    a.run();
+    let b = Node::start(dir.path(), "b");
+    let c = Node::start(dir.path(), "c");
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| common::join(&a, &b));
+        s.spawn(|| common::join(&a, &c));
+    });
+    wait_for(
+        "both receivers to have every file",
+        Duration::from_secs(600),
+        || count_files(&b.backing) == files && count_files(&c.backing) == files,
+    );
+    println!(
+        "{files} files on both receivers {:.1} s after the joins",
+        started.elapsed().as_secs_f64()
+    );
+    for n in [&a, &b, &c] {
+        wait_for(&format!("{} to be idle", n.name), common::CONVERGE, || {
+            n.status()["idle"] == true
+        });
+    }
+}

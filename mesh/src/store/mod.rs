@@ -5,6 +5,8 @@
 //! commit: writes become durable only at [`MemStore::commit`], and [`MemStore::crash`] throws
 //! away everything written since, as a process crash does to a store with unflushed commits.
 
+pub mod contract;
+
 use crate::path::RelPath;
 use rsyncfs_conflict::{Hash, Meta, NodeId, Record};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -229,9 +231,25 @@ impl Store for MemStore {
     }
 }
 
+impl contract::StoreUnderTest for MemStore {
+    fn commit_now(&mut self) {
+        self.commit();
+    }
+
+    fn crash_and_reopen(mut self) -> MemStore {
+        self.crash();
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passes_the_store_contract() {
+        contract::check(&mut MemStore::new);
+    }
     use rsyncfs_conflict::{Dot, Timestamp, NTP64};
 
     fn entry(seq: u64, byte: u8) -> Entry {

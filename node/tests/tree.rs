@@ -1,0 +1,180 @@
+//! The driver's side of the engine's contract, on a real directory and without FUSE or root:
+//! what an apply does and refuses, who owns a staged file and until when, and that nothing a
+//! peer names reaches outside the tree. (The engine's side is the simulator's.)
+
+use rsyncfs_conflict::Meta;
+use rsyncfs_mesh::engine::{Action, Apply, ApplyError, Source};
+use rsyncfs_mesh::RelPath;
+use rsyncfs_node::files::{Mount, Tree};
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// A mount stand-in: the paths a "local writer" holds open.
+#[derive(Default)]
+struct Writers(Mutex<BTreeSet<String>>);
+
+impl Mount for Writers {
+    fn busy(&self, path: &RelPath) -> bool {
+        self.0.lock().unwrap().contains(path.as_str())
+    }
+
+    fn exclusive(&self, f: &mut dyn FnMut()) {
+        f()
+    }
+}
+
+fn path(p: &str) -> RelPath {
+    RelPath::new(p).unwrap()
+}
+
+fn file_meta(data: &[u8], mode: u32) -> Meta {
+    Meta::file(
+        data.len() as u64,
+        *blake3::hash(data).as_bytes(),
+        mode,
+        1_700_000_000_123_456_789,
+    )
+}
+
+fn write(p: &str, expect: Option<Meta>, data: &[u8], source: Source) -> Apply {
+    Apply {
+        op: 1,
+        path: path(p),
+        expect,
+        action: Action::Write {
+            meta: file_meta(data, 0o640),
+            source,
+        },
+    }
+}
+
+/// What observe says, without the owner (the test's meta carries none).
+fn observed(tree: &Tree, p: &str) -> Option<Meta> {
+    tree.observe(&path(p)).unwrap().map(|mut m| {
+        m.owner = None;
+        m
+    })
+}
+
+fn staged(tree: &Tree, data: &[u8]) -> std::path::PathBuf {
+    let (mut f, p) = tree.staging_file().unwrap();
+    f.write_all(data).unwrap();
+    p
+}
+
+fn open() -> (tempfile::TempDir, Tree) {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = Tree::open(dir.path()).unwrap();
+    (dir, tree)
+}
+
+#[test]
+fn a_write_makes_the_file_and_the_directories_above_it() {
+    let (_dir, tree) = open();
+    let mount = Writers::default();
+    let data = b"hello";
+    let apply = write(
+        "a/b/c.txt",
+        None,
+        data,
+        Source::Inline(data.to_vec().into()),
+    );
+    tree.apply(&apply, None, &mount).unwrap();
+    assert_eq!(observed(&tree, "a/b/c.txt"), Some(file_meta(data, 0o640)));
+    assert!(observed(&tree, "a/b").unwrap().is_dir());
+    // Applied again with the same expectation: what is there is no longer what it expected.
+    assert_eq!(tree.apply(&apply, None, &mount), Err(ApplyError::Stale));
+}
+
+#[test]
+fn a_staged_content_stays_until_an_apply_consumes_it() {
+    let (_dir, tree) = open();
+    let mount = Writers::default();
+    let data = vec![7u8; 300_000];
+    let file = staged(&tree, &data);
+    let apply = write("db", None, &data, Source::Staged(9));
+    // A local writer holds the path: the apply waits, and the staged file is still there for
+    // the retry (the bug that lost held-back updates).
+    mount.0.lock().unwrap().insert("db".into());
+    assert_eq!(
+        tree.apply(&apply, Some(&file), &mount),
+        Err(ApplyError::Busy)
+    );
+    assert!(
+        file.exists(),
+        "a refused apply must not take the staged file"
+    );
+    // Something else is at the path now: stale, and still there.
+    mount.0.lock().unwrap().clear();
+    fs::write(tree.root().join("db"), b"local").unwrap();
+    assert_eq!(
+        tree.apply(&apply, Some(&file), &mount),
+        Err(ApplyError::Stale)
+    );
+    assert!(file.exists());
+    // The expected state: consumed (renamed into place).
+    fs::remove_file(tree.root().join("db")).unwrap();
+    tree.apply(&apply, Some(&file), &mount).unwrap();
+    assert!(!file.exists());
+    assert_eq!(fs::read(tree.root().join("db")).unwrap(), data);
+    // A staged content that is gone is said so, for the engine to fetch again.
+    let apply = write("db2", None, &data, Source::Staged(10));
+    assert_eq!(
+        tree.apply(&apply, Some(&file), &mount),
+        Err(ApplyError::StagedGone)
+    );
+    assert_eq!(
+        tree.apply(&apply, None, &mount),
+        Err(ApplyError::StagedGone)
+    );
+}
+
+#[test]
+fn removals_and_replacements_check_what_is_there() {
+    let (_dir, tree) = open();
+    let mount = Writers::default();
+    fs::create_dir_all(tree.root().join("d/inner")).unwrap();
+    let dir_meta = tree.observe(&path("d")).unwrap();
+    let remove = Apply {
+        op: 2,
+        path: path("d"),
+        expect: dir_meta.clone(),
+        action: Action::Remove,
+    };
+    assert_eq!(tree.apply(&remove, None, &mount), Err(ApplyError::Stale));
+    fs::remove_dir(tree.root().join("d/inner")).unwrap();
+    tree.apply(&remove, None, &mount).unwrap();
+    assert!(!tree.root().join("d").exists());
+    // A file where a directory above should be: stale (a local change the engine has not
+    // seen), and nothing is made.
+    fs::write(tree.root().join("f"), b"x").unwrap();
+    let apply = write("f/below", None, b"y", Source::Inline(b"y".to_vec().into()));
+    assert_eq!(tree.apply(&apply, None, &mount), Err(ApplyError::Stale));
+    assert_eq!(fs::read(tree.root().join("f")).unwrap(), b"x");
+}
+
+#[test]
+fn nothing_reaches_outside_the_tree() {
+    let (dir, tree) = open();
+    let outside = tempfile::tempdir().unwrap();
+    let mount = Writers::default();
+    std::os::unix::fs::symlink(outside.path(), dir.path().join("escape")).unwrap();
+    let apply = write(
+        "escape/planted",
+        None,
+        b"evil",
+        Source::Inline(b"evil".to_vec().into()),
+    );
+    assert!(tree.apply(&apply, None, &mount).is_err());
+    assert!(!outside.path().join("planted").exists());
+    // Observing through the symlink sees nothing either.
+    fs::write(outside.path().join("secret"), b"s").unwrap();
+    assert_eq!(tree.observe(&path("escape/secret")).unwrap(), None);
+    assert!(tree
+        .read_small(&path("escape/secret"), &[0; 32], 1)
+        .is_none());
+    assert!(!Path::new(&outside.path().join("planted")).exists());
+}
