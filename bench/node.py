@@ -38,7 +38,8 @@ class Node:
         self.backing = os.path.join(root, name, "backing")
         self.mnt = os.path.join(root, name, "mnt")
         for d in (self.state, self.backing, self.mnt):
-            os.makedirs(d)
+            # A backing directory may hold a tree already (the node rescans it at start).
+            os.makedirs(d, exist_ok=True)
         self.log = open(os.path.join(root, name + ".log"), "w")
         self.proc = subprocess.Popen(
             [binary, "up", "--state", self.state, "--backing", self.backing, "--mount", self.mnt,

@@ -1,17 +1,22 @@
-//! The rsyncfs node: the daemon that keeps its mount equal to every peer's.
+//! The rsyncfs node: the daemon that keeps its mount equal to every peer's, and its commands.
 //!
-//! [`runtime::run`] is the daemon (`rsyncfs-node up`); the other modules are its parts: the
-//! node's [`identity`] and the [`tls`] that pins peers by it, the QUIC [`transport`] with its
-//! content transfers ([`delta`]), the redb [`store`] behind the engine, the backing tree as the
-//! node touches it ([`files`]), the trusted [`peers`] and the [`control`] socket the commands use.
-//! See docs/ARCHITECTURE.md for the data path of one write.
+//! Laid out by concept, dependencies pointing one way (`cli` → `daemon` → the rest):
+//! - [`daemon`]: `rsyncfs-node up`: startup, the engine loop, the workers, group commits and
+//!   status; the only part that wires real I/O to the engine;
+//! - [`net`]: the QUIC endpoint and links ([`net::tls`] pins peers by id), framing, joins, and
+//!   content transfers ([`net::content`]);
+//! - [`tree`]: the backing directory as the node touches it: observe, apply, staging;
+//! - [`store`]: the engine's store on redb;
+//! - [`trust`]: the node's identity and the peers it trusts;
+//! - [`control`]: the control socket's typed protocol, its server and client;
+//! - [`cli`]: the command line.
+//!
+//! See docs/ARCHITECTURE.md for the data path of one write and the driver contract.
 
+pub mod cli;
 pub mod control;
-pub mod delta;
-pub mod files;
-pub mod identity;
-pub mod peers;
-pub mod runtime;
+pub mod daemon;
+pub mod net;
 pub mod store;
-pub mod tls;
-pub mod transport;
+pub mod tree;
+pub mod trust;

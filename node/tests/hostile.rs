@@ -7,8 +7,8 @@ mod common;
 
 use common::{converge, join, Node};
 use rsyncfs_conflict::{Dot, Meta, NodeId, Record, Timestamp, NTP64};
-use rsyncfs_node::identity::Identity;
-use rsyncfs_node::tls;
+use rsyncfs_node::net::tls;
+use rsyncfs_node::trust::identity::Identity;
 use serde::Serialize;
 use std::fs;
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 use rsyncfs_conflict::Meta;
 use rsyncfs_mesh::engine::{Action, Apply, ApplyError, Source};
 use rsyncfs_mesh::RelPath;
-use rsyncfs_node::files::{Mount, Tree};
+use rsyncfs_node::tree::{Mount, Tree};
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;

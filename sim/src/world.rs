@@ -1706,11 +1706,8 @@ impl World {
                     .violate("engine invariant", None, format!("n{i}: {bug}"));
             }
             if let Err(e) = engine.check_tally() {
-                self.check.violate(
-                    "store matches filesystem",
-                    None,
-                    format!("n{i}'s tally of directories is off: {e}"),
-                );
+                self.check
+                    .violate("store matches filesystem", None, format!("n{i}: {e}"));
             }
             // The engine's view of its own filesystem must be the filesystem.
             for (p, e) in engine.store().entries() {

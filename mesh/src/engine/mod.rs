@@ -580,6 +580,16 @@ impl<S: Store> Engine<S> {
             .collect()
     }
 
+    /// Paths whose work keeps failing with a local I/O error (a full disk, say), at most
+    /// `limit`, with the failure and how often it was retried: what status says loudly.
+    pub fn failing(&self, limit: usize) -> Vec<(RelPath, IoFailure, u32)> {
+        self.pending
+            .iter()
+            .filter_map(|(p, w)| w.failing.clone().map(|f| (p.clone(), f, w.retries)))
+            .take(limit)
+            .collect()
+    }
+
     /// Paths with work pending, and the bytes of file content they still wait for (for
     /// status: what has yet to arrive or be applied here).
     pub fn pending_work(&self) -> (usize, u64) {

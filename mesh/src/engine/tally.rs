@@ -15,6 +15,11 @@ use crate::store::{Entry, Store};
 use rsyncfs_conflict::Record;
 use std::collections::{HashMap, HashSet};
 
+/// The kept counts differ from a recount: which directories, and how.
+#[derive(Debug, thiserror::Error)]
+#[error("the tally of directories is off: {0}")]
+pub struct TallyMismatch(pub String);
+
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Counts {
     live: u32,
@@ -197,7 +202,7 @@ impl<S: Store> Engine<S> {
 
     /// Checks the counts against a recount from scratch (for tests and the simulator: it reads
     /// the whole store).
-    pub fn check_tally(&self) -> Result<(), String> {
+    pub fn check_tally(&self) -> Result<(), TallyMismatch> {
         let mut paths: Vec<RelPath> = Vec::new();
         self.store.for_each(&mut |path, _| paths.push(path.clone()));
         paths.extend(self.pending.keys().cloned());
@@ -227,6 +232,6 @@ impl<S: Store> Engine<S> {
                 )
             })
             .collect();
-        Err(wrong.join("; "))
+        Err(TallyMismatch(wrong.join("; ")))
     }
 }

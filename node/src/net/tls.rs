@@ -6,7 +6,7 @@
 //! client is trusted is decided right after the handshake from its id and the protocol it asked
 //! for ([`ALPN`] for replication, [`ALPN_JOIN`] for a join request). See `transport.rs`.
 
-use crate::identity::{id_of_cert, Identity};
+use crate::trust::identity::{id_of_cert, Identity};
 use rsyncfs_conflict::NodeId;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};

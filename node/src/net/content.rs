@@ -11,8 +11,8 @@
 //! The receiver writes into a staging file in the state folder and checks the whole content
 //! against its BLAKE3 hash before the engine may use it (MD4 signatures are not trusted).
 
-use crate::files::Tree;
-use crate::transport::{read_frame, write_frame};
+use super::framing::{read_frame, write_frame, FrameError};
+use crate::tree::Tree;
 use rsyncfs_conflict::Hash;
 use rsyncfs_mesh::engine::{Fetch, FetchError};
 use rsyncfs_mesh::path::RelPath;
@@ -44,10 +44,12 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ServeError> {
         if let Some((size, hashes)) = &self.basis {
             if hashes.len() > SEGMENTS_MAX || hashes.len() as u64 != size.div_ceil(SEGMENT) {
-                return Err("basis segments do not match the basis size".into());
+                return Err(ServeError::Protocol(
+                    "basis segments do not match the basis size".into(),
+                ));
             }
         }
         Ok(())
@@ -73,10 +75,13 @@ enum Segment {
     Literal(u32),
 }
 
+#[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The stream or the file failed (not the peer's fault).
+    #[error("serving content: {0}")]
     Io(String),
     /// The peer broke the protocol.
+    #[error("content request: {0}")]
     Protocol(String),
 }
 
@@ -145,8 +150,8 @@ pub async fn serve(
             let signature = read_frame(recv, DATA_MAX)
                 .await
                 .map_err(|e| match e {
-                    crate::transport::FrameError::Lost(e) => ServeError::Io(e),
-                    crate::transport::FrameError::Bad(e) => ServeError::Protocol(e),
+                    FrameError::Lost(e) => ServeError::Io(e),
+                    FrameError::Bad(e) => ServeError::Protocol(e),
                 })?
                 .ok_or_else(|| ServeError::Protocol("no signature came".into()))?;
             let delta = tokio::task::block_in_place(|| make_delta(signature, &data))?;
@@ -242,7 +247,7 @@ fn corrupt(why: String) -> FetchError {
 
 /// Receiving failed here (the staging file, the basis).
 fn local(what: &str, e: std::io::Error) -> FetchError {
-    FetchError::Io(crate::files::io_failure(what, &e))
+    FetchError::Io(crate::tree::io_failure(what, &e))
 }
 
 /// One of the sender's small control frames (a header or a segment operation); a stream that

@@ -1,7 +1,7 @@
 //! The peers a node trusts, kept in `peers.json` in the state directory: each peer's node id
 //! and, where known, the address to dial it at.
 
-use crate::identity::write_private;
+use super::identity::write_private;
 use rsyncfs_conflict::NodeId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

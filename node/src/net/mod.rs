@@ -7,13 +7,18 @@
 //! that does not decode, or breaks a limit, closes that peer's connection with an error in the
 //! log; the node goes on serving the others.
 
-use crate::delta;
-use crate::files::Tree;
-use crate::identity::Identity;
-use crate::peers::Book;
-use crate::runtime::Event;
-use crate::tls;
+pub mod content;
+pub mod framing;
+mod join;
+pub mod tls;
+
+pub use join::{PendingJoin, INVITE_VALID, JOIN_WAIT};
+
+use crate::tree::Tree;
+use crate::trust::identity::Identity;
+use crate::trust::peers::Book;
 use bytes::Bytes;
+use framing::{read_frame, write_frame, FrameError};
 use parking_lot::Mutex;
 use rsyncfs_conflict::NodeId;
 use rsyncfs_mesh::engine::{Fetch, FetchError, Input};
@@ -25,7 +30,60 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+
+/// What the network tells the daemon, in the order it happened on each link.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A link came up or went down, or a peer sent the engine a message.
+    Engine(Input),
+    /// A peer introduced a member this node now trusts: dial it.
+    Dial(NodeId),
+}
+
+/// Why a network operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The address does not resolve, or the peer does not answer.
+    #[error("cannot reach {addr}: {why}")]
+    Unreachable { addr: String, why: String },
+    /// A stream or the connection ended (not the peer's fault as far as we know).
+    #[error("stream lost: {0}")]
+    Lost(String),
+    /// The peer broke the protocol: its connection is closed.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The member said no, and why.
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Token(&'static str),
+    #[error("no pending join from {0}")]
+    NoSuchJoin(String),
+    #[error("that is this node")]
+    Myself,
+    #[error("not connected to {0}")]
+    NotConnected(String),
+    #[error("no accept came in time")]
+    JoinTimedOut,
+    #[error("trusting {0}: {1}")]
+    Trust(String, std::io::Error),
+    #[error("the daemon is stopping")]
+    Stopping,
+}
+
+impl From<FrameError> for NetError {
+    fn from(e: FrameError) -> NetError {
+        match e {
+            FrameError::Lost(e) => NetError::Lost(e),
+            FrameError::Bad(e) => NetError::Protocol(e),
+        }
+    }
+}
+
+fn lost(e: impl std::fmt::Display) -> NetError {
+    NetError::Lost(e.to_string())
+}
 
 /// The port a node listens on when none is given.
 pub const DEFAULT_PORT: u16 = 7431;
@@ -44,12 +102,6 @@ const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// Longest wait between two dials of an unreachable peer.
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// How long a join without a token waits for an operator's accept.
-pub const JOIN_WAIT: Duration = Duration::from_secs(3600);
-/// Pending join requests a node keeps.
-const PENDING_JOINS_MAX: usize = 64;
-/// How long an invitation token stays valid.
-pub const INVITE_VALID: Duration = Duration::from_secs(3600);
 /// Content fetches a node serves at once; more wait.
 const SERVES_MAX: usize = 32;
 
@@ -67,51 +119,6 @@ struct Link {
     dialer: NodeId,
     generation: u64,
     since: Instant,
-}
-
-/// A node waiting for an operator's `accept`.
-pub struct PendingJoin {
-    pub id: NodeId,
-    pub addr: String,
-    pub since: std::time::SystemTime,
-    accepted: Option<oneshot::Sender<()>>,
-}
-
-struct Invite {
-    secret: [u8; 16],
-    until: Instant,
-}
-
-/// What an invitation token carries.
-#[derive(Serialize, Deserialize)]
-struct Token {
-    addr: String,
-    id: NodeId,
-    secret: [u8; 16],
-}
-
-const TOKEN_PREFIX: &str = "rsyncfs1-";
-
-#[derive(Serialize, Deserialize)]
-enum JoinRequest {
-    Join {
-        secret: Option<[u8; 16]>,
-        /// The port the joining node listens on (its address is the one it dialled from).
-        port: u16,
-    },
-}
-
-#[derive(Serialize, Deserialize)]
-enum JoinReply {
-    /// Trusted; these are the other members.
-    Accepted {
-        members: Vec<(NodeId, String)>,
-    },
-    /// Waiting for an operator's accept on the member.
-    Pending,
-    Refused {
-        why: String,
-    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -151,14 +158,13 @@ pub struct Net {
     links: Mutex<HashMap<NodeId, Link>>,
     generation: AtomicU64,
     book: Mutex<Book>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<NetEvent>,
     /// Link ups and downs, in the order they happen, forwarded to `events` by one task (so
     /// that a down never overtakes the up before it).
-    link_events: mpsc::UnboundedSender<Event>,
+    link_events: mpsc::UnboundedSender<NetEvent>,
     tree: Arc<Tree>,
     dialing: Mutex<HashMap<NodeId, bool>>,
-    pending: Mutex<Vec<PendingJoin>>,
-    invites: Mutex<Vec<Invite>>,
+    joins: join::Joins,
     serving: tokio::sync::Semaphore,
     pub counters: Counters,
     /// Whether members introduced by trusted peers are trusted.
@@ -171,7 +177,7 @@ impl Net {
         identity: Arc<Identity>,
         listen: SocketAddr,
         book: Book,
-        events: mpsc::Sender<Event>,
+        events: mpsc::Sender<NetEvent>,
         tree: Arc<Tree>,
         introductions: bool,
     ) -> std::io::Result<Arc<Net>> {
@@ -219,8 +225,7 @@ impl Net {
             events,
             tree,
             dialing: Mutex::new(HashMap::new()),
-            pending: Mutex::new(Vec::new()),
-            invites: Mutex::new(Vec::new()),
+            joins: join::Joins::default(),
             serving: tokio::sync::Semaphore::new(SERVES_MAX),
             counters: Counters::default(),
             introductions,
@@ -323,17 +328,22 @@ impl Net {
         addr: &str,
         expect: Option<NodeId>,
         alpn: &[u8],
-    ) -> Result<quinn::Connection, String> {
+    ) -> Result<quinn::Connection, NetError> {
+        let unreachable = |why: String| NetError::Unreachable {
+            addr: addr.to_string(),
+            why,
+        };
         let target = resolve(addr).await?;
-        let config = tls::client_config(&self.identity, expect, alpn).map_err(|e| e.to_string())?;
+        let config = tls::client_config(&self.identity, expect, alpn)
+            .map_err(|e| unreachable(e.to_string()))?;
         let connecting = self
             .endpoint
             .connect_with(config, target, tls::SERVER_NAME)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| unreachable(e.to_string()))?;
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
         Ok(conn)
     }
 
@@ -372,7 +382,7 @@ impl Net {
             // handshake here could wait for a Hello that never comes. What was in flight on the
             // old connection is sent again by the engine's timers.
             Some(old) => old.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate"),
-            None => self.to_engine(Event::Input(Input::PeerUp { peer: id })),
+            None => self.to_engine(NetEvent::Engine(Input::PeerUp { peer: id })),
         }
         tokio::spawn(Arc::clone(self).writer(conn.clone(), rx));
         tokio::spawn(Arc::clone(self).readers(conn.clone(), id));
@@ -398,7 +408,7 @@ impl Net {
             };
             if mine {
                 tracing::info!("disconnected from {}: {reason}", id.short());
-                net.to_engine(Event::Input(Input::PeerDown { peer: id }));
+                net.to_engine(NetEvent::Engine(Input::PeerDown { peer: id }));
                 net.dial_soon(id);
             }
         });
@@ -426,7 +436,7 @@ impl Net {
             .collect()
     }
 
-    fn to_engine(&self, event: Event) {
+    fn to_engine(&self, event: NetEvent) {
         let _ = self.link_events.send(event);
     }
 
@@ -454,14 +464,11 @@ impl Net {
     }
 
     async fn writer(self: Arc<Net>, conn: quinn::Connection, mut rx: mpsc::Receiver<Bytes>) {
-        let result: Result<(), String> = async {
-            let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-            stream
-                .write_all(&[TAG_ENGINE])
-                .await
-                .map_err(|e| e.to_string())?;
+        let result: Result<(), NetError> = async {
+            let mut stream = conn.open_uni().await.map_err(lost)?;
+            stream.write_all(&[TAG_ENGINE]).await.map_err(lost)?;
             while let Some(frame) = rx.recv().await {
-                stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+                stream.write_all(&frame).await.map_err(lost)?;
             }
             Ok(())
         }
@@ -509,7 +516,7 @@ impl Net {
             let message = wire::decode(&frame).map_err(|e| FrameError::Bad(e.to_string()))?;
             if self
                 .events
-                .send(Event::Input(Input::Received { from: id, message }))
+                .send(NetEvent::Engine(Input::Received { from: id, message }))
                 .await
                 .is_err()
             {
@@ -529,7 +536,7 @@ impl Net {
         };
         let MembersMsg::Introduce { members } = postcard::from_bytes(&frame)
             .map_err(|e| FrameError::Bad(format!("membership message: {e}")))?;
-        if members.len() > crate::peers::PEERS_MAX {
+        if members.len() > crate::trust::peers::PEERS_MAX {
             return Err(FrameError::Bad("too many members introduced".into()));
         }
         if !self.introductions {
@@ -563,7 +570,7 @@ impl Net {
     }
 
     fn events_dial(&self, id: NodeId) {
-        let _ = self.events.try_send(Event::Dial(id));
+        let _ = self.events.try_send(NetEvent::Dial(id));
     }
 
     /// Dials a newly trusted peer (called from the runtime, which holds the `Arc`).
@@ -572,17 +579,17 @@ impl Net {
     }
 
     /// Sends one small message on a stream of its own.
-    async fn send_once(&self, to: &NodeId, tag: u8, body: &[u8]) -> Result<(), String> {
+    async fn send_once(&self, to: &NodeId, tag: u8, body: &[u8]) -> Result<(), NetError> {
         let conn = self
             .links
             .lock()
             .get(to)
             .map(|l| l.conn.clone())
-            .ok_or("not connected")?;
-        let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-        stream.write_all(&[tag]).await.map_err(|e| e.to_string())?;
+            .ok_or_else(|| NetError::NotConnected(to.short()))?;
+        let mut stream = conn.open_uni().await.map_err(lost)?;
+        stream.write_all(&[tag]).await.map_err(lost)?;
         write_frame(&mut stream, body).await?;
-        stream.finish().map_err(|e| e.to_string())?;
+        stream.finish().map_err(lost)?;
         Ok(())
     }
 
@@ -597,14 +604,19 @@ impl Net {
                 }
                 let result = match tag[0] {
                     TAG_FETCH => net.serve_fetch(send, recv).await,
-                    other => Err(format!("unknown stream tag {other}")),
+                    other => Err(NetError::Protocol(format!("unknown stream tag {other}"))),
                 };
-                if let Err(e) = result {
-                    tracing::error!(
-                        "peer {} sent a bad request, closing its connection: {e}",
-                        id.short()
-                    );
-                    conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), e.as_bytes());
+                match result {
+                    Ok(()) => {}
+                    Err(NetError::Protocol(e)) => {
+                        tracing::error!(
+                            "peer {} sent a bad request, closing its connection: {e}",
+                            id.short()
+                        );
+                        conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), e.as_bytes());
+                    }
+                    // A stream that ended is not the peer's fault.
+                    Err(e) => tracing::debug!("serving {}: {e}", id.short()),
                 }
             });
         }
@@ -615,16 +627,22 @@ impl Net {
         &self,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-    ) -> Result<(), String> {
-        let Some(frame) = read_frame(&mut recv, delta::REQUEST_MAX).await? else {
+    ) -> Result<(), NetError> {
+        let Some(frame) = read_frame(&mut recv, content::REQUEST_MAX).await? else {
             return Ok(());
         };
-        let request: delta::Request =
-            postcard::from_bytes(&frame).map_err(|e| format!("fetch request: {e}"))?;
-        request.check()?;
-        let _permit = self.serving.acquire().await.map_err(|e| e.to_string())?;
+        let request: content::Request = postcard::from_bytes(&frame)
+            .map_err(|e| NetError::Protocol(format!("fetch request: {e}")))?;
+        request
+            .check()
+            .map_err(|e| NetError::Protocol(e.to_string()))?;
+        let _permit = self
+            .serving
+            .acquire()
+            .await
+            .map_err(|_| NetError::Stopping)?;
         let tree = Arc::clone(&self.tree);
-        let served = delta::serve(&tree, request, &mut send, &mut recv).await;
+        let served = content::serve(&tree, request, &mut send, &mut recv).await;
         match served {
             Ok(bytes) => {
                 self.counters
@@ -634,11 +652,11 @@ impl Net {
                 Ok(())
             }
             // A peer that went away or stopped reading is not a protocol error.
-            Err(delta::ServeError::Io(e)) => {
+            Err(content::ServeError::Io(e)) => {
                 tracing::debug!("serving content: {e}");
                 Ok(())
             }
-            Err(delta::ServeError::Protocol(e)) => Err(e),
+            Err(content::ServeError::Protocol(e)) => Err(NetError::Protocol(e)),
         }
     }
 
@@ -654,180 +672,11 @@ impl Net {
         send.write_all(&[TAG_FETCH])
             .await
             .map_err(|_| FetchError::Unreachable)?;
-        let (path, received) = delta::fetch(&self.tree, f, &mut send, &mut recv).await?;
+        let (path, received) = content::fetch(&self.tree, f, &mut send, &mut recv).await?;
         self.counters
             .fetched_bytes
             .fetch_add(received, Ordering::Relaxed);
         Ok(path)
-    }
-
-    /// Makes an invitation token for this node, valid for [`INVITE_VALID`].
-    pub fn invite(&self, addr: String) -> String {
-        let secret: [u8; 16] = rand::random();
-        let mut invites = self.invites.lock();
-        invites.retain(|i| i.until > Instant::now());
-        invites.push(Invite {
-            secret,
-            until: Instant::now() + INVITE_VALID,
-        });
-        let token = Token {
-            addr,
-            id: self.me,
-            secret,
-        };
-        format!(
-            "{TOKEN_PREFIX}{}",
-            data_encoding::BASE32_NOPAD
-                .encode(&postcard::to_stdvec(&token).expect("encoding to memory"))
-                .to_lowercase()
-        )
-    }
-
-    /// Asks the member at `peer` (or the one a token names) to let this node join; waits for an
-    /// operator's accept there when there is no token. Returns the member's id.
-    pub async fn join(
-        self: &Arc<Net>,
-        peer: Option<String>,
-        token: Option<String>,
-    ) -> Result<NodeId, String> {
-        let token = token.map(|t| parse_token(&t)).transpose()?;
-        let addr = match (&peer, &token) {
-            (Some(p), _) => with_default_port(p),
-            (None, Some(t)) => t.addr.clone(),
-            (None, None) => return Err("join needs --peer or --token".into()),
-        };
-        let conn = self
-            .dial(&addr, token.as_ref().map(|t| t.id), tls::ALPN_JOIN)
-            .await
-            .map_err(|e| format!("cannot reach {addr}: {e}"))?;
-        let member = tls::peer_id(&conn).ok_or("the member has no identity")?;
-        if member == self.me {
-            return Err("that is this node".into());
-        }
-        // This node chose to join that member: trust it now, so that it can dial back.
-        self.book
-            .lock()
-            .trust(member, Some(addr.clone()))
-            .map_err(|e| e.to_string())?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        send.write_all(&[TAG_JOIN])
-            .await
-            .map_err(|e| e.to_string())?;
-        let request = JoinRequest::Join {
-            secret: token.as_ref().map(|t| t.secret),
-            port: self.port,
-        };
-        write_frame(&mut send, &postcard::to_stdvec(&request).expect("encoding")).await?;
-        let deadline = tokio::time::Instant::now() + JOIN_WAIT;
-        loop {
-            let frame = tokio::time::timeout_at(deadline, read_frame(&mut recv, SMALL_FRAME_MAX))
-                .await
-                .map_err(|_| "no accept came in time".to_string())??
-                .ok_or("the member closed the join")?;
-            match postcard::from_bytes::<JoinReply>(&frame).map_err(|e| e.to_string())? {
-                JoinReply::Pending => {
-                    tracing::info!(
-                        "join pending: on {} run `rsyncfs-node accept {}`",
-                        addr,
-                        self.me.long()
-                    );
-                }
-                JoinReply::Refused { why } => return Err(format!("refused: {why}")),
-                JoinReply::Accepted { members } => {
-                    conn.close(quinn::VarInt::from_u32(0), b"joined");
-                    let members = if self.introductions {
-                        members
-                    } else {
-                        Vec::new()
-                    };
-                    for (m, a) in members.into_iter().take(crate::peers::PEERS_MAX) {
-                        if m != self.me {
-                            let _ = self.book.lock().trust(m, Some(a));
-                            self.dial_soon(m);
-                        }
-                    }
-                    self.dial_soon(member);
-                    return Ok(member);
-                }
-            }
-        }
-    }
-
-    async fn serve_join(self: &Arc<Net>, conn: quinn::Connection, id: NodeId) {
-        let result: Result<(), String> = async {
-            let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-            let mut tag = [0u8; 1];
-            recv.read_exact(&mut tag).await.map_err(|e| e.to_string())?;
-            if tag[0] != TAG_JOIN {
-                return Err(format!("stream tag {} on a join connection", tag[0]));
-            }
-            let frame = read_frame(&mut recv, SMALL_FRAME_MAX)
-                .await?
-                .ok_or("empty join request")?;
-            let JoinRequest::Join { secret, port } =
-                postcard::from_bytes(&frame).map_err(|e| format!("join request: {e}"))?;
-            let addr = SocketAddr::new(conn.remote_address().ip(), port).to_string();
-            let invited = secret.is_some_and(|s| {
-                let mut invites = self.invites.lock();
-                invites.retain(|i| i.until > Instant::now());
-                invites.iter().any(|i| i.secret == s)
-            });
-            let trusted = self.book.lock().is_trusted(&id);
-            if let (Some(_), false) = (secret, invited) {
-                let reply = JoinReply::Refused {
-                    why: "the token is unknown or expired".into(),
-                };
-                write_frame(&mut send, &postcard::to_stdvec(&reply).expect("encoding")).await?;
-                let _ = send.finish();
-                return Ok(());
-            }
-            if !invited && !trusted {
-                let (tx, rx) = oneshot::channel();
-                {
-                    let mut pending = self.pending.lock();
-                    pending.retain(|p| p.id != id);
-                    if pending.len() >= PENDING_JOINS_MAX {
-                        return Err("too many pending joins".into());
-                    }
-                    pending.push(PendingJoin {
-                        id,
-                        addr: addr.clone(),
-                        since: std::time::SystemTime::now(),
-                        accepted: Some(tx),
-                    });
-                }
-                tracing::warn!(
-                    "node {} at {addr} asks to join: `rsyncfs-node accept {}` lets it in",
-                    id.short(),
-                    id.long()
-                );
-                let pending = postcard::to_stdvec(&JoinReply::Pending).expect("encoding");
-                write_frame(&mut send, &pending).await?;
-                tokio::select! {
-                    r = rx => r.map_err(|_| "the join was dropped".to_string())?,
-                    _ = conn.closed() => return Ok(()),
-                }
-            } else {
-                self.book
-                    .lock()
-                    .trust(id, Some(addr.clone()))
-                    .map_err(|e| e.to_string())?;
-            }
-            let members = self.members_except(id);
-            let reply = JoinReply::Accepted { members };
-            write_frame(&mut send, &postcard::to_stdvec(&reply).expect("encoding")).await?;
-            let _ = send.finish();
-            tracing::info!("node {} at {addr} joined", id.short());
-            self.introduce_everywhere(id, addr);
-            self.dial_soon(id);
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!("join from {}: {e}", id.short());
-            conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), e.as_bytes());
-        }
     }
 
     /// Tells every connected peer about a new member.
@@ -853,29 +702,6 @@ impl Net {
         }
     }
 
-    /// Lets a pending node in (`rsyncfs-node accept`).
-    pub fn accept(self: &Arc<Net>, id: NodeId) -> Result<(), String> {
-        let entry = {
-            let mut pending = self.pending.lock();
-            let i = pending
-                .iter()
-                .position(|p| p.id == id)
-                .ok_or_else(|| format!("no pending join from {}", id.long()))?;
-            pending.remove(i)
-        };
-        self.book
-            .lock()
-            .trust(id, Some(entry.addr.clone()))
-            .map_err(|e| e.to_string())?;
-        if let Some(tx) = entry.accepted {
-            let _ = tx.send(());
-        } else {
-            self.introduce_everywhere(id, entry.addr);
-            self.dial_soon(id);
-        }
-        Ok(())
-    }
-
     /// UDP bytes received and sent by all peer connections so far.
     pub fn udp_bytes(&self) -> (u64, u64) {
         let links = self.links.lock();
@@ -889,20 +715,6 @@ impl Net {
             tx += s.udp_tx.bytes;
         }
         (rx, tx)
-    }
-
-    pub fn pending_joins(&self) -> Vec<(String, String, u64)> {
-        self.pending
-            .lock()
-            .iter()
-            .map(|p| {
-                (
-                    p.id.long(),
-                    p.addr.clone(),
-                    p.since.elapsed().map_or(0, |d| d.as_secs()),
-                )
-            })
-            .collect()
     }
 
     pub fn links(&self) -> Vec<LinkStatus> {
@@ -925,17 +737,6 @@ impl Net {
     }
 }
 
-fn parse_token(text: &str) -> Result<Token, String> {
-    let body = text
-        .trim()
-        .strip_prefix(TOKEN_PREFIX)
-        .ok_or("not an rsyncfs token")?;
-    let bytes = data_encoding::BASE32_NOPAD
-        .decode(body.to_uppercase().as_bytes())
-        .map_err(|_| "the token is damaged")?;
-    postcard::from_bytes(&bytes).map_err(|_| "the token is damaged".to_string())
-}
-
 /// `host` or `host:port`, with the default port where none is given.
 pub fn with_default_port(addr: &str) -> String {
     let has_port = match addr.rsplit_once(':') {
@@ -953,70 +754,15 @@ pub fn with_default_port(addr: &str) -> String {
     }
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+async fn resolve(addr: &str) -> Result<SocketAddr, NetError> {
     let addr = with_default_port(addr);
+    let unreachable = |why: String| NetError::Unreachable {
+        addr: addr.clone(),
+        why,
+    };
     tokio::net::lookup_host(addr.clone())
         .await
-        .map_err(|e| format!("{addr}: {e}"))?
+        .map_err(|e| unreachable(e.to_string()))?
         .next()
-        .ok_or_else(|| format!("{addr}: no address"))
-}
-
-/// Writes one length-prefixed frame.
-pub async fn write_frame(stream: &mut quinn::SendStream, body: &[u8]) -> Result<(), String> {
-    let len = u32::try_from(body.len()).map_err(|_| "frame too large")?;
-    stream
-        .write_all(&len.to_be_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    stream.write_all(body).await.map_err(|e| e.to_string())
-}
-
-/// Why a frame could not be read.
-#[derive(Debug)]
-pub enum FrameError {
-    /// The stream or connection ended (not the peer's fault as far as we know).
-    Lost(String),
-    /// The peer broke a limit.
-    Bad(String),
-}
-
-impl std::fmt::Display for FrameError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FrameError::Lost(e) => write!(f, "stream lost: {e}"),
-            FrameError::Bad(e) => f.write_str(e),
-        }
-    }
-}
-
-impl From<FrameError> for String {
-    fn from(e: FrameError) -> String {
-        e.to_string()
-    }
-}
-
-/// Reads one length-prefixed frame of at most `max` bytes; `None` at a clean end of stream.
-pub async fn read_frame(
-    stream: &mut quinn::RecvStream,
-    max: usize,
-) -> Result<Option<Vec<u8>>, FrameError> {
-    let mut prefix = [0u8; 4];
-    match stream.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(FrameError::Lost(e.to_string())),
-    }
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > max {
-        return Err(FrameError::Bad(format!(
-            "frame of {len} bytes is larger than the limit of {max}"
-        )));
-    }
-    let mut body = vec![0u8; len];
-    stream
-        .read_exact(&mut body)
-        .await
-        .map_err(|e| FrameError::Lost(e.to_string()))?;
-    Ok(Some(body))
+        .ok_or_else(|| unreachable("no address".into()))
 }

@@ -1,0 +1,138 @@
+//! The control socket (`control.sock` in the state directory, for root only): the commands
+//! `status`, `conflicts`, `invite`, `join`, `accept` and `chglog` talk to the running daemon
+//! through it. One JSON request per connection, one line; the answer is one JSON line, except
+//! for `chglog`, which streams changed paths until the reader goes away.
+//!
+//! This module is the protocol: [`Wire`] (what travels), [`Request`] and [`Response`] (what
+//! the [`server`] hands the daemon and gets back), [`Status`] (what `status` answers, shared by
+//! the daemon, the command line and the tests). It knows nothing of the daemon or the network.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+pub const SOCKET: &str = "control.sock";
+pub const CHGLOG_SUBSCRIBERS_MAX: usize = 16;
+
+/// A request as it travels on the socket.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum Wire {
+    Status,
+    Conflicts,
+    Invite {
+        addr: Option<String>,
+    },
+    Join {
+        peer: Option<String>,
+        token: Option<String>,
+    },
+    Accept {
+        id: String,
+    },
+    Chglog,
+}
+
+/// A request for the daemon, with where its changed paths go for `chglog`.
+pub enum Request {
+    Status,
+    Conflicts,
+    Invite {
+        addr: Option<String>,
+    },
+    Join {
+        peer: Option<String>,
+        token: Option<String>,
+    },
+    Accept {
+        id: String,
+    },
+    Chglog {
+        tx: mpsc::Sender<String>,
+    },
+}
+
+/// The daemon's answer.
+pub enum Response {
+    Ok(serde_json::Value),
+    Err(String),
+}
+
+/// A request handed to the daemon, and where its answer goes.
+pub type Call = (Request, oneshot::Sender<Response>);
+
+/// The answer as it travels on the socket.
+#[derive(Serialize, Deserialize)]
+struct Answer {
+    ok: Option<serde_json::Value>,
+    error: Option<String>,
+}
+
+/// What `status` answers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// This node's id, long and short.
+    pub node: String,
+    pub short: String,
+    pub mode: String,
+    pub listen: String,
+    pub up_s: u64,
+    /// Nothing pending, nothing in flight, nothing unacknowledged.
+    pub idle: bool,
+    pub pending_paths: usize,
+    /// Bytes of file content the pending paths still wait for.
+    pub pending_bytes: u64,
+    /// Paths whose work keeps failing, with why (a full disk, say), a few.
+    pub failing: Vec<Failing>,
+    pub peers: Vec<PeerStatus>,
+    pub pending_joins: Vec<PendingJoinStatus>,
+    pub conflicts: u64,
+    pub local_writes: u64,
+    pub applies: u64,
+    pub records_sent: u64,
+    pub records_received: u64,
+    pub fetched_bytes: u64,
+    pub served_bytes: u64,
+    pub frames_dropped: u64,
+    pub udp_rx_bytes: u64,
+    pub udp_tx_bytes: u64,
+    pub latency_ms: Latency,
+    /// Broken invariants the engine noticed (a bug: please report it).
+    pub bugs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Failing {
+    pub path: String,
+    pub error: String,
+    pub retries: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub id: String,
+    pub addr: Option<String>,
+    pub connected: bool,
+    pub connected_for_s: Option<u64>,
+    pub rtt_ms: Option<f64>,
+    /// Our records the peer has not acknowledged yet.
+    pub behind: Option<u64>,
+    pub their_records_applied: Option<u64>,
+    pub paths_pending_from_them: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PendingJoinStatus {
+    pub id: String,
+    pub addr: String,
+    pub waiting_s: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub count: usize,
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}

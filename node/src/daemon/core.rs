@@ -1,0 +1,463 @@
+use super::workers::{walk, Job, Workers};
+use super::{describe, mode_name, DaemonError, Event};
+use crate::control::{self, Request, Response, Status};
+use crate::net::{Net, NetEvent};
+use crate::store::RedbStore;
+use crate::tree::Tree;
+use bytes::Bytes;
+use rsyncfs_conflict::NodeId;
+use rsyncfs_mesh::engine::{
+    ApplyError, Engine, FetchError, Input, Mode, Now, Output, Source, StagedId,
+};
+use rsyncfs_mesh::path::RelPath;
+use rsyncfs_mesh::wire;
+use rsyncfs_mesh::wire::Message;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+
+/// Paths whose failures status lists.
+const FAILING_SHOWN_MAX: usize = 10;
+
+/// Events the engine thread takes before it carries outputs out.
+const EVENTS_PER_TURN_MAX: usize = 512;
+
+/// The engine thread's state.
+pub(super) struct Core {
+    pub(super) engine: Engine<RedbStore>,
+    pub(super) tree: Arc<Tree>,
+    pub(super) net: Arc<Net>,
+    pub(super) workers: Workers,
+    /// Fetched contents, staged in the state folder, that the engine may still use: each stays
+    /// until the engine releases it or an apply consumes it (the driver contract in
+    /// `rsyncfs_mesh::engine`).
+    pub(super) staged: HashMap<StagedId, PathBuf>,
+    pub(super) next_staged: StagedId,
+    /// The path of each apply in flight, and the staged content it consumes if it succeeds.
+    pub(super) applies: HashMap<rsyncfs_mesh::engine::OpId, (RelPath, Option<StagedId>)>,
+    pub(super) events: mpsc::Sender<Event>,
+    /// Where the monotonic clock the engine's timers run on starts.
+    pub(super) epoch: Instant,
+    pub(super) mode: Mode,
+    pub(super) listen: SocketAddr,
+    pub(super) started: Instant,
+    /// Subscribers to the changed-path stream (`chglog`).
+    pub(super) chglog: Vec<mpsc::Sender<String>>,
+    /// The path last passed to them (one change often comes as several events).
+    pub(super) chglog_last: Option<RelPath>,
+    pub(super) rt: tokio::runtime::Handle,
+}
+
+impl Core {
+    pub(super) async fn run(
+        &mut self,
+        mut events: mpsc::Receiver<Event>,
+    ) -> Result<(), DaemonError> {
+        self.rescan();
+        self.dispatch()?;
+        loop {
+            let deadline = self.engine.poll_timeout().map(|at| self.instant(at));
+            let event = match deadline {
+                Some(at) => tokio::time::timeout_at(at.into(), events.recv()).await.ok(),
+                None => Some(events.recv().await),
+            };
+            let mut taken = 0;
+            let mut next = event.flatten();
+            while let Some(ev) = next.take() {
+                if matches!(ev, Event::Stop) {
+                    self.commit()?;
+                    return Ok(());
+                }
+                self.on_event(ev);
+                self.dispatch()?;
+                taken += 1;
+                if taken < EVENTS_PER_TURN_MAX {
+                    next = events.try_recv().ok();
+                }
+            }
+            let now = self.now();
+            self.engine.handle_timeout(now);
+            self.dispatch()?;
+        }
+    }
+
+    /// The engine's two clocks: monotonic time since the daemon started, and the wall clock.
+    fn now(&self) -> Now {
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Now::new(self.epoch.elapsed().as_nanos() as u64, wall)
+    }
+
+    /// The instant of a monotonic engine time.
+    fn instant(&self, mono_ns: u64) -> Instant {
+        self.epoch + Duration::from_nanos(mono_ns)
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Input(input) => {
+                match &input {
+                    Input::Received { from, message } => {
+                        tracing::debug!("received from {}: {}", from.short(), describe(message));
+                    }
+                    Input::PeerUp { peer } => tracing::debug!("peer {} up", peer.short()),
+                    Input::PeerDown { peer } => tracing::debug!("peer {} down", peer.short()),
+                    _ => {}
+                }
+                if let Input::ApplyDone { op, result } = &input {
+                    let (path, staged) = self.applies.remove(op).unzip();
+                    match result {
+                        Ok(()) => {
+                            // A staged content was renamed into place.
+                            if let Some(id) = staged.flatten() {
+                                self.staged.remove(&id);
+                            }
+                            if let Some(path) = &path {
+                                self.chglog_send(path);
+                            }
+                        }
+                        Err(ApplyError::Io(failure)) => {
+                            tracing::warn!("apply {op} failed, will retry: {failure}")
+                        }
+                        Err(e) => tracing::debug!("apply {op}: {e:?}"),
+                    }
+                }
+                if let Input::LocalChange { path, observed } = &input {
+                    tracing::debug!("local {path}: {observed:?}");
+                    self.chglog_send(path);
+                }
+                let now = self.now();
+                self.engine.handle(now, input);
+            }
+            Event::Gone(dir) => {
+                let below = self
+                    .engine
+                    .store()
+                    .paths_under(Some(&dir))
+                    .unwrap_or_default();
+                // Deepest first, so that a directory is seen gone after its contents (as the
+                // filesystem changed); all of them share the directory's worker, which keeps
+                // this order.
+                for p in below.into_iter().rev().chain(std::iter::once(dir)) {
+                    self.workers.observe(p);
+                }
+            }
+            Event::Fetched { staged, input } => {
+                if let Some((id, path)) = staged {
+                    self.staged.insert(id, path);
+                }
+                if let Input::FetchDone {
+                    result: Err(FetchError::Io(failure)),
+                    ..
+                } = &input
+                {
+                    tracing::warn!("a fetch failed here, will retry: {failure}");
+                }
+                let now = self.now();
+                self.engine.handle(now, input);
+            }
+            Event::Rescan => self.rescan(),
+            Event::Net(NetEvent::Dial(id)) => self.net.dial_new(id),
+            Event::Net(NetEvent::Engine(input)) => self.on_event(Event::Input(input)),
+            Event::Control((request, reply)) => self.control(request, reply),
+            Event::Stop => {}
+        }
+    }
+
+    /// Observes every path of the tree and every path the store knows.
+    fn rescan(&mut self) {
+        let mut paths = Vec::new();
+        walk(self.tree.root(), None, &mut paths);
+        let known = self.engine.store().paths_under(None).unwrap_or_default();
+        let seen: HashSet<&RelPath> = paths.iter().collect();
+        let gone: Vec<RelPath> = known.into_iter().filter(|p| !seen.contains(p)).collect();
+        tracing::info!(
+            "rescan: {} paths in the tree, {} gone",
+            paths.len(),
+            gone.len()
+        );
+        for p in paths {
+            self.workers.observe(p);
+        }
+        for p in gone.into_iter().rev() {
+            self.workers.observe(p);
+        }
+    }
+
+    /// Carries the engine's outputs out.
+    fn dispatch(&mut self) -> Result<(), DaemonError> {
+        while let Some(out) = self.engine.poll_output() {
+            match out {
+                Output::Send { to, message } => self.send(to, message),
+                Output::Fetch(f) => {
+                    let (net, events) = (Arc::clone(&self.net), self.events.clone());
+                    let staged_id = self.next_staged;
+                    self.next_staged += 1;
+                    self.rt.spawn(async move {
+                        let (result, staged) = match net.fetch(&f).await {
+                            Ok(path) => (Ok(staged_id), Some((staged_id, path))),
+                            Err(e) => {
+                                tracing::debug!(
+                                    "fetch of {} from {}: {e:?}",
+                                    f.path,
+                                    f.from.short()
+                                );
+                                (Err(e), None)
+                            }
+                        };
+                        let input = Input::FetchDone { op: f.op, result };
+                        let _ = events.send(Event::Fetched { staged, input }).await;
+                    });
+                }
+                Output::Apply(apply) => {
+                    tracing::debug!(
+                        "apply {} {}: {:?} (expecting {:?})",
+                        apply.op,
+                        apply.path,
+                        apply.action,
+                        apply.expect
+                    );
+                    // The staged file stays ours until the apply consumes it or the engine
+                    // releases it: a refused apply (a local writer, a full disk) is retried
+                    // with the same content.
+                    let staged_id = match &apply.action {
+                        rsyncfs_mesh::engine::Action::Write {
+                            source: Source::Staged(id),
+                            ..
+                        } => Some(*id),
+                        _ => None,
+                    };
+                    let staged = staged_id.and_then(|id| self.staged.get(&id).cloned());
+                    self.applies
+                        .insert(apply.op, (apply.path.clone(), staged_id));
+                    let path = apply.path.clone();
+                    self.workers
+                        .send(&path, Job::Apply(Box::new(apply), staged));
+                }
+                Output::Observe { path } => self.workers.observe(path),
+                Output::Release { staged } => {
+                    if let Some(path) = self.staged.remove(&staged) {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                Output::Commit => self.commit()?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a message, with the content of small files attached to a batch's records.
+    fn send(&mut self, to: NodeId, mut message: Message) {
+        if let Message::Batch(batch) = &mut message {
+            let inline_max = self.engine.config().inline_bytes_max;
+            for r in &mut batch.records {
+                if let Some((hash, size)) = r.record.winner().meta.file_hash() {
+                    if size <= inline_max {
+                        r.data = self.tree.read_small(&r.path, &hash, size);
+                    }
+                }
+            }
+        }
+        tracing::debug!("send to {}: {}", to.short(), describe(&message));
+        match wire::encode_frame(&message) {
+            Ok(frame) => self.net.send(&to, Bytes::from(frame)),
+            Err(e) => tracing::error!("not sent to {}: {e}", to.short()),
+        }
+    }
+
+    /// Passes a changed path to the `chglog` subscribers (a subscriber that falls behind misses
+    /// lines; one that went away is dropped).
+    fn chglog_send(&mut self, path: &RelPath) {
+        if self.chglog.is_empty() || self.chglog_last.as_ref() == Some(path) {
+            return;
+        }
+        self.chglog_last = Some(path.clone());
+        let line = path.to_string();
+        self.chglog.retain(|tx| {
+            !matches!(
+                tx.try_send(line.clone()),
+                Err(mpsc::error::TrySendError::Closed(_))
+            )
+        });
+    }
+
+    /// Makes the directories the applies changed durable, then the store.
+    pub(super) fn commit(&mut self) -> Result<(), DaemonError> {
+        self.tree.sync_dirs().map_err(|source| DaemonError::Io {
+            what: "syncing the backing directory",
+            path: self.tree.root().to_path_buf(),
+            source,
+        })?;
+        let path = self.engine.store().path().to_path_buf();
+        self.engine
+            .store_mut()
+            .commit()
+            .map_err(|source| DaemonError::Store { path, source })?;
+        Ok(())
+    }
+
+    /// Answers a control request; joins, which may wait an hour for an operator, answer from
+    /// a task of their own.
+    fn control(&mut self, request: Request, reply: tokio::sync::oneshot::Sender<Response>) {
+        let response = match request {
+            Request::Status => match serde_json::to_value(self.status()) {
+                Ok(v) => Response::Ok(v),
+                Err(e) => Response::Err(e.to_string()),
+            },
+            Request::Conflicts => Response::Ok(self.conflicts()),
+            Request::Chglog { tx } => {
+                if self.chglog.len() >= control::CHGLOG_SUBSCRIBERS_MAX {
+                    Response::Err("too many chglog readers".into())
+                } else {
+                    self.chglog.push(tx);
+                    Response::Ok(serde_json::Value::Null)
+                }
+            }
+            Request::Invite { addr } => {
+                let addr = addr.unwrap_or_else(|| self.listen.to_string());
+                Response::Ok(serde_json::json!({ "token": self.net.invite(addr) }))
+            }
+            Request::Accept { id } => match NodeId::parse(&id) {
+                None => Response::Err(format!("{id} is not a node id")),
+                Some(id) => match self.net.accept(id) {
+                    Ok(()) => Response::Ok(serde_json::json!({ "accepted": id.long() })),
+                    Err(e) => Response::Err(e.to_string()),
+                },
+            },
+            Request::Join { peer, token } => {
+                let net = Arc::clone(&self.net);
+                self.rt.spawn(async move {
+                    let response = match net.join(peer, token).await {
+                        Ok(member) => Response::Ok(serde_json::json!({ "member": member.long() })),
+                        Err(e) => Response::Err(e.to_string()),
+                    };
+                    let _ = reply.send(response);
+                });
+                return;
+            }
+        };
+        let _ = reply.send(response);
+    }
+
+    fn status(&self) -> Status {
+        let engine_peers: HashMap<NodeId, rsyncfs_mesh::engine::PeerStatus> = self
+            .engine
+            .peer_status()
+            .into_iter()
+            .map(|p| (p.peer, p))
+            .collect();
+        let log_end = self.engine.log_end();
+        let peers = self
+            .net
+            .links()
+            .into_iter()
+            .map(|l| {
+                let id = NodeId::parse(&l.id);
+                let e = id.and_then(|id| engine_peers.get(&id));
+                control::PeerStatus {
+                    id: l.id,
+                    addr: l.addr,
+                    connected: l.connected,
+                    connected_for_s: l.connected_for_s,
+                    rtt_ms: l.rtt_ms,
+                    behind: e.map(|e| log_end.saturating_sub(e.acked)),
+                    their_records_applied: e.map(|e| e.applied),
+                    paths_pending_from_them: e.map(|e| e.held),
+                }
+            })
+            .collect();
+        let mut sorted: Vec<f64> = self.engine.latencies_ms().iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let pct = |q: f64| {
+            (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * q).round() as usize])
+        };
+        let stats = self.engine.stats();
+        let c = &self.net.counters;
+        let (udp_rx, udp_tx) = self.net.udp_bytes();
+        let (pending_paths, pending_bytes) = self.engine.pending_work();
+        Status {
+            node: self.net.id().long(),
+            short: self.net.id().short(),
+            mode: mode_name(self.mode).to_string(),
+            listen: self.listen.to_string(),
+            up_s: self.started.elapsed().as_secs(),
+            idle: self.engine.is_idle(),
+            pending_paths,
+            pending_bytes,
+            failing: self
+                .engine
+                .failing(FAILING_SHOWN_MAX)
+                .into_iter()
+                .map(|(path, failure, retries)| control::Failing {
+                    path: path.to_string(),
+                    error: failure.to_string(),
+                    retries,
+                })
+                .collect(),
+            peers,
+            pending_joins: self
+                .net
+                .pending_joins()
+                .into_iter()
+                .map(|(id, addr, waiting_s)| control::PendingJoinStatus {
+                    id,
+                    addr,
+                    waiting_s,
+                })
+                .collect(),
+            conflicts: stats.conflicts,
+            local_writes: stats.local_writes,
+            applies: stats.applies,
+            records_sent: stats.records_sent,
+            records_received: stats.records_received,
+            fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+            served_bytes: c.served_bytes.load(Ordering::Relaxed),
+            frames_dropped: c.frames_dropped.load(Ordering::Relaxed),
+            udp_rx_bytes: udp_rx,
+            udp_tx_bytes: udp_tx,
+            latency_ms: control::Latency {
+                count: sorted.len(),
+                p50: pct(0.5),
+                p99: pct(0.99),
+                max: sorted.last().copied(),
+            },
+            bugs: self.engine.bugs().to_vec(),
+        }
+    }
+
+    /// The conflict copies the tree holds, with the versions they keep.
+    fn conflicts(&self) -> serde_json::Value {
+        let entries = self.engine.store().entries().unwrap_or_default();
+        let copies: Vec<serde_json::Value> = entries
+            .iter()
+            .filter(|(p, _)| p.name().contains(".sync-conflict-"))
+            .filter_map(|(p, e)| {
+                let record = e.record.as_ref()?;
+                let w = record.winner();
+                Some(serde_json::json!({
+                    "path": p.to_string(),
+                    "of": original_name(p.as_str()),
+                    "origin": w.dot.node.short(),
+                    "written_at_ms": w.hlc.get_time().to_duration().as_millis() as u64,
+                    "live": record.is_live(),
+                }))
+            })
+            .collect();
+        serde_json::Value::Array(copies)
+    }
+}
+
+/// The path a conflict copy was made for: `a/b.sync-conflict-…-N.txt` → `a/b.txt`.
+fn original_name(copy: &str) -> String {
+    let Some(i) = copy.find(".sync-conflict-") else {
+        return copy.to_string();
+    };
+    let rest = &copy[i + ".sync-conflict-".len()..];
+    let ext = rest.find('.').map(|j| &rest[j..]).unwrap_or("");
+    format!("{}{}", &copy[..i], ext)
+}

@@ -1,0 +1,153 @@
+//! Attributes as the node sets and reads them on the backing tree: owner, extended attributes,
+//! mode and modification time.
+
+use rsyncfs_conflict::{Content, Meta};
+use rsyncfs_mesh::path::RelPath;
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+
+/// Owner, extended attributes, mode and mtime of a finished file (its data is made durable by
+/// [`Tree::make_durable`] before it is renamed into place).
+pub(super) fn finish_file(file: &File, meta: &Meta) -> std::io::Result<()> {
+    set_owner_and_xattrs(file.as_fd(), meta)?;
+    rustix::fs::fchmod(file, Mode::from_raw_mode(meta.mode & 0o7777))?;
+    let mtime = timespec(meta.mtime_ns);
+    rustix::fs::futimens(
+        file,
+        &Timestamps {
+            last_access: mtime,
+            last_modification: mtime,
+        },
+    )?;
+    Ok(())
+}
+
+pub(super) fn set_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta) -> std::io::Result<()> {
+    if let Content::File { .. } | Content::Dir = meta.content {
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        set_owner_and_xattrs(fd.as_fd(), meta)?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode & 0o7777))?;
+    }
+    if let Content::File { .. } = meta.content {
+        let mtime = timespec(meta.mtime_ns);
+        rustix::fs::utimensat(
+            dir,
+            name,
+            &Timestamps {
+                last_access: mtime,
+                last_modification: mtime,
+            },
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+    }
+    Ok(())
+}
+
+fn timespec(ns: i64) -> Timespec {
+    Timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    }
+}
+
+/// Extended attributes not replicated: security labels belong to each host's policy.
+const XATTRS_SKIPPED: &[&[u8]] = &[b"security.selinux"];
+
+/// The extended attributes of `name` in `dir` (a file or directory), sorted. What does not fit
+/// the record's limits is left out with a warning.
+pub(super) fn read_xattrs(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    path: &RelPath,
+) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use rsyncfs_conflict::limits::{XATTRS_BYTES_MAX, XATTRS_MAX, XATTR_NAME_BYTES_MAX};
+    let fd = match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut names = vec![0u8; 64 * 1024];
+    let n = match rustix::fs::flistxattr(&fd, &mut names[..]) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let mut value = vec![0u8; 64 * 1024];
+    for attr in names[..n].split(|&b| b == 0).filter(|a| !a.is_empty()) {
+        if XATTRS_SKIPPED.contains(&attr) || attr.len() > XATTR_NAME_BYTES_MAX {
+            continue;
+        }
+        let Ok(cname) = std::ffi::CString::new(attr) else {
+            continue;
+        };
+        let len = match rustix::fs::fgetxattr(&fd, cname.as_c_str(), &mut value[..]) {
+            Ok(len) => len,
+            Err(rustix::io::Errno::NODATA) => continue, // removed meanwhile
+            Err(e) => return Err(e.into()),
+        };
+        if out.len() >= XATTRS_MAX || bytes + attr.len() + len > XATTRS_BYTES_MAX {
+            tracing::warn!(
+                "{path}: extended attribute {} left out: beyond the limits of {XATTRS_MAX} \
+                 attributes and {XATTRS_BYTES_MAX} bytes",
+                String::from_utf8_lossy(attr)
+            );
+            continue;
+        }
+        bytes += attr.len() + len;
+        out.push((attr.to_vec(), value[..len].to_vec()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Gives an open file or directory the owner (when this process may) and exactly the extended
+/// attributes of `meta`.
+fn set_owner_and_xattrs(fd: BorrowedFd<'_>, meta: &Meta) -> std::io::Result<()> {
+    if let Some((uid, gid)) = meta.owner {
+        if rustix::process::geteuid().is_root() {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )?;
+        }
+    }
+    let mut names = vec![0u8; 64 * 1024];
+    let n = match rustix::fs::flistxattr(fd, &mut names[..]) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) if meta.xattrs.is_empty() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for attr in names[..n].split(|&b| b == 0).filter(|a| !a.is_empty()) {
+        if XATTRS_SKIPPED.contains(&attr) || meta.xattrs.iter().any(|(k, _)| k == attr) {
+            continue;
+        }
+        if let Ok(cname) = std::ffi::CString::new(attr) {
+            match rustix::fs::fremovexattr(fd, cname.as_c_str()) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    for (k, v) in &meta.xattrs {
+        let Ok(cname) = std::ffi::CString::new(k.clone()) else {
+            continue;
+        };
+        rustix::fs::fsetxattr(fd, cname.as_c_str(), v, rustix::fs::XattrFlags::empty())?;
+    }
+    Ok(())
+}
