@@ -1572,11 +1572,24 @@ impl World {
     /// A world without random workload or faults and with a network that neither loses nor
     /// duplicates, for tests that tell one story step by step.
     pub fn scripted(nodes: usize, topology: Topology) -> World {
+        World::scripted_with(nodes, topology, Character::calm(nodes))
+    }
+
+    /// A scripted world whose nodes run with a character of the test's choosing (modes,
+    /// a sibling limit, batch sizes); its faults are the test's to cause.
+    pub fn scripted_with(nodes: usize, topology: Topology, character: Character) -> World {
+        assert_eq!(character.modes.len(), nodes);
         let mut opts = Options::new(0, nodes);
         opts.topology = topology;
         opts.steps = 0;
         opts.faults = false;
         let mut world = World::new(opts);
+        for i in 0..nodes {
+            let id = world.nodes[i].id;
+            let cfg = engine_config(id, &world.opts, &character, i);
+            world.nodes[i].engine = Some(Engine::new(cfg, MemStore::new()));
+        }
+        world.character = character;
         world.weather = Weather {
             loss: 0.0,
             dup: 0.0,
@@ -1604,6 +1617,16 @@ impl World {
         true
     }
 
+    /// The network's character from now on: the chance a message is lost or duplicated, and
+    /// the longest usual delay.
+    pub fn set_weather(&mut self, loss: f64, dup: f64, delay_max_ns: u64) {
+        self.weather = Weather {
+            loss,
+            dup,
+            delay_max_ns,
+        };
+    }
+
     /// Runs the end-of-run checks now (every node must be up).
     pub fn check(&mut self) -> Vec<Violation> {
         self.final_checks();
@@ -1621,6 +1644,41 @@ impl World {
         self.handle_event(Event::Heal {
             link: link_key(a, b),
         });
+    }
+
+    /// Fills node `n`'s disk (every new content, directory or attribute fails with ENOSPC),
+    /// or gives it space again.
+    pub fn set_disk_full(&mut self, n: usize, full: bool) {
+        self.nodes[n].fs.full = full;
+    }
+
+    /// Steps node `n`'s wall clock by `step_ns` (its monotonic clock goes on as before).
+    pub fn step_wall_clock(&mut self, n: usize, step_ns: i64) {
+        self.nodes[n].offset_ns += step_ns;
+    }
+
+    /// Simulated time, in nanoseconds.
+    pub fn time_ns(&self) -> u64 {
+        self.time
+    }
+
+    /// Runs for `ns` of simulated time (or until nothing is left to happen).
+    pub fn run_for(&mut self, ns: u64) {
+        let limit = self.time + ns;
+        while let Some(Reverse(next)) = self.queue.pop() {
+            if next.time > limit {
+                self.queue.push(Reverse(next));
+                break;
+            }
+            self.time = next.time;
+            self.handle_event(next.event);
+        }
+        self.time = self.time.max(limit);
+    }
+
+    /// The most store operations one engine call made so far (the cost invariant's measure).
+    pub fn store_ops_max(&self) -> u64 {
+        self.store_ops_max
     }
 
     pub fn crash_node(&mut self, n: usize) {
