@@ -3,10 +3,28 @@
 //! In the style of `quinn-proto`: the driver feeds [`Input`]s in with the current time
 //! ([`Engine::handle`], [`Engine::handle_timeout`]) and carries [`Output`]s out
 //! ([`Engine::poll_output`], [`Engine::poll_timeout`]). Time comes as a [`Now`]: a monotonic
-//! clock for every timer and the wall clock for hybrid logical clock stamps only, so that a wall
-//! clock stepped back or forward never stalls a resend or a retry. The engine never touches a socket, a file
-//! or a clock; the only state it shares with the world is its [`Store`], which it calls directly.
-//! The same engine runs in the daemon and, thousands of times per second, in the simulator.
+//! clock for every timer and the wall clock for hybrid logical clock stamps only, so that a
+//! wall clock stepped back or forward never stalls a resend or a retry. The engine never
+//! touches a socket, a file or a clock; the only state it shares with the world is its
+//! [`Store`], which it calls directly. The same engine runs in the daemon and, thousands of
+//! times per second, in the simulator, and it makes every decision: what each message means in
+//! each mode, when to fetch from whom, when to retry what, when to commit. A driver only does
+//! I/O.
+//!
+//! The driver contract (docs/ARCHITECTURE.md has the table):
+//! - **order**: `LocalChange` of a path in the order the filesystem changed, in order with the
+//!   `ApplyDone` of applies to that path; applies of a path, and of the directories above it,
+//!   carried out in the order they were asked for;
+//! - **observe**: every [`Output::Observe`] answered with a `LocalChange` of what is there then;
+//! - **apply**: `expect` checked (else [`ApplyError::Stale`]), a local writer refused
+//!   ([`ApplyError::Busy`]), every local failure reported as [`ApplyError::Io`] with its
+//!   [`IoKind`]; the engine retries them all, none is given up;
+//! - **staged content**: what a `FetchDone(Ok(id))` staged belongs to the driver, which keeps it
+//!   until an apply naming `Staged(id)` succeeds (consumed) or [`Output::Release`] names it; a
+//!   refused apply leaves it; a staged content that is gone is [`ApplyError::StagedGone`];
+//! - **links**: `PeerUp`/`PeerDown` in order; every decoded message passed on, in every mode;
+//! - **commit**: on [`Output::Commit`], what the store's records rely on made durable first,
+//!   then the store committed; a crash keeps a prefix of the store's writes.
 //!
 //! It holds both replicators of the design:
 //! - the master replicator ([`replicate`](self)) ships the store's log to every connected peer in
@@ -662,7 +680,8 @@ impl<S: Store> Engine<S> {
         retry.into_iter().chain(peers).chain(self.commit_due).min()
     }
 
-    /// Recent replication latencies, in milliseconds (see [`Engine::note_latency`]).
+    /// Recent replication latencies of peers' writes applied here, in milliseconds (wall clocks:
+    /// from the write's HLC stamp to its apply).
     pub fn latencies_ms(&self) -> &VecDeque<f64> {
         &self.latencies_ms
     }
