@@ -178,3 +178,36 @@ fn nothing_reaches_outside_the_tree() {
         .is_none());
     assert!(!Path::new(&outside.path().join("planted")).exists());
 }
+
+/// A file written all the time is read a bounded number of times and then left to its
+/// writer's close (observing it once recursed for as long as the writer went on).
+#[test]
+fn a_file_that_keeps_changing_is_observed_a_bounded_number_of_times() {
+    let (_dir, tree) = open();
+    let file = tree.root().join("busy.log");
+    fs::write(&file, vec![b'x'; 32 << 20]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (file, stop) = (file.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut f = fs::OpenOptions::new().append(true).open(file).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all(b"more\n").unwrap();
+            }
+        })
+    };
+    let mut changing = 0;
+    for _ in 0..20 {
+        match tree.observe(&path("busy.log")) {
+            Ok(Some(meta)) => assert!(meta.file_hash().is_some()),
+            Ok(None) => panic!("the file vanished"),
+            Err(rsyncfs_node::tree::ObserveError::Changing(_)) => changing += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    println!("{changing} of 20 observations gave up on a changing file");
+    // Once the writer is done, it is observed as it is.
+    assert!(tree.observe(&path("busy.log")).unwrap().is_some());
+}
