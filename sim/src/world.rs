@@ -753,19 +753,7 @@ impl World {
                             )
                         })
                         .collect();
-                let sibs: Vec<String> = r
-                    .siblings
-                    .iter()
-                    .map(|s| {
-                        format!(
-                            "{}:{}={}",
-                            s.dot.node.short().chars().next().unwrap_or('?'),
-                            s.dot.counter,
-                            short_meta(&Some(s.meta.clone()))
-                        )
-                    })
-                    .collect();
-                format!("vv[{}] [{}]", vv.join(" "), sibs.join(", "))
+                format!("vv[{}] [{}]", vv.join(" "), short_siblings(r))
             })
         };
         let entry = engine.store().get(path);
@@ -1920,6 +1908,23 @@ fn short_meta(m: &Option<Meta>) -> String {
     }
 }
 
+/// A record's siblings in a few words: `origin:counter=what`, the origin by its first letter.
+fn short_siblings(r: &rsyncfs_conflict::Record) -> String {
+    let sibs: Vec<String> = r
+        .siblings
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}={}",
+                s.dot.node.short().chars().next().unwrap_or('?'),
+                s.dot.counter,
+                short_meta(&Some(s.meta.clone()))
+            )
+        })
+        .collect();
+    sibs.join(", ")
+}
+
 fn short_action(a: &rsyncfs_mesh::engine::Action) -> String {
     use rsyncfs_mesh::engine::{Action, Source};
     match a {
@@ -1957,22 +1962,7 @@ fn describe(m: &Message) -> String {
             let recs: Vec<String> = b
                 .records
                 .iter()
-                .map(|r| {
-                    let sibs: Vec<String> = r
-                        .record
-                        .siblings
-                        .iter()
-                        .map(|s| {
-                            format!(
-                                "{}:{}={}",
-                                s.dot.node.short().chars().next().unwrap_or('?'),
-                                s.dot.counter,
-                                short_meta(&Some(s.meta.clone()))
-                            )
-                        })
-                        .collect();
-                    format!("{}@{} [{}]", r.path, r.seq, sibs.join(", "))
-                })
+                .map(|r| format!("{}@{} [{}]", r.path, r.seq, short_siblings(&r.record)))
                 .collect();
             format!("Batch({}..{}: {})", b.after, b.upto, recs.join("; "))
         }
