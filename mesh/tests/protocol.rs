@@ -508,3 +508,33 @@ fn batches_of_records_with_large_attributes_fit_a_frame() {
     assert_eq!(seen.len(), 300);
     assert!(frames >= 9, "{frames} frames for about 18 MB of attributes");
 }
+
+/// An observation that failed (the file changed every time it was read) is asked for again
+/// after a backoff, until one succeeds; meanwhile the engine is not idle.
+#[test]
+fn a_failed_observation_is_asked_for_again() {
+    let mut e = engine(0);
+    e.handle(now(T0), Input::ObserveFailed { path: path("busy") });
+    assert!(!e.is_idle());
+    let mut at = T0;
+    for round in 0..3 {
+        at = e.poll_timeout().expect("a retry is due");
+        assert!(at > T0, "round {round}");
+        e.handle_timeout(now(at));
+        let out = drain(&mut e);
+        assert!(
+            out.contains(&Output::Observe { path: path("busy") }),
+            "round {round}: {out:?}"
+        );
+        e.handle(now(at), Input::ObserveFailed { path: path("busy") });
+    }
+    e.handle(
+        now(at),
+        Input::LocalChange {
+            path: path("busy"),
+            observed: Some(file(b"done")),
+        },
+    );
+    drain(&mut e);
+    assert!(e.is_idle());
+}

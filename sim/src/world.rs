@@ -688,6 +688,12 @@ impl World {
             }
             Event::ObserveExec { node, life, path } => {
                 if self.nodes[node].life == life {
+                    if !self.faults_over && self.rng.random_bool(0.1) {
+                        // The file changed every time it was read (or the read failed).
+                        self.log(|| format!("n{node} observe {path}: failed"));
+                        self.feed(node, Input::ObserveFailed { path });
+                        return;
+                    }
                     let observed = self.nodes[node].fs.meta(path.as_str());
                     self.log(|| format!("n{node} observe {path}: {}", short_meta(&observed)));
                     self.feed(node, Input::LocalChange { path, observed });

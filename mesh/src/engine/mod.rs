@@ -186,6 +186,11 @@ pub enum Input {
         path: RelPath,
         observed: Option<Meta>,
     },
+    /// What `path` holds could not be read (it kept changing while it was hashed, or the read
+    /// failed): the engine asks again after a backoff.
+    ObserveFailed {
+        path: RelPath,
+    },
     /// The last local writer of `path` closed it.
     WriterClosed {
         path: RelPath,
@@ -466,6 +471,9 @@ pub struct Engine<S: Store> {
     bugs: Vec<String>,
     /// Paths the driver was asked to observe and has not reported yet, with when.
     observing: BTreeMap<RelPath, u64>,
+    /// Paths whose observation failed, with the failures so far, and when to ask again.
+    reobserve: BTreeMap<RelPath, (u32, u64)>,
+    reobserve_at: BTreeSet<(u64, RelPath)>,
     /// Directories with something live, or something on disk, below them (see [`tally`]).
     tally: std::collections::HashMap<RelPath, tally::Counts>,
     /// When the next group commit is due (monotonic), while uncommitted writes wait.
@@ -522,6 +530,8 @@ impl<S: Store> Engine<S> {
             stats: Stats::default(),
             bugs: Vec::new(),
             observing: BTreeMap::new(),
+            reobserve: BTreeMap::new(),
+            reobserve_at: BTreeSet::new(),
             tally,
             commit_due: None,
             latencies_ms: VecDeque::new(),
@@ -561,6 +571,7 @@ impl<S: Store> Engine<S> {
             && self.ops.is_empty()
             && self.out.is_empty()
             && self.dirty.is_empty()
+            && self.reobserve.is_empty()
             && self.peers.values().all(replicate::Peer::is_idle)
     }
 
@@ -626,6 +637,7 @@ impl<S: Store> Engine<S> {
         self.tick(now);
         match input {
             Input::LocalChange { path, observed } => self.on_local_change(path, observed),
+            Input::ObserveFailed { path } => self.on_observe_failed(path),
             Input::WriterClosed { path } => self.on_writer_closed(&path),
             Input::PeerUp { peer } => self.on_peer_up(peer),
             Input::PeerDown { peer } => self.on_peer_down(peer),
@@ -642,6 +654,14 @@ impl<S: Store> Engine<S> {
         if self.commit_due.is_some_and(|at| at <= self.now) {
             self.commit_due = None;
             self.out.push_back(Output::Commit);
+        }
+        while let Some((at, _)) = self.reobserve_at.first() {
+            if *at > self.now {
+                break;
+            }
+            let (_, path) = self.reobserve_at.pop_first().expect("checked above");
+            self.observing.remove(&path);
+            self.observe(path);
         }
         while let Some((at, _)) = self.retries.first() {
             if *at > self.now {
@@ -677,7 +697,13 @@ impl<S: Store> Engine<S> {
             .values()
             .filter_map(|p| p.deadline(&self.cfg))
             .min();
-        retry.into_iter().chain(peers).chain(self.commit_due).min()
+        let reobserve = self.reobserve_at.first().map(|(at, _)| *at);
+        retry
+            .into_iter()
+            .chain(peers)
+            .chain(self.commit_due)
+            .chain(reobserve)
+            .min()
     }
 
     /// Recent replication latencies of peers' writes applied here, in milliseconds (wall clocks:
@@ -722,6 +748,9 @@ impl<S: Store> Engine<S> {
 
     fn on_local_change(&mut self, path: RelPath, observed: Option<Meta>) {
         self.observing.remove(&path);
+        if let Some((_, at)) = self.reobserve.remove(&path) {
+            self.reobserve_at.remove(&(at, path.clone()));
+        }
         let entry = self.store.get(&path).unwrap_or_default();
         if observed == entry.local {
             return;
@@ -767,6 +796,19 @@ impl<S: Store> Engine<S> {
         self.retally(&path, before);
         self.after_local_state_change(&path);
         self.peers_mark_new_records();
+    }
+
+    /// An observation failed: ask again after a backoff that doubles with each failure. Until
+    /// an observation succeeds the engine is not idle (status says so).
+    fn on_observe_failed(&mut self, path: RelPath) {
+        self.observing.remove(&path);
+        let failures = self.reobserve.get(&path).map_or(0, |(n, _)| *n) + 1;
+        let backoff = self.cfg.retry_after.as_nanos() as u64 * (1u64 << failures.min(6));
+        let at = self.now + backoff;
+        if let Some((_, old)) = self.reobserve.insert(path.clone(), (failures, at)) {
+            self.reobserve_at.remove(&(old, path.clone()));
+        }
+        self.reobserve_at.insert((at, path));
     }
 
     /// Records what the filesystem holds at a path without a new write.

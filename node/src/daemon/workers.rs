@@ -104,8 +104,9 @@ impl Workers {
                                     match tree.observe(&path) {
                                         Ok(observed) => Input::LocalChange { path, observed },
                                         Err(e) => {
-                                            tracing::warn!("{e}");
-                                            continue;
+                                            // The engine asks again after a backoff.
+                                            tracing::warn!("{e}; looking again later");
+                                            Input::ObserveFailed { path }
                                         }
                                     }
                                 }
