@@ -15,7 +15,8 @@
 //! - **order**: `LocalChange` of a path in the order the filesystem changed, in order with the
 //!   `ApplyDone` of applies to that path; applies of a path, and of the directories above it,
 //!   carried out in the order they were asked for;
-//! - **observe**: every [`Output::Observe`] answered with a `LocalChange` of what is there then;
+//! - **observe**: every [`Output::Observe`] answered with a `LocalChange` of what is there then,
+//!   or with `ObserveFailed` when it cannot be read (asked again after a backoff);
 //! - **apply**: `expect` checked (else [`ApplyError::Stale`]), a local writer refused
 //!   ([`ApplyError::Busy`]), every local failure reported as [`ApplyError::Io`] with its
 //!   [`IoKind`]; the engine retries them all, none is given up;
