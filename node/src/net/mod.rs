@@ -81,6 +81,16 @@ impl From<FrameError> for NetError {
     }
 }
 
+/// `d` give or take a quarter, so that nodes that lost each other do not redial in step.
+fn jitter(d: Duration) -> Duration {
+    let quarter = d.as_millis() as u64 / 4;
+    if quarter == 0 {
+        return d;
+    }
+    d - Duration::from_millis(quarter)
+        + Duration::from_millis(rand::random::<u64>() % (2 * quarter))
+}
+
 fn lost(e: impl std::fmt::Display) -> NetError {
     NetError::Lost(e.to_string())
 }
@@ -102,6 +112,11 @@ const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// Longest wait between two dials of an unreachable peer.
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// A link that lived less than this before it closed makes the next dial wait, with a backoff
+/// that doubles (so a peer that refuses every connection is not redialled in a storm).
+const LINK_LIVED_MIN: Duration = Duration::from_secs(2);
+/// Two connections of one pair younger than this are dials that crossed (see `register`).
+const CROSSING_WINDOW: Duration = Duration::from_secs(2);
 /// Content fetches a node serves at once; more wait.
 const SERVES_MAX: usize = 32;
 
@@ -164,6 +179,8 @@ pub struct Net {
     link_events: mpsc::UnboundedSender<NetEvent>,
     tree: Arc<Tree>,
     dialing: Mutex<HashMap<NodeId, bool>>,
+    /// Per peer, the wait before the next dial after a link that closed young.
+    redial: Mutex<HashMap<NodeId, Duration>>,
     joins: join::Joins,
     serving: tokio::sync::Semaphore,
     pub counters: Counters,
@@ -225,6 +242,7 @@ impl Net {
             events,
             tree,
             dialing: Mutex::new(HashMap::new()),
+            redial: Mutex::new(HashMap::new()),
             joins: join::Joins::default(),
             serving: tokio::sync::Semaphore::new(SERVES_MAX),
             counters: Counters::default(),
@@ -287,6 +305,12 @@ impl Net {
     /// Dials `id` unless a link or a dial is there already, again and again with backoff until
     /// a link is up.
     fn dial_soon(self: &Arc<Net>, id: NodeId) {
+        self.dial_after(id, Duration::ZERO);
+    }
+
+    /// Dials `id` after `wait` unless a link or a dial is there already, again and again with
+    /// backoff (and jitter) until a link is up.
+    fn dial_after(self: &Arc<Net>, id: NodeId, wait: Duration) {
         if id == self.me {
             return;
         }
@@ -299,6 +323,7 @@ impl Net {
         }
         let net = Arc::clone(self);
         tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
             let mut backoff = DIAL_BACKOFF_MIN;
             loop {
                 if net.links.lock().contains_key(&id) {
@@ -316,11 +341,26 @@ impl Net {
                         tracing::debug!("dialling {} at {addr}: {e}", id.short());
                     }
                 }
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(jitter(backoff)).await;
                 backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
             }
             net.dialing.lock().insert(id, false);
         });
+    }
+
+    /// The wait before redialling a peer whose link lived `lived`: none after a link that
+    /// lasted, a doubling one after links that close young.
+    fn redial_wait(&self, id: NodeId, lived: Duration) -> Duration {
+        let mut redial = self.redial.lock();
+        if lived >= LINK_LIVED_MIN {
+            redial.remove(&id);
+            return Duration::ZERO;
+        }
+        let wait = redial
+            .get(&id)
+            .map_or(DIAL_BACKOFF_MIN, |w| (*w * 2).min(DIAL_BACKOFF_MAX));
+        redial.insert(id, wait);
+        jitter(wait)
     }
 
     async fn dial(
@@ -356,7 +396,13 @@ impl Net {
             let mut links = self.links.lock();
             if let Some(old) = links.get(&id) {
                 let old_alive = old.conn.close_reason().is_none();
-                if old_alive && (old.dialer == preferred || dialer != preferred) {
+                // A new connection while one is up: the peer does not see ours. Two dials that
+                // crossed (both young, different dialers) keep the one the lower id dialled, on
+                // both sides alike. Otherwise the peer lost ours (it restarted, or timed out
+                // first): the new one replaces it, or the peer would be refused until our side
+                // timed out too.
+                let crossed = old.dialer != dialer && old.since.elapsed() < CROSSING_WINDOW;
+                if old_alive && crossed && (old.dialer == preferred || dialer != preferred) {
                     drop(links);
                     conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
                     return;
@@ -388,6 +434,7 @@ impl Net {
         tokio::spawn(Arc::clone(self).readers(conn.clone(), id));
         tokio::spawn(Arc::clone(self).bi_streams(conn.clone(), id));
         let net = Arc::clone(self);
+        let since = Instant::now();
         tokio::spawn(async move {
             let reason = conn.closed().await;
             let stats = conn.stats();
@@ -409,7 +456,8 @@ impl Net {
             if mine {
                 tracing::info!("disconnected from {}: {reason}", id.short());
                 net.to_engine(NetEvent::Engine(Input::PeerDown { peer: id }));
-                net.dial_soon(id);
+                let wait = net.redial_wait(id, since.elapsed());
+                net.dial_after(id, wait);
             }
         });
         // Tell the peer who else is in the mesh.

@@ -1,0 +1,75 @@
+//! Links as a user meets them when a peer dies: a killed peer is shown down within seconds, a
+//! peer restarted right after a kill -9 is back and receiving within seconds, and nobody
+//! redials in a storm. Real `up` processes on 127.0.0.1; needs /dev/fuse and root (elsewhere
+//! each test prints why it did not run).
+
+mod common;
+
+use common::{joined_pair, wait_for};
+use std::fs;
+use std::time::{Duration, Instant};
+
+fn connected_to(n: &common::Node, id: &str) -> bool {
+    n.status()["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["id"] == id && p["connected"] == true)
+}
+
+/// "disconnected from" and "connected to" lines in a node's log: how often it redialled.
+fn link_lines(n: &common::Node) -> usize {
+    n.log_text()
+        .lines()
+        .filter(|l| l.contains("connected to ") || l.contains("disconnected from "))
+        .count()
+}
+
+#[test]
+fn a_killed_peer_is_seen_down_and_a_restarted_one_is_back_within_seconds() {
+    let Some(dir) = common::root_in("/var/tmp") else {
+        return;
+    };
+    let (a, mut b) = joined_pair(dir.path());
+    let b_id = b.id();
+    fs::write(a.m("before"), b"1").unwrap();
+    wait_for("the first write on b", common::CONVERGE, || {
+        b.m("before").exists()
+    });
+
+    let killed = Instant::now();
+    b.crash();
+    wait_for("a to see b down", Duration::from_secs(10), || {
+        !connected_to(&a, &b_id)
+    });
+    let seen_down = killed.elapsed();
+    println!(
+        "b seen down {:.1} s after the kill",
+        seen_down.as_secs_f64()
+    );
+    assert!(seen_down < Duration::from_secs(6), "{seen_down:?}");
+
+    // Killed again, and restarted at once (before a can notice).
+    b.restart();
+    let restarted = Instant::now();
+    b.crash();
+    b.restart();
+    let restarted_again = Instant::now();
+    fs::write(a.m("after"), b"2").unwrap();
+    wait_for(
+        "the write after the restart on b",
+        Duration::from_secs(10),
+        || fs::read(b.m("after")).is_ok_and(|d| d == b"2"),
+    );
+    let back = restarted_again.elapsed();
+    println!(
+        "b receiving {:.1} s after its second restart ({:.1} s after the first)",
+        back.as_secs_f64(),
+        restarted.elapsed().as_secs_f64()
+    );
+    assert!(back < Duration::from_secs(4), "{back:?}");
+    // No storm: a handful of link changes, not hundreds.
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = link_lines(&a) + link_lines(&b);
+    assert!(lines < 40, "{lines} link changes logged");
+}
