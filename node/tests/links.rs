@@ -73,3 +73,73 @@ fn a_killed_peer_is_seen_down_and_a_restarted_one_is_back_within_seconds() {
     let lines = link_lines(&a) + link_lines(&b);
     assert!(lines < 40, "{lines} link changes logged");
 }
+
+#[test]
+fn a_refused_join_leaves_no_trace_and_says_why() {
+    let Some(dir) = common::root_in("/var/tmp") else {
+        return;
+    };
+    let mut a = common::Node::start(dir.path(), "a");
+    let mut b = common::Node::start(dir.path(), "b");
+    let out = a.cmd(&["invite"]);
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // Invitations live in the running member: after its restart this one is void.
+    a.restart();
+    let out = b.cmd(&["join", "--token", &token]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("join with a void token: {stderr}");
+    assert!(!out.status.success(), "a void token was accepted");
+    assert!(
+        stderr.contains("the token is unknown or expired"),
+        "the joiner was not told the member's reason: {stderr}"
+    );
+    let peers = fs::read_to_string(b.state.join("peers.json")).unwrap_or_default();
+    assert!(
+        !peers.contains(&a.id()),
+        "the refusing member stayed in peers.json: {peers}"
+    );
+    // Nothing to redial: the member sees (almost) no attempts after the joiner restarts.
+    b.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    let refusals = a
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("is not trusted"))
+        .count();
+    assert!(
+        refusals <= 2,
+        "{refusals} refused dials logged by the member"
+    );
+}
+
+#[test]
+fn an_invite_from_a_wildcard_listener_names_a_reachable_address() {
+    let Some(dir) = common::root_in("/var/tmp") else {
+        return;
+    };
+    let a = common::Node::prepare(dir.path(), "a", "two-way", &[]);
+    let mut a = a.listening("0.0.0.0:0");
+    a.run();
+    let out = a.cmd(&["invite"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("{stderr}");
+    assert!(
+        !stderr.contains("0.0.0.0"),
+        "the invite names the wildcard: {stderr}"
+    );
+    // The token works: a node joins with it and receives.
+    let b = common::Node::start(dir.path(), "b");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = b.cmd(&["join", "--token", &token]);
+    assert!(
+        out.status.success(),
+        "join: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(a.m("hello"), b"hi").unwrap();
+    wait_for("the write on b", common::CONVERGE, || {
+        fs::read(b.m("hello")).is_ok_and(|d| d == b"hi")
+    });
+}

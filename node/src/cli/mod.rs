@@ -87,7 +87,8 @@ enum Command {
     Invite {
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
-        /// The address other nodes reach this one at (default: the listening address).
+        /// The address other nodes reach this one at, HOST:PORT (default: the listening
+        /// address, or when that is a wildcard such as 0.0.0.0, an address of this host).
         #[arg(long)]
         address: Option<String>,
     },
@@ -186,6 +187,11 @@ pub fn main() -> ExitCode {
         Command::Invite { state, address } => {
             match client::call(&state, &control::Wire::Invite { addr: address }) {
                 Ok(v) => {
+                    eprintln!(
+                        "rsyncfs-node: the token names {} (valid for an hour; \
+                         --address sets another)",
+                        v["addr"].as_str().unwrap_or("?")
+                    );
                     println!("{}", v["token"].as_str().unwrap_or_default());
                     ExitCode::SUCCESS
                 }

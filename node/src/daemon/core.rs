@@ -13,7 +13,7 @@ use rsyncfs_mesh::path::RelPath;
 use rsyncfs_mesh::wire;
 use rsyncfs_mesh::wire::Message;
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -319,8 +319,10 @@ impl Core {
                 }
             }
             Request::Invite { addr } => {
-                let addr = addr.unwrap_or_else(|| self.listen.to_string());
-                Response::Ok(serde_json::json!({ "token": self.net.invite(addr) }))
+                let addr = addr.unwrap_or_else(|| reachable(self.listen).to_string());
+                Response::Ok(
+                    serde_json::json!({ "token": self.net.invite(addr.clone()), "addr": addr }),
+                )
             }
             Request::Accept { id } => match NodeId::parse(&id) {
                 None => Response::Err(format!("{id} is not a node id")),
@@ -460,4 +462,33 @@ fn original_name(copy: &str) -> String {
     let rest = &copy[i + ".sync-conflict-".len()..];
     let ext = rest.find('.').map(|j| &rest[j..]).unwrap_or("");
     format!("{}{}", &copy[..i], ext)
+}
+
+/// An address of this host that peers can dial for a node listening on `listen`: `listen`
+/// itself unless it is a wildcard, else the first address of an interface that is up, of the
+/// same family, preferring addresses other than loopback and link-local ones.
+pub(crate) fn reachable(listen: SocketAddr) -> SocketAddr {
+    if !listen.ip().is_unspecified() {
+        return listen;
+    }
+    let rank = |ip: &IpAddr| match ip {
+        IpAddr::V4(v4) if v4.is_loopback() => 2,
+        IpAddr::V4(v4) if v4.is_link_local() => 1,
+        IpAddr::V6(v6) if v6.is_loopback() => 2,
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => 1,
+        _ => 0,
+    };
+    let mut found: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| ip.is_ipv4() == listen.is_ipv4())
+        .collect();
+    found.sort_by_key(rank);
+    let ip = found.first().copied().unwrap_or(if listen.is_ipv4() {
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+    });
+    SocketAddr::new(ip, listen.port())
 }

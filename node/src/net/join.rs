@@ -118,15 +118,34 @@ impl Net {
         if member == self.me {
             return Err(NetError::Myself);
         }
-        // This node chose to join that member: trust it now, so that it can dial back.
+        // This node chose to join that member: trust it now, so that it can dial back; a join
+        // that does not go through takes that back (a refused member is not dialled again).
+        let was_trusted = self.book.lock().is_trusted(&member);
         self.book
             .lock()
             .trust(member, Some(addr.clone()))
             .map_err(|e| NetError::Trust(member.short(), e))?;
+        let joined = self.join_with(&conn, member, &addr, token.as_ref()).await;
+        if joined.is_err() && !was_trusted {
+            if let Err(e) = self.book.lock().forget(&member) {
+                tracing::warn!("forgetting {} after a failed join: {e}", member.short());
+            }
+        }
+        joined
+    }
+
+    /// The join request on an open join connection, and its answers.
+    async fn join_with(
+        self: &Arc<Net>,
+        conn: &quinn::Connection,
+        member: NodeId,
+        addr: &str,
+        token: Option<&Token>,
+    ) -> Result<NodeId, NetError> {
         let (mut send, mut recv) = conn.open_bi().await.map_err(lost)?;
         send.write_all(&[TAG_JOIN]).await.map_err(lost)?;
         let request = JoinRequest::Join {
-            secret: token.as_ref().map(|t| t.secret),
+            secret: token.map(|t| t.secret),
             port: self.port,
         };
         write_frame(&mut send, &postcard::to_stdvec(&request).expect("encoding")).await?;

@@ -86,6 +86,15 @@ impl Book {
         Ok(true)
     }
 
+    /// Trusts `id` no more. Returns whether it was trusted.
+    pub fn forget(&mut self, id: &NodeId) -> std::io::Result<bool> {
+        if self.peers.remove(id).is_none() {
+            return Ok(false);
+        }
+        self.save()?;
+        Ok(true)
+    }
+
     pub fn addr(&self, id: &NodeId) -> Option<String> {
         self.peers.get(id).cloned().flatten()
     }

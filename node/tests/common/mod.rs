@@ -71,6 +71,12 @@ impl Node {
         node
     }
 
+    /// The same node listening on `listen` (HOST:PORT) instead of 127.0.0.1 on any port.
+    pub fn listening(mut self, listen: &str) -> Node {
+        self.listen = listen.into();
+        self
+    }
+
     pub fn run(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
