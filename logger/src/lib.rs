@@ -27,6 +27,8 @@ use std::sync::Arc;
 
 /// The folder a node keeps inside its backing directory; invisible through the mount.
 pub const STATE_DIR_NAME: &str = ".rsyncfs";
+/// How a mount's source starts in the mount table (the backing directory follows).
+pub const FS_NAME_PREFIX: &str = "rsyncfs:";
 
 /// How often a file that stays open for writing and keeps changing is reported.
 pub const DIRTY_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -245,7 +247,7 @@ pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, 
         LoggerFs::new(&backing, mode, tx).map_err(|e| MountError::Backing(backing.clone(), e))?;
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName(format!("rsyncfs:{}", backing.display())),
+        fuser::MountOption::FSName(format!("{FS_NAME_PREFIX}{}", backing.display())),
         fuser::MountOption::Subtype("rsyncfs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::Suid,
@@ -304,7 +306,7 @@ pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, 
 
 /// A logger killed with SIGKILL leaves a dead mount ("Transport endpoint is not connected")
 /// behind; a plain detach clears it so that the mount point can be used again.
-fn clear_dead_mount(mount_point: &Path) {
+pub fn clear_dead_mount(mount_point: &Path) {
     if let Err(e) = std::fs::metadata(mount_point) {
         if e.raw_os_error() == Some(libc::ENOTCONN) {
             if let Ok(path) = std::ffi::CString::new(mount_point.as_os_str().as_encoded_bytes()) {

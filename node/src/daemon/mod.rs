@@ -12,6 +12,7 @@
 //!   and the control socket.
 
 mod core;
+mod layout;
 mod workers;
 
 use self::core::Core;
@@ -92,6 +93,8 @@ pub enum DaemonError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Layout(String),
     #[error("unmounting: {0}")]
     Unmount(String),
 }
@@ -106,8 +109,22 @@ fn start(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
 }
 
 /// Runs the node until `stop` is set; unmounts and closes cleanly.
-pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(&opts.state).map_err(io_at("state directory", &opts.state))?;
+pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> {
+    // Nothing is created before the folders are known to be safe, /dev/fuse opens and the
+    // address can be listened on.
+    let layout = layout::check(&opts.state, &opts.backing, &opts.mount)?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| DaemonError::Mount(rsyncfs_logger::MountError::NoFuse(e)))?;
+    std::net::UdpSocket::bind(opts.listen).map_err(|source| DaemonError::Listen {
+        addr: opts.listen,
+        source,
+    })?;
+    std::fs::create_dir_all(&layout.state).map_err(io_at("state directory", &layout.state))?;
+    let _locks = layout::lock(&layout)?;
+    (opts.state, opts.backing, opts.mount) = (layout.state, layout.backing, layout.mount);
     std::fs::set_permissions(
         &opts.state,
         std::os::unix::fs::PermissionsExt::from_mode(0o700),

@@ -1,0 +1,259 @@
+//! The folders `up` is given, checked before anything is created in any of them, and held
+//! against a second node: a mount inside the backing directory hangs the kernel and the daemon;
+//! a state folder inside the tree would replicate this node's private key; two nodes on one
+//! backing directory would each take the other's writes for local ones.
+
+use super::DaemonError;
+use rustix::fd::OwnedFd;
+use rustix::fs::{flock, FlockOperation, Mode, OFlags};
+use std::path::{Path, PathBuf};
+
+/// The name of the lock file in the state folder.
+const LOCK_FILE: &str = "lock";
+
+/// The folders, made absolute.
+pub struct Layout {
+    pub state: PathBuf,
+    pub backing: PathBuf,
+    pub mount: PathBuf,
+}
+
+/// Locks that keep a second node off this node's state folder and backing directory while they
+/// are held.
+pub struct Locks {
+    _state: std::fs::File,
+    _backing: OwnedFd,
+}
+
+fn refuse(why: String) -> DaemonError {
+    DaemonError::Layout(why)
+}
+
+/// `path` made absolute and free of `..` and symlinks, also when its last parts do not exist
+/// yet.
+fn absolute(path: &Path) -> std::io::Result<PathBuf> {
+    let path = std::path::absolute(path)?;
+    let mut existing = path.as_path();
+    let mut rest = Vec::new();
+    loop {
+        match existing.canonicalize() {
+            Ok(real) => {
+                let mut out = real;
+                for part in rest.iter().rev() {
+                    if part == ".." {
+                        out.pop();
+                    } else if part != "." {
+                        out.push(part);
+                    }
+                }
+                return Ok(out);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(e);
+                };
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The type and source of the filesystem `path` (absolute, canonical) lives on, from the mount
+/// table.
+fn filesystem_of(path: &Path) -> Option<(String, String)> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Each line: id parent major:minor root mount-point options ... - type source options.
+    table
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let at = PathBuf::from(unescape(fields.get(4)?));
+            let dash = fields.iter().position(|f| *f == "-")?;
+            let kind = fields.get(dash + 1)?.to_string();
+            let source = unescape(fields.get(dash + 2)?);
+            path.starts_with(&at).then_some((at, (kind, source)))
+        })
+        .max_by_key(|(at, _)| at.as_os_str().len())
+        .map(|(_, kind)| kind)
+}
+
+/// Mount table paths escape space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut chars = field.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let digits: String = chars.by_ref().take(3).collect();
+            match u8::from_str_radix(&digits, 8) {
+                Ok(b) => out.push(b as char),
+                Err(_) => {
+                    out.push('\\');
+                    out.push_str(&digits);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Checks the folders `up` was given, creating nothing. Every refusal says why and what to do.
+pub fn check(state: &Path, backing: &Path, mount: &Path) -> Result<Layout, DaemonError> {
+    let backing = backing.canonicalize().map_err(|e| {
+        refuse(format!(
+            "the backing directory {}: {e} (it must be an existing directory; \
+             create it, or name another with --backing)",
+            backing.display()
+        ))
+    })?;
+    if !backing.is_dir() {
+        return Err(refuse(format!(
+            "the backing directory {} is not a directory",
+            backing.display()
+        )));
+    }
+    rsyncfs_logger::clear_dead_mount(mount);
+    let mount = mount.canonicalize().map_err(|e| {
+        refuse(format!(
+            "the mount point {}: {e} (it must be an existing, empty directory; \
+             create it with mkdir, or name another with --mount)",
+            mount.display()
+        ))
+    })?;
+    let state = absolute(state)
+        .map_err(|e| refuse(format!("the state folder {}: {e}", state.display())))?;
+    let (b, m, s) = (backing.display(), mount.display(), state.display());
+    if mount == backing {
+        return Err(refuse(format!(
+            "the mount point and the backing directory are both {b}: programs write through \
+             the mount into the backing directory, so they must be two folders \
+             (for example --backing /srv/data --mount /data)"
+        )));
+    }
+    if mount.starts_with(&backing) {
+        return Err(refuse(format!(
+            "the mount point {m} is inside the backing directory {b}: the mount would serve \
+             itself (and hang); put the mount point outside {b}"
+        )));
+    }
+    if backing.starts_with(&mount) {
+        return Err(refuse(format!(
+            "the backing directory {b} is inside the mount point {m}: the mount would hide it; \
+             put the backing directory outside {m}"
+        )));
+    }
+    if state.starts_with(&backing) || state.starts_with(&mount) {
+        return Err(refuse(format!(
+            "the state folder {s} is inside the replicated tree ({b}, mounted at {m}): it holds \
+             this node's private key, which would be sent to every peer; put it outside, \
+             for example --state /var/lib/rsyncfs"
+        )));
+    }
+    if backing.starts_with(&state) || mount.starts_with(&state) {
+        return Err(refuse(format!(
+            "the state folder {s} holds the tree ({b} or {m}); give the state its own folder"
+        )));
+    }
+    for (what, path) in [("backing directory", &backing), ("mount point", &mount)] {
+        let on_rsyncfs = filesystem_of(path).is_some_and(|(kind, source)| {
+            kind.starts_with("fuse") && source.starts_with(rsyncfs_logger::FS_NAME_PREFIX)
+        });
+        if on_rsyncfs {
+            return Err(refuse(format!(
+                "the {what} {} is on another rsyncfs mount: a tree inside a replicated tree \
+                 would be replicated twice; use a folder outside every rsyncfs mount",
+                path.display()
+            )));
+        }
+    }
+    if !mount.is_dir() {
+        return Err(refuse(format!("the mount point {m} is not a directory")));
+    }
+    let not_empty = std::fs::read_dir(&mount)
+        .map_err(|e| refuse(format!("the mount point {m}: {e}")))?
+        .next()
+        .is_some();
+    if not_empty {
+        return Err(refuse(format!(
+            "the mount point {m} is not empty: the mount would hide what is there; \
+             use an empty directory"
+        )));
+    }
+    Ok(Layout {
+        state,
+        backing,
+        mount,
+    })
+}
+
+/// Takes the locks on the state folder (which must exist) and the backing directory, or says
+/// which node holds them.
+pub fn lock(layout: &Layout) -> Result<Locks, DaemonError> {
+    let path = layout.state.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| refuse(format!("the lock {}: {e}", path.display())))?;
+    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(refuse(format!(
+            "another rsyncfs-node (pid {}) is running with the state folder {}; stop it first",
+            holder.trim(),
+            layout.state.display()
+        )));
+    }
+    {
+        use std::io::{Seek, Write};
+        file.set_len(0)
+            .and_then(|()| file.seek(std::io::SeekFrom::Start(0)))
+            .and_then(|_| write!(file, "{}", std::process::id()))
+            .map_err(|e| refuse(format!("the lock {}: {e}", path.display())))?;
+    }
+    let backing = rustix::fs::open(
+        &layout.backing,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        refuse(format!(
+            "the backing directory {}: {e}",
+            layout.backing.display()
+        ))
+    })?;
+    if flock(&backing, FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Err(refuse(format!(
+            "another rsyncfs-node serves the backing directory {} (with another state folder); \
+             one node per backing directory",
+            layout.backing.display()
+        )));
+    }
+    Ok(Locks {
+        _state: file,
+        _backing: backing,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_resolves_what_does_not_exist_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        let made = absolute(&dir.path().join("a/b/../c")).unwrap();
+        assert_eq!(made, real.join("a/c"));
+    }
+
+    #[test]
+    fn mount_table_escapes_are_read() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}
