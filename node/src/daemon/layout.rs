@@ -30,34 +30,31 @@ fn refuse(why: String) -> DaemonError {
 }
 
 /// `path` made absolute and free of `..` and symlinks, also when its last parts do not exist
-/// yet.
+/// yet (those are taken as written).
 fn absolute(path: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
     let path = std::path::absolute(path)?;
-    let mut existing = path.as_path();
-    let mut rest = Vec::new();
-    loop {
-        match existing.canonicalize() {
-            Ok(real) => {
-                let mut out = real;
-                for part in rest.iter().rev() {
-                    if part == ".." {
-                        out.pop();
-                    } else if part != "." {
-                        out.push(part);
+    let mut out = PathBuf::from("/");
+    let mut exists = true;
+    for part in path.components() {
+        match part {
+            Component::RootDir | Component::Prefix(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => {
+                out.push(name);
+                if exists {
+                    match out.canonicalize() {
+                        Ok(real) => out = real,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => exists = false,
+                        Err(e) => return Err(e),
                     }
                 }
-                return Ok(out);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
-                    return Err(e);
-                };
-                rest.push(name.to_os_string());
-                existing = parent;
-            }
-            Err(e) => return Err(e),
         }
     }
+    Ok(out)
 }
 
 /// The type and source of the filesystem `path` (absolute, canonical) lives on, from the mount
