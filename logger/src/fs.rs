@@ -107,6 +107,7 @@ struct Handle {
     writable: bool,
     /// ctime and size when opened or last reported, to tell whether the file changed since.
     before: Mutex<Fingerprint>,
+    opened: std::time::Instant,
     /// Keeps the kernel's passthrough mapping of the inode alive until release.
     _backing: Option<Arc<BackingId>>,
 }
@@ -123,6 +124,10 @@ pub(crate) struct Shared {
     dirs: Mutex<HashMap<u64, Arc<DirEntries>>>,
     next_fh: AtomicU64,
     writers: Mutex<HashMap<u64, u32>>,
+    /// Inodes created or truncated through a handle still open for writing: reported when their
+    /// last writer closes them (or by the periodic report of dirty files), not before, so that
+    /// peers never see a half-made file.
+    unreported: Mutex<std::collections::HashSet<u64>>,
     changes: SyncSender<Change>,
     overflowed: AtomicBool,
     /// Held shared by every operation that changes the tree through the mount, and exclusively
@@ -246,7 +251,7 @@ impl Shared {
             .handles
             .lock()
             .values()
-            .filter(|h| h.writable)
+            .filter(|h| h.writable && h.opened.elapsed() >= crate::HELD_OPEN_MIN)
             .cloned()
             .collect();
         let mut reported = std::collections::HashSet::new();
@@ -262,6 +267,7 @@ impl Shared {
                 changed
             };
             if changed && reported.insert(h.id) {
+                self.unreported.lock().remove(&h.id);
                 if let Some(p) = self.path_of(h.id) {
                     self.emit(p, ChangeKind::Written);
                 }
@@ -392,6 +398,7 @@ impl LoggerFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(0),
             writers: Mutex::new(HashMap::new()),
+            unreported: Mutex::new(std::collections::HashSet::new()),
             changes,
             overflowed: AtomicBool::new(false),
             gate: parking_lot::RwLock::new(()),
@@ -435,6 +442,7 @@ impl LoggerFs {
             id,
             writable,
             before: Mutex::new(fingerprint(&st)),
+            opened: std::time::Instant::now(),
             _backing: None,
         })
     }
@@ -613,7 +621,16 @@ impl Filesystem for LoggerFs {
         })();
         match result {
             Ok(st) => {
-                if let Some(p) = self.shared.path_of(ino.0) {
+                let open_for_writing = self
+                    .shared
+                    .writers
+                    .lock()
+                    .get(&ino.0)
+                    .is_some_and(|&n| n > 0);
+                if size.is_some() && open_for_writing {
+                    // A truncate by a writer (O_TRUNC by hand): reported at its close.
+                    self.shared.unreported.lock().insert(ino.0);
+                } else if let Some(p) = self.shared.path_of(ino.0) {
                     let kind = if size.is_some() {
                         ChangeKind::Written
                     } else {
@@ -801,7 +818,9 @@ impl Filesystem for LoggerFs {
             }
         };
         if flags & libc::O_TRUNC != 0 {
-            if let Some(p) = self.shared.path_of(ino.0) {
+            if handle.writable {
+                self.shared.unreported.lock().insert(ino.0);
+            } else if let Some(p) = self.shared.path_of(ino.0) {
                 self.shared.emit(p, ChangeKind::Written);
             }
         }
@@ -918,7 +937,8 @@ impl Filesystem for LoggerFs {
                 let changed = stat_fd(h.file.as_fd())
                     .map(|st| fingerprint(&st) != *h.before.lock())
                     .unwrap_or(true);
-                if last && changed {
+                let unreported = last && self.shared.unreported.lock().remove(&h.id);
+                if last && (changed || unreported) {
                     if let Some(p) = self.shared.path_of(h.id) {
                         self.shared.emit(p, ChangeKind::Written);
                     }
@@ -1281,9 +1301,8 @@ impl Filesystem for LoggerFs {
             }
         };
         handle.writable = true;
-        if let Some(p) = self.shared.child_path(parent.0, name) {
-            self.shared.emit(p, ChangeKind::Created);
-        }
+        // Reported when the writer closes it: announced now, peers would show it empty.
+        self.shared.unreported.lock().insert(attr.ino.0);
         if self.shared.passthrough() {
             let own = (flags & libc::O_APPEND == 0).then(|| handle.file.as_fd());
             match self.backing_for_new(attr.ino.0, own, |f| reply.open_backing(f)) {

@@ -32,6 +32,9 @@ pub const FS_NAME_PREFIX: &str = "rsyncfs:";
 
 /// How often a file that stays open for writing and keeps changing is reported.
 pub const DIRTY_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// A file open for writing is reported before its close only once it has been open this long
+/// (a log, a database, a long copy): a file its writer closes sooner is reported once, whole.
+pub const HELD_OPEN_MIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Changes kept for a slow consumer before the logger reports an overflow instead.
 pub const CHANGES_QUEUED_MAX: usize = 65_536;

@@ -373,7 +373,8 @@ fn every_change_is_reported() {
             .iter()
             .any(|c| c.path == Path::new(path) && c.kind == kind)
     };
-    assert!(has("f", ChangeKind::Created), "{changes:?}");
+    // A file made by a writer is reported once, when it is whole (see below).
+    assert!(!has("f", ChangeKind::Created), "{changes:?}");
     assert!(has("f", ChangeKind::Written), "{changes:?}");
     assert!(has("d", ChangeKind::DirMade), "{changes:?}");
     assert!(
@@ -390,6 +391,40 @@ fn every_change_is_reported() {
     assert!(has("d/s", ChangeKind::Removed), "{changes:?}");
     assert!(has("d/g", ChangeKind::Removed), "{changes:?}");
     assert!(has("d", ChangeKind::DirRemoved), "{changes:?}");
+}
+
+#[test]
+fn a_file_is_not_reported_while_its_writer_makes_it() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    // Created, then written before the close: nothing until the close.
+    let mut file = fs::File::create(f.mnt.join("new")).unwrap();
+    file.write_all(b"half").unwrap();
+    assert!(f.changes().is_empty());
+    file.write_all(b" and the rest").unwrap();
+    drop(file);
+    assert_eq!(
+        f.changes(),
+        vec![Change {
+            path: "new".into(),
+            kind: ChangeKind::Written
+        }]
+    );
+    // Truncated on open (`open('w')`) and rewritten: nothing until the close either.
+    let mut file = fs::File::create(f.mnt.join("new")).unwrap();
+    assert!(f.changes().is_empty());
+    file.write_all(b"again").unwrap();
+    drop(file);
+    assert_eq!(f.changes().len(), 1);
+    // Created and closed with nothing written (`touch`): reported at the close.
+    drop(fs::File::create(f.mnt.join("empty")).unwrap());
+    assert_eq!(
+        f.changes(),
+        vec![Change {
+            path: "empty".into(),
+            kind: ChangeKind::Written
+        }]
+    );
 }
 
 #[test]
@@ -431,7 +466,10 @@ fn a_file_kept_open_and_written_is_reported_while_open() {
     let mut file = fs::File::create(f.mnt.join("kept-open")).unwrap();
     f.changes();
     file.write_all(b"first part").unwrap();
+    // Not while it is young: a writer that closes soon is reported once, whole.
     std::thread::sleep(rsyncfs_logger::DIRTY_REPORT_INTERVAL * 2);
+    assert!(f.changes().is_empty());
+    std::thread::sleep(rsyncfs_logger::HELD_OPEN_MIN);
     let while_open = f.changes();
     assert!(
         while_open
