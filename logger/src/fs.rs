@@ -227,7 +227,7 @@ impl Shared {
         if id == ROOT {
             return Some(PathBuf::new());
         }
-        let inode = self.inodes.get(id)?;
+        let inode = self.inodes.get(id).ok()?;
         let link = std::fs::read_link(format!("/proc/self/fd/{}", inode.fd().as_raw_fd())).ok()?;
         let rel = link.strip_prefix(&self.root).ok()?.to_path_buf();
         if rel.as_os_str().as_bytes().ends_with(b" (deleted)") {
@@ -273,6 +273,10 @@ impl Shared {
                 }
             }
         }
+    }
+
+    pub(crate) fn inode_descriptors(&self) -> usize {
+        self.inodes.descriptors()
     }
 
     pub(crate) fn passthrough(&self) -> bool {
@@ -330,7 +334,7 @@ impl Shared {
         if self.hidden(parent, name) {
             return Err(Errno::ENOENT);
         }
-        let dir = self.inodes.get(parent).ok_or(Errno::ESTALE)?;
+        let dir = self.inodes.get(parent).map_err(errno)?;
         let fd = rustix::fs::openat(
             dir.fd(),
             name,
@@ -355,6 +359,7 @@ impl Shared {
         if handle.writable {
             *self.writers.lock().entry(handle.id).or_insert(0) += 1;
         }
+        self.inodes.opened(handle.id);
         self.handles.lock().insert(fh, Arc::new(handle));
         fh
     }
@@ -411,8 +416,8 @@ impl LoggerFs {
         ))
     }
 
-    fn inode(&self, id: INodeNo) -> Result<Arc<crate::inodes::Inode>, Errno> {
-        self.shared.inodes.get(id.0).ok_or(Errno::ESTALE)
+    fn inode(&self, id: INodeNo) -> Result<crate::inodes::Inode, Errno> {
+        self.shared.inodes.get(id.0).map_err(errno)
     }
 
     fn entry_reply(&self, parent: u64, name: &OsStr, reply: ReplyEntry) {
@@ -424,7 +429,7 @@ impl LoggerFs {
 
     /// Opens an inode's file as a real descriptor.
     fn reopen(&self, id: u64, flags: i32) -> Result<File, Errno> {
-        let inode = self.shared.inodes.get(id).ok_or(Errno::ESTALE)?;
+        let inode = self.shared.inodes.get(id).map_err(errno)?;
         let fd = rustix::fs::open(
             proc_path(inode.fd()).as_c_str(),
             backing_flags(flags),
@@ -922,6 +927,9 @@ impl Filesystem for LoggerFs {
         reply: ReplyEmpty,
     ) {
         let handle = self.shared.handles.lock().remove(&fh.0);
+        if let Some(h) = &handle {
+            self.shared.inodes.closed(h.id);
+        }
         if let Some(h) = handle {
             if h.writable {
                 let last = {

@@ -20,6 +20,7 @@ mod fs;
 mod inodes;
 
 pub use fs::{LoggerFs, Mode};
+pub use inodes::FDS_CACHED_MAX;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -133,6 +134,13 @@ impl Mounted {
     /// Whether the kernel's FUSE passthrough mode is in use.
     pub fn passthrough(&self) -> bool {
         self.fs.passthrough()
+    }
+
+    /// Descriptors the logger holds for inodes the kernel knows (at most
+    /// [`FDS_CACHED_MAX`] beyond those open files, the root and inodes without file handles
+    /// need).
+    pub fn inode_descriptors(&self) -> usize {
+        self.fs.inode_descriptors()
     }
 
     pub fn mount_point(&self) -> &Path {
@@ -309,6 +317,18 @@ pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, 
 
 /// A logger killed with SIGKILL leaves a dead mount ("Transport endpoint is not connected")
 /// behind; a plain detach clears it so that the mount point can be used again.
+/// Detaches whatever is mounted at `mount_point` (lazily: programs inside keep what they
+/// hold).
+pub fn detach(mount_point: &Path) {
+    if let Ok(path) = std::ffi::CString::new(mount_point.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a valid NUL-terminated path; umount2 only reads it.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
 pub fn clear_dead_mount(mount_point: &Path) {
     if let Err(e) = std::fs::metadata(mount_point) {
         if e.raw_os_error() == Some(libc::ENOTCONN) {

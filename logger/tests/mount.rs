@@ -722,3 +722,85 @@ fn real_programs_work_on_the_mount() {
     assert_eq!(describe(&m.join("repo")), describe(&m.join("back")));
     let _ = OpenOptionsExt::mode(&mut fs::OpenOptions::new(), 0o644);
 }
+
+/// Descriptors this process holds on files under `root` (tests run side by side in one
+/// process, each with its own mount).
+fn open_descriptors(root: &Path) -> usize {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(root))
+        .count()
+}
+
+#[test]
+fn a_tree_larger_than_the_descriptor_cache_is_served_with_bounded_descriptors() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    let files = rsyncfs_logger::FDS_CACHED_MAX * 3;
+    // Made through the mount, as `tar x` does: directories, files, symlinks.
+    for i in 0..files {
+        let dir = f.mnt.join(format!("d{}", i / 500));
+        if i % 500 == 0 {
+            fs::create_dir(&dir).unwrap();
+        }
+        if i % 10 == 0 {
+            std::os::unix::fs::symlink(format!("f{}", i + 1), dir.join(format!("s{i}"))).unwrap();
+        } else {
+            fs::write(dir.join(format!("f{i}")), format!("{i}")).unwrap();
+        }
+    }
+    let held = f.mounted.as_ref().unwrap().inode_descriptors();
+    println!(
+        "{files} entries: the logger holds {held} inode descriptors, {} open under the backing directory",
+        open_descriptors(&f.backing)
+    );
+    assert!(held <= rsyncfs_logger::FDS_CACHED_MAX + 8, "{held}");
+    assert!(open_descriptors(&f.backing) <= rsyncfs_logger::FDS_CACHED_MAX + 64);
+    // Everything is there and readable, also what fell out of the cache long ago; a renamed
+    // directory's inodes (reopened by handle) follow it.
+    fs::rename(f.mnt.join("d0"), f.mnt.join("moved")).unwrap();
+    for i in 0..files {
+        let dir = if i < 500 {
+            f.mnt.join("moved")
+        } else {
+            f.mnt.join(format!("d{}", i / 500))
+        };
+        if i % 10 == 0 {
+            let target = fs::read_link(dir.join(format!("s{i}"))).unwrap();
+            assert_eq!(target, PathBuf::from(format!("f{}", i + 1)));
+        } else {
+            let data = fs::read_to_string(dir.join(format!("f{i}"))).unwrap();
+            assert_eq!(data, format!("{i}"));
+        }
+    }
+    assert!(f.mounted.as_ref().unwrap().inode_descriptors() <= rsyncfs_logger::FDS_CACHED_MAX + 8);
+}
+
+#[test]
+fn an_open_file_works_after_its_last_name_is_gone() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(f.mnt.join("doomed"))
+        .unwrap();
+    fs::remove_file(f.mnt.join("doomed")).unwrap();
+    // Push the inode's cached descriptor out: the open file keeps its own.
+    for i in 0..rsyncfs_logger::FDS_CACHED_MAX + 100 {
+        fs::write(f.mnt.join(format!("x{i}")), b"x").unwrap();
+    }
+    file.write_all(b"still here").unwrap();
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    let meta = file.metadata().unwrap();
+    assert_eq!(meta.len(), 10);
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    file.seek(SeekFrom::Start(0)).unwrap();
+    let mut back = String::new();
+    std::io::Read::read_to_string(&mut file, &mut back).unwrap();
+    assert_eq!(back, "still here");
+}

@@ -16,6 +16,8 @@ pub struct Layout {
     pub state: PathBuf,
     pub backing: PathBuf,
     pub mount: PathBuf,
+    /// Held while the node runs: one node per backing directory.
+    backing_lock: OwnedFd,
 }
 
 /// Locks that keep a second node off this node's state folder and backing directory while they
@@ -23,6 +25,24 @@ pub struct Layout {
 pub struct Locks {
     _state: std::fs::File,
     _backing: OwnedFd,
+}
+
+/// Takes the lock on the backing directory (creating nothing), or says that a node holds it.
+fn lock_backing(backing: &Path) -> Result<OwnedFd, DaemonError> {
+    let fd = rustix::fs::open(
+        backing,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| refuse(format!("the backing directory {}: {e}", backing.display())))?;
+    if flock(&fd, FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Err(refuse(format!(
+            "another rsyncfs-node serves the backing directory {}; \
+             one node per backing directory",
+            backing.display()
+        )));
+    }
+    Ok(fd)
 }
 
 fn refuse(why: String) -> DaemonError {
@@ -57,10 +77,27 @@ fn absolute(path: &Path) -> std::io::Result<PathBuf> {
     Ok(out)
 }
 
+/// The type and source of the filesystem mounted exactly at `path`, if one is.
+fn mounted_at(path: &Path) -> Option<(String, String)> {
+    mounts()
+        .into_iter()
+        .find(|(at, _)| at == path)
+        .map(|(_, fs)| fs)
+}
+
 /// The type and source of the filesystem `path` (absolute, canonical) lives on, from the mount
 /// table.
 fn filesystem_of(path: &Path) -> Option<(String, String)> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts()
+        .into_iter()
+        .filter(|(at, _)| path.starts_with(at))
+        .max_by_key(|(at, _)| at.as_os_str().len())
+        .map(|(_, fs)| fs)
+}
+
+/// The mount table: each mount point with its filesystem's type and source.
+fn mounts() -> Vec<(PathBuf, (String, String))> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     // Each line: id parent major:minor root mount-point options ... - type source options.
     table
         .lines()
@@ -70,10 +107,9 @@ fn filesystem_of(path: &Path) -> Option<(String, String)> {
             let dash = fields.iter().position(|f| *f == "-")?;
             let kind = fields.get(dash + 1)?.to_string();
             let source = unescape(fields.get(dash + 2)?);
-            path.starts_with(&at).then_some((at, (kind, source)))
+            Some((at, (kind, source)))
         })
-        .max_by_key(|(at, _)| at.as_os_str().len())
-        .map(|(_, kind)| kind)
+        .collect()
 }
 
 /// Mount table paths escape space, tab, newline and backslash as octal.
@@ -112,7 +148,18 @@ pub fn check(state: &Path, backing: &Path, mount: &Path) -> Result<Layout, Daemo
             backing.display()
         )));
     }
+    let backing_lock = lock_backing(&backing)?;
     rsyncfs_logger::clear_dead_mount(mount);
+    // A mount of this backing directory left at the mount point is a run of this node that
+    // was killed (no other node can hold the lock just taken): the kernel may still answer
+    // from its caches there, so it is detached whether or not it looks alive.
+    if let Ok(at) = std::path::absolute(mount) {
+        let ours = format!("{}{}", rsyncfs_logger::FS_NAME_PREFIX, backing.display());
+        if mounted_at(&at).is_some_and(|(_, source)| source == ours) {
+            tracing::warn!("detaching the mount a killed run left at {}", at.display());
+            rsyncfs_logger::detach(&at);
+        }
+    }
     let mount = mount.canonicalize().map_err(|e| {
         refuse(format!(
             "the mount point {}: {e} (it must be an existing, empty directory; \
@@ -183,12 +230,13 @@ pub fn check(state: &Path, backing: &Path, mount: &Path) -> Result<Layout, Daemo
         state,
         backing,
         mount,
+        backing_lock,
     })
 }
 
 /// Takes the locks on the state folder (which must exist) and the backing directory, or says
 /// which node holds them.
-pub fn lock(layout: &Layout) -> Result<Locks, DaemonError> {
+pub fn lock(layout: Layout) -> Result<(Layout, Locks), DaemonError> {
     let path = layout.state.join(LOCK_FILE);
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -212,28 +260,17 @@ pub fn lock(layout: &Layout) -> Result<Locks, DaemonError> {
             .and_then(|_| write!(file, "{}", std::process::id()))
             .map_err(|e| refuse(format!("the lock {}: {e}", path.display())))?;
     }
-    let backing = rustix::fs::open(
-        &layout.backing,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| {
-        refuse(format!(
-            "the backing directory {}: {e}",
-            layout.backing.display()
-        ))
-    })?;
-    if flock(&backing, FlockOperation::NonBlockingLockExclusive).is_err() {
-        return Err(refuse(format!(
-            "another rsyncfs-node serves the backing directory {} (with another state folder); \
-             one node per backing directory",
-            layout.backing.display()
-        )));
-    }
-    Ok(Locks {
-        _state: file,
-        _backing: backing,
-    })
+    let backing = layout
+        .backing_lock
+        .try_clone()
+        .map_err(|e| refuse(format!("the backing directory lock: {e}")))?;
+    Ok((
+        layout,
+        Locks {
+            _state: file,
+            _backing: backing,
+        },
+    ))
 }
 
 #[cfg(test)]

@@ -123,7 +123,7 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         source,
     })?;
     std::fs::create_dir_all(&layout.state).map_err(io_at("state directory", &layout.state))?;
-    let _locks = layout::lock(&layout)?;
+    let (layout, _locks) = layout::lock(layout)?;
     (opts.state, opts.backing, opts.mount) = (layout.state, layout.backing, layout.mount);
     std::fs::set_permissions(
         &opts.state,

@@ -35,6 +35,8 @@ pub struct Node {
     listen: String,
     mode: String,
     extra: Vec<String>,
+    /// The network namespace the node runs in (`/run/netns/NAME`), if not the test's own.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -66,6 +68,7 @@ impl Node {
             listen: "127.0.0.1:0".into(),
             mode: mode.into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: None,
             child: None,
         };
         node
@@ -77,13 +80,28 @@ impl Node {
         self
     }
 
+    /// The same node run in the network namespace `netns` (nsenter, so that its mount is
+    /// visible to the test).
+    pub fn in_netns(mut self, netns: &str) -> Node {
+        self.netns = Some(netns.into());
+        self
+    }
+
     pub fn run(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .args(["up", "--state"])
             .arg(&self.state)
             .arg("--backing")
