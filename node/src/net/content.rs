@@ -201,11 +201,22 @@ pub async fn fetch(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<(PathBuf, u64), FetchError> {
-    // The basis: a local file that may share segments with the content.
+    // The basis: what an earlier fetch of this content left (its whole segments), else a
+    // local file that may share segments with it.
     let mut basis_file: Option<(File, u64)> = None;
     let mut basis_hashes = None;
     if f.size >= DELTA_MIN {
-        if let Some(p) = &f.basis {
+        let partial = tokio::task::block_in_place(|| resume_basis(tree, &f.hash));
+        if let Some((file, size, hashes)) = partial {
+            tracing::info!(
+                "resuming {}: {} of {} bytes are here from an earlier fetch",
+                f.path,
+                size,
+                f.size
+            );
+            basis_hashes = Some((size, hashes));
+            basis_file = Some((file, size));
+        } else if let Some(p) = &f.basis {
             let prepared = tokio::task::block_in_place(|| prepare_basis(tree, p));
             if let Some((file, size, hashes)) = prepared {
                 basis_hashes = Some((size, hashes));
@@ -228,13 +239,23 @@ pub async fn fetch(
         Header::Found => {}
     }
     let (mut out, staged) = tree
-        .staging_file()
+        .fetch_staging_file(&f.hash)
         .map_err(|e| local("making a staging file", e))?;
     let result = receive(f, &mut out, basis_file, send, recv).await;
     match result {
-        Ok(received) => Ok((staged, received)),
-        Err(e) => {
+        Ok(received) => {
+            tree.drop_partial(&f.hash);
+            Ok((staged, received))
+        }
+        // What arrived is checked segment by segment against the sender's hashes when a
+        // later fetch offers it as its basis, so it is kept, unless the sender lied.
+        Err(e @ FetchError::Corrupt(_)) => {
             let _ = std::fs::remove_file(&staged);
+            Err(e)
+        }
+        Err(e) => {
+            drop(out);
+            tree.keep_partial(&staged, &f.hash);
             Err(e)
         }
     }
@@ -257,6 +278,22 @@ async fn read_control(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FetchErro
         .await
         .map_err(|_| FetchError::Unreachable)?
         .ok_or(FetchError::Unreachable)
+}
+
+/// The whole segments of the partial copy of `hash`, as a basis.
+fn resume_basis(tree: &Tree, hash: &Hash) -> Option<(File, u64, Vec<Hash>)> {
+    let (mut file, len) = tree.partial(hash)?;
+    let whole = (len / SEGMENT).min(SEGMENTS_MAX as u64);
+    if whole == 0 {
+        return None;
+    }
+    let size = whole * SEGMENT;
+    let mut hashes = Vec::with_capacity(whole as usize);
+    for i in 0..whole {
+        let data = read_segment(&mut file, size, i).ok()?;
+        hashes.push(*blake3::hash(&data).as_bytes());
+    }
+    Some((file, size, hashes))
 }
 
 fn prepare_basis(tree: &Tree, path: &RelPath) -> Option<(File, u64, Vec<Hash>)> {

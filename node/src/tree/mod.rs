@@ -154,6 +154,60 @@ impl ObserveError {
     }
 }
 
+/// Staging files of fetches start with this, then the content's hash.
+const FETCHING: &str = "f-";
+/// Partial copies of content kept for a fetch to resume from: this, then the content's hash.
+const PARTIAL: &str = "p-";
+/// Partial copies kept at most (the newest); each is at most one file's size.
+const PARTIALS_MAX: usize = 32;
+
+fn hex(hash: &Hash) -> String {
+    blake3::Hash::from(*hash).to_hex().to_string()
+}
+
+/// Empties the temporary folder of what an earlier run left, except the content of fetches
+/// that broke off (or were staged and not yet applied): those become partial copies, the
+/// newest [`PARTIALS_MAX`] of them kept.
+fn keep_partials(tmp: &Path) -> std::io::Result<()> {
+    let mut partials = Vec::new();
+    for entry in std::fs::read_dir(tmp)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let hash = name
+            .strip_prefix(FETCHING)
+            .or_else(|| name.strip_prefix(PARTIAL))
+            .and_then(|rest| rest.get(..64))
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+        match hash {
+            Some(hash) => {
+                let kept = tmp.join(format!("{PARTIAL}{hash}"));
+                let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+                if entry.path() != kept {
+                    if len(&entry.path()) > len(&kept) {
+                        std::fs::rename(entry.path(), &kept)?;
+                    } else {
+                        std::fs::remove_file(entry.path())?;
+                    }
+                }
+                if !partials.contains(&kept) {
+                    partials.push(kept);
+                }
+            }
+            None => std::fs::remove_file(entry.path())?,
+        }
+    }
+    let modified = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH)
+    };
+    partials.sort_by_key(|p| std::cmp::Reverse(modified(p)));
+    for old in partials.iter().skip(PARTIALS_MAX) {
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(())
+}
+
 /// Times a file that changes while it is hashed is read again before the observation gives up.
 const OBSERVE_TRIES: usize = 8;
 
@@ -170,10 +224,7 @@ impl Tree {
         let tmp_path = state.join(TMP_DIR);
         std::fs::create_dir_all(&tmp_path)?;
         std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-        for entry in std::fs::read_dir(&tmp_path)? {
-            let entry = entry?;
-            let _ = std::fs::remove_file(entry.path());
-        }
+        keep_partials(&tmp_path)?;
         let tmp_fd = rustix::fs::open(
             &tmp_path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -374,6 +425,47 @@ impl Tree {
             Mode::from_raw_mode(0o600),
         )?;
         Ok((File::from(fd), self.tmp_path.join(name)))
+    }
+
+    /// A staging file for fetching the content `hash`: if the fetch breaks off (or this node
+    /// crashes), what it holds is kept as that content's partial copy for the next fetch.
+    pub fn fetch_staging_file(&self, hash: &Hash) -> std::io::Result<(File, PathBuf)> {
+        let name = format!(
+            "{FETCHING}{}-{}-{}",
+            hex(hash),
+            std::process::id(),
+            self.next_tmp.fetch_add(1, Ordering::Relaxed)
+        );
+        let fd = rustix::fs::openat(
+            &self.tmp_fd,
+            name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        Ok((File::from(fd), self.tmp_path.join(name)))
+    }
+
+    /// The partial copy of the content `hash` an earlier fetch left, and its length.
+    pub fn partial(&self, hash: &Hash) -> Option<(File, u64)> {
+        let file = File::open(self.tmp_path.join(format!("{PARTIAL}{}", hex(hash)))).ok()?;
+        let len = file.metadata().ok()?.len();
+        Some((file, len))
+    }
+
+    /// Keeps the staging file of a fetch that broke off as the partial copy of `hash`, unless
+    /// a longer one is kept already.
+    pub fn keep_partial(&self, staged: &Path, hash: &Hash) {
+        let kept = self.tmp_path.join(format!("{PARTIAL}{}", hex(hash)));
+        let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        if len(staged) > 0 && len(staged) >= len(&kept) && std::fs::rename(staged, &kept).is_ok() {
+            return;
+        }
+        let _ = std::fs::remove_file(staged);
+    }
+
+    /// Forgets the partial copy of `hash` (its content arrived whole).
+    pub fn drop_partial(&self, hash: &Hash) {
+        let _ = std::fs::remove_file(self.tmp_path.join(format!("{PARTIAL}{}", hex(hash))));
     }
 
     /// Makes the directories above `path` that are missing; a non-directory above it is a
