@@ -28,7 +28,9 @@ mod vv;
 
 pub use hlc::{ClockSkew, Hlc};
 pub use id::NodeId;
-pub use settle::{conflict_copy_name, fold, join, settle, ConflictCopy, Decision};
+pub use settle::{
+    conflict_copy_name, fold, is_conflict_copy, join, settle, ConflictCopy, Decision,
+};
 pub use version::{Content, Hash, Meta, Record, RecordError, Sibling, DIR_MODE_DEFAULT};
 pub use vv::{Causality, Dot, VersionVector};
 

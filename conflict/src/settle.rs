@@ -193,6 +193,13 @@ pub fn settle(path: &str, local: Option<&Record>, remote: &Record) -> Decision {
     }
 }
 
+/// Whether a name (one path component) is that of a conflict copy.
+pub fn is_conflict_copy(name: &str) -> bool {
+    name.contains(CONFLICT_MARK)
+}
+
+const CONFLICT_MARK: &str = ".sync-conflict-";
+
 /// The name of the conflict copy of `sibling` at `path`, in Syncthing's well-known form with the
 /// write's counter added so that two losing writes of one node in one second get two names:
 /// `dir/report.sync-conflict-20261126-101500-ABCD123-42.txt`. The date and time are the losing
@@ -220,7 +227,7 @@ pub fn conflict_copy_name(path: &str, sibling: &Sibling) -> String {
         .map(|c| if c == 'T' { '-' } else { c })
         .collect();
     let tag = format!(
-        ".sync-conflict-{stamp}-{}-{}",
+        "{CONFLICT_MARK}{stamp}-{}-{}",
         sibling.dot.node.short(),
         sibling.dot.counter
     );

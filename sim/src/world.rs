@@ -1761,6 +1761,18 @@ impl World {
                 self.check
                     .violate("store matches filesystem", None, format!("n{i}: {e}"));
             }
+            if let Err(e) = engine.check_tree_counts() {
+                self.check
+                    .violate("engine invariant", None, format!("n{i}: tree counts {e}"));
+            }
+            // At the end, with every peer up, nothing waits for a peer that is down.
+            if engine.is_idle() && !engine.is_idle_here() {
+                self.check.violate(
+                    "engine invariant",
+                    None,
+                    format!("n{i} is idle but not idle here"),
+                );
+            }
             // The engine's view of its own filesystem must be the filesystem.
             for (p, e) in engine.store().entries() {
                 let actual = node.fs.meta(p.as_str());

@@ -387,6 +387,63 @@ pub struct Stats {
     pub batches_deferred: u64,
     /// Records folded because they had more siblings than allowed.
     pub folds: u64,
+    /// Peers' writes applied here that were made before the link they came over was up
+    /// (caught up after a join, a restart or a partition): not counted as latencies.
+    pub caught_up: u64,
+}
+
+/// What the tree holds, by the stored records: kept with every change, for status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeCounts {
+    /// Live regular files and their bytes.
+    pub files: u64,
+    pub bytes: u64,
+    /// Live entries of other kinds (directories, symlinks, ...).
+    pub others: u64,
+    /// Live conflict copies (what `conflicts` lists).
+    pub conflict_copies: u64,
+}
+
+impl TreeCounts {
+    fn add(&mut self, path: &RelPath, record: Option<&Record>, sign: i64) {
+        let Some(r) = record.filter(|r| r.is_live()) else {
+            return;
+        };
+        let step = |v: &mut u64, by: u64| {
+            *v = if sign > 0 {
+                v.saturating_add(by)
+            } else {
+                v.saturating_sub(by)
+            }
+        };
+        match r.winner().meta.file_hash() {
+            Some((_, size)) => {
+                step(&mut self.files, 1);
+                step(&mut self.bytes, size);
+            }
+            None => step(&mut self.others, 1),
+        }
+        if rsyncfs_conflict::is_conflict_copy(path.name()) {
+            step(&mut self.conflict_copies, 1);
+        }
+    }
+
+    fn of<S: Store>(store: &S) -> TreeCounts {
+        let mut counts = TreeCounts::default();
+        store.for_each(&mut |path, entry| counts.add(path, entry.record.as_ref(), 1));
+        counts
+    }
+}
+
+/// Work pending here, split by whether it can go on now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingWork {
+    /// Paths with work this node can do now, and the content bytes they still wait for.
+    pub paths: usize,
+    pub bytes: u64,
+    /// Paths whose content only peers that are down have, and its bytes.
+    pub waiting_paths: usize,
+    pub waiting_bytes: u64,
 }
 
 /// Work in progress on one path.
@@ -482,6 +539,7 @@ pub struct Engine<S: Store> {
     /// Replication latencies of recent peers' writes applied here (wall clock, from the
     /// write's HLC stamp to its apply), in milliseconds.
     latencies_ms: VecDeque<f64>,
+    counts: TreeCounts,
 }
 
 /// Latencies kept for status.
@@ -506,6 +564,7 @@ impl<S: Store> Engine<S> {
         store.reserve_seq(next_seq + cfg.seq_block);
         let hlc = Hlc::new(cfg.node, cfg.hlc_max_delta);
         let tally = tally::build(&store);
+        let counts = TreeCounts::of(&store);
         Engine {
             cfg,
             store,
@@ -536,6 +595,22 @@ impl<S: Store> Engine<S> {
             tally,
             commit_due: None,
             latencies_ms: VecDeque::new(),
+            counts,
+        }
+    }
+
+    /// What the tree holds, by the stored records.
+    pub fn tree_counts(&self) -> TreeCounts {
+        self.counts
+    }
+
+    /// Recounts [`Engine::tree_counts`] from the whole store (for tests and the simulator).
+    pub fn check_tree_counts(&self) -> Result<(), String> {
+        let fresh = TreeCounts::of(&self.store);
+        if fresh == self.counts {
+            Ok(())
+        } else {
+            Err(format!("kept {:?}, recounted {fresh:?}", self.counts))
         }
     }
 
@@ -620,17 +695,53 @@ impl<S: Store> Engine<S> {
             .collect()
     }
 
-    /// Paths with work pending, and the bytes of file content they still wait for (for
-    /// status: what has yet to arrive or be applied here).
-    pub fn pending_work(&self) -> (usize, u64) {
-        let bytes = self
-            .pending
-            .values()
-            .filter_map(|p| p.target.as_ref())
-            .filter_map(|t| t.winner().meta.file_hash())
-            .map(|(_, size)| size)
-            .sum();
-        (self.pending.len(), bytes)
+    /// Paths with work pending and the bytes of file content they still wait for, apart from
+    /// those whose content only peers that are down have (for status: what has yet to arrive
+    /// or be applied here, and what waits for a peer to come back).
+    pub fn pending_work(&self) -> PendingWork {
+        let mut work = PendingWork::default();
+        for p in self.pending.values() {
+            let bytes = p
+                .target
+                .as_ref()
+                .and_then(|t| t.winner().meta.file_hash())
+                .map_or(0, |(_, size)| size);
+            if self.waits_for_down_peers(p) {
+                work.waiting_paths += 1;
+                work.waiting_bytes += bytes;
+            } else {
+                work.paths += 1;
+                work.bytes += bytes;
+            }
+        }
+        work
+    }
+
+    /// Whether `p` needs content that no connected peer announced (and none is staged or in
+    /// flight): only a peer that is down can give it (a peer that comes back announces it
+    /// again).
+    fn waits_for_down_peers(&self, p: &Pending) -> bool {
+        p.op.is_none()
+            && p.staged.is_none()
+            && p.target.as_ref().is_some_and(|t| {
+                t.winner()
+                    .meta
+                    .file_hash()
+                    .is_some_and(|(_, size)| size > 0)
+            })
+            && !p.sources.iter().any(|s| self.peers.contains_key(s))
+    }
+
+    /// True when nothing can go on here until something new happens: what is pending waits
+    /// for peers that are down, and no connected peer has anything unacknowledged. (Status's
+    /// "idle"; [`Engine::is_idle`] also needs the waiting work done.)
+    pub fn is_idle_here(&self) -> bool {
+        self.pending.values().all(|p| self.waits_for_down_peers(p))
+            && self.ops.is_empty()
+            && self.out.is_empty()
+            && self.dirty.is_empty()
+            && self.reobserve.is_empty()
+            && self.peers.values().all(replicate::Peer::is_idle)
     }
 
     /// Feeds one input in at time `now`.
@@ -713,10 +824,18 @@ impl<S: Store> Engine<S> {
         &self.latencies_ms
     }
 
-    /// A peer's write now shows here: how long it took, by the wall clocks (which may disagree
-    /// by their skew).
-    fn note_latency(&mut self, record: &Record) {
+    /// A peer's write, which came from `from`, now shows here: how long it took, by the wall
+    /// clocks (which may disagree by their skew). Only writes made while the link to `from` was
+    /// up count; older ones were caught up, and their age says nothing of the latency.
+    fn note_latency(&mut self, record: &Record, from: Option<NodeId>) {
         let written = record.winner().hlc.get_time().to_duration();
+        let live = from
+            .and_then(|f| self.peers.get(&f))
+            .is_some_and(|peer| written >= Duration::from_nanos(peer.up_wall()));
+        if !live {
+            self.stats.caught_up += 1;
+            return;
+        }
         let ms = Duration::from_nanos(self.wall)
             .saturating_sub(written)
             .as_secs_f64()
@@ -793,6 +912,8 @@ impl<S: Store> Engine<S> {
             seq,
             from: None,
         };
+        self.counts.add(&path, entry.record.as_ref(), -1);
+        self.counts.add(&path, new.record.as_ref(), 1);
         self.store.put(&path, new);
         self.retally(&path, before);
         self.after_local_state_change(&path);

@@ -398,7 +398,7 @@ impl<S: Store> Engine<S> {
             if record_changed {
                 if let Some(r) = applied.as_ref().filter(|_| local_changed) {
                     if r.winner().dot.node != self.cfg.node {
-                        self.note_latency(r);
+                        self.note_latency(r, from);
                     }
                 }
                 new.record = applied;

@@ -45,6 +45,8 @@ pub(super) struct Peer {
     /// Records up to this position go to the peer even if they came from it or it wrote them
     /// (it restarted and may have lost them).
     unskip_upto: u64,
+    /// The wall clock when the link came up (ns), to tell live writes from caught-up ones.
+    up_wall: u64,
     // Slave side (the peer's log towards us).
     /// The peer answered our Hello.
     welcomed: bool,
@@ -84,6 +86,7 @@ pub struct PeerStatus {
 impl Peer {
     fn new(recv: u64, now: u64, session: u64) -> Peer {
         Peer {
+            up_wall: 0,
             welcomed: false,
             hello_sent_at: now,
             hello_fresh: false,
@@ -103,6 +106,10 @@ impl Peer {
             keepalive_sent_at: 0,
             rewinds: 0,
         }
+    }
+
+    pub(super) fn up_wall(&self) -> u64 {
+        self.up_wall
     }
 
     pub(super) fn is_idle(&self) -> bool {
@@ -155,7 +162,9 @@ impl<S: Store> Engine<S> {
         let session = self.next_seq();
         self.peers.insert(peer, Peer::new(recv, self.now, session));
         let fresh = self.greeted.insert(peer);
-        self.peers.get_mut(&peer).expect("inserted").hello_fresh = fresh;
+        let state = self.peers.get_mut(&peer).expect("inserted");
+        state.hello_fresh = fresh;
+        state.up_wall = self.wall;
         self.send(
             peer,
             Message::Hello {

@@ -192,6 +192,9 @@ impl<S: Store> Engine<S> {
                 ));
             }
         }
+        let old_record = self.store.get(path).and_then(|e| e.record);
+        self.counts.add(path, old_record.as_ref(), -1);
+        self.counts.add(path, entry.record.as_ref(), 1);
         if entry.record.is_none() && entry.local.is_none() {
             self.store.remove(path);
         } else {

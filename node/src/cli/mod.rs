@@ -64,6 +64,17 @@ enum Command {
         /// (for meshes that are not fully connected, such as a line).
         #[arg(long)]
         no_introductions: bool,
+        /// How often to look at the whole backing directory for changes made there directly,
+        /// not through the mount (cheap when nothing changed: a stat per path); `off` for
+        /// never (at start and on `rsyncfs-node rescan` only).
+        #[arg(long, default_value = "1h", value_parser = parse_every)]
+        scan_every: Every,
+    },
+    /// Look at the whole backing directory again now, for changes made there directly (not
+    /// through the mount).
+    Rescan {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
     },
     /// Start a local mesh of real nodes on 127.0.0.1 in a temporary folder, show a write
     /// crossing between them, and keep them running until Ctrl-C (needs root and /dev/fuse).
@@ -175,7 +186,26 @@ pub fn main() -> ExitCode {
             listen,
             mode,
             no_introductions,
-        } => up(state, backing, mount, listen, mode, !no_introductions),
+            scan_every,
+        } => up(
+            state,
+            backing,
+            mount,
+            listen,
+            mode,
+            !no_introductions,
+            scan_every.0,
+        ),
+        Command::Rescan { state } => match client::call(&state, &control::Wire::Rescan) {
+            Ok(v) => {
+                println!(
+                    "scanning {} paths; `rsyncfs-node status` shows the progress",
+                    v["paths"].as_u64().unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e.to_string()),
+        },
         Command::Demo { nodes, dir, once } => demo::run(nodes, dir, once),
         Command::Id { state } => match identity::Identity::load_or_create(&state) {
             Ok(id) => {
@@ -285,6 +315,22 @@ pub(crate) fn fail(message: String) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// An interval, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+struct Every(Option<std::time::Duration>);
+
+fn parse_every(text: &str) -> Result<Every, String> {
+    if matches!(text, "off" | "never" | "0") {
+        return Ok(Every(None));
+    }
+    let every = humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (an interval such as 30m, 1h or 1day, or `off`)"))?;
+    if every < std::time::Duration::from_secs(1) {
+        return Err("at least 1s, or `off`".into());
+    }
+    Ok(Every(Some(every)))
+}
+
 fn up(
     state: PathBuf,
     backing: PathBuf,
@@ -292,6 +338,7 @@ fn up(
     listen: SocketAddr,
     mode: ModeArg,
     introductions: bool,
+    scan_every: Option<std::time::Duration>,
 ) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -311,6 +358,7 @@ fn up(
         listen,
         mode,
         introductions,
+        scan_every,
     };
     match daemon::run(options, stop) {
         Ok(()) => {

@@ -6,12 +6,42 @@ pub(super) fn print(s: &Status) {
     println!("node      {} ({})", s.node, s.mode);
     println!("listening {}", s.listen);
     println!(
-        "state     {}, {} paths ({} bytes of content) pending, {} conflicts so far",
-        if s.idle { "idle" } else { "busy" },
-        s.pending_paths,
-        s.pending_bytes,
+        "tree      {} files ({}), {} other entries, {} conflict copies (`rsyncfs-node conflicts`)",
+        s.files,
+        bytes(s.bytes),
+        s.other_entries,
         s.conflicts
     );
+    let state = if s.idle {
+        "idle".to_string()
+    } else {
+        format!(
+            "busy: {} paths pending here ({} of content to come){}",
+            s.pending_paths,
+            bytes(s.pending_bytes),
+            if s.observing > 0 {
+                format!(", {} paths to look at", s.observing)
+            } else {
+                String::new()
+            }
+        )
+    };
+    println!("state     {state}");
+    if let Some(scan) = &s.scanning {
+        println!(
+            "scanning  {} of {} paths looked at ({} s so far)",
+            scan.paths - scan.left,
+            scan.paths,
+            scan.for_s
+        );
+    }
+    if s.waiting_paths > 0 {
+        println!(
+            "waiting   {} paths ({}) for peers that are down",
+            s.waiting_paths,
+            bytes(s.waiting_bytes)
+        );
+    }
     for f in &s.failing {
         println!(
             "failing   {}: {} (tried {} times; retrying)",
@@ -21,10 +51,16 @@ pub(super) fn print(s: &Status) {
     let l = &s.latency_ms;
     if l.count > 0 {
         println!(
-            "latency   p50 {:.1} ms, p99 {:.1} ms over the last {} applied updates",
+            "latency   p50 {:.1} ms, p99 {:.1} ms over the last {} peers' writes made while linked",
             l.p50.unwrap_or(0.0),
             l.p99.unwrap_or(0.0),
             l.count
+        );
+    }
+    if s.caught_up > 0 {
+        println!(
+            "caught up {} earlier writes of peers (made while not linked)",
+            s.caught_up
         );
     }
     for p in &s.peers {
@@ -51,5 +87,21 @@ pub(super) fn print(s: &Status) {
     }
     for b in &s.bugs {
         println!("BUG       {b} (please report it)");
+    }
+}
+
+/// Bytes as a person reads them.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }

@@ -1,5 +1,5 @@
 //! The control socket (`control.sock` in the state directory, for root only): the commands
-//! `status`, `conflicts`, `invite`, `join`, `accept` and `chglog` talk to the running daemon
+//! `status`, `conflicts`, `invite`, `join`, `accept`, `rescan` and `chglog` talk to the running daemon
 //! through it. One JSON request per connection, one line; the answer is one JSON line, except
 //! for `chglog`, which streams changed paths until the reader goes away.
 //!
@@ -32,6 +32,7 @@ pub enum Wire {
         id: String,
     },
     Chglog,
+    Rescan,
 }
 
 /// A request for the daemon, with where its changed paths go for `chglog`.
@@ -51,6 +52,8 @@ pub enum Request {
     Chglog {
         tx: mpsc::Sender<String>,
     },
+    /// Look at every path of the backing directory again (changes made there directly).
+    Rescan,
 }
 
 /// The daemon's answer.
@@ -78,16 +81,36 @@ pub struct Status {
     pub mode: String,
     pub listen: String,
     pub up_s: u64,
-    /// Nothing pending, nothing in flight, nothing unacknowledged.
+    /// Nothing this node can do now: nothing pending here but what waits for peers that are
+    /// down, nothing in flight, nothing unacknowledged by a connected peer, nothing left to
+    /// observe.
     pub idle: bool,
+    /// Paths with work this node can do now, and the bytes of file content they wait for.
     pub pending_paths: usize,
-    /// Bytes of file content the pending paths still wait for.
     pub pending_bytes: u64,
+    /// Paths whose content only peers that are down have, and its bytes.
+    pub waiting_paths: usize,
+    pub waiting_bytes: u64,
+    /// Paths queued for observation (stat and hash).
+    pub observing: usize,
+    /// A scan of the whole tree in progress (at start, asked for, or periodic).
+    pub scanning: Option<Scan>,
+    /// What the tree holds: regular files, their bytes, other entries (directories,
+    /// symlinks, ...).
+    pub files: u64,
+    pub bytes: u64,
+    pub other_entries: u64,
     /// Paths whose work keeps failing, with why (a full disk, say), a few.
     pub failing: Vec<Failing>,
     pub peers: Vec<PeerStatus>,
     pub pending_joins: Vec<PendingJoinStatus>,
+    /// Conflict copies in the tree (what `conflicts` lists).
     pub conflicts: u64,
+    /// Races this node settled with a conflict copy since it started.
+    pub conflicts_settled_here: u64,
+    /// Peers' writes applied here that were made before the link was up (caught up after a
+    /// join, a restart or a partition): not counted in `latency_ms`.
+    pub caught_up: u64,
     pub local_writes: u64,
     pub applies: u64,
     pub records_sent: u64,
@@ -100,6 +123,15 @@ pub struct Status {
     pub latency_ms: Latency,
     /// Broken invariants the engine noticed (a bug: please report it).
     pub bugs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Scan {
+    /// Paths the scan found (in the tree, and in the store only).
+    pub paths: usize,
+    /// Of those, still to be observed.
+    pub left: usize,
+    pub for_s: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -77,6 +77,7 @@ async fn connection(
         Wire::Invite { addr } => ask(Request::Invite { addr }).await,
         Wire::Join { peer, token } => ask(Request::Join { peer, token }).await,
         Wire::Accept { id } => ask(Request::Accept { id }).await,
+        Wire::Rescan => ask(Request::Rescan).await,
         Wire::Chglog => {
             let (tx, mut rx) = mpsc::channel(CHGLOG_QUEUE);
             match ask(Request::Chglog { tx }).await {

@@ -50,6 +50,18 @@ pub(super) struct Core {
     /// The path last passed to them (one change often comes as several events).
     pub(super) chglog_last: Option<RelPath>,
     pub(super) rt: tokio::runtime::Handle,
+    /// The scan of the whole tree last started.
+    pub(super) scan: Option<Scanning>,
+    /// How often the tree is scanned for changes made in the backing directory directly.
+    pub(super) scan_every: Option<Duration>,
+    /// Paths whose apply failed, logged once until one succeeds.
+    pub(super) failed: HashSet<RelPath>,
+}
+
+/// A scan of the whole tree: the paths it found and when it started.
+pub(super) struct Scanning {
+    pub(super) paths: usize,
+    pub(super) started: Instant,
 }
 
 impl Core {
@@ -60,7 +72,24 @@ impl Core {
         self.rescan();
         self.dispatch()?;
         loop {
-            let deadline = self.engine.poll_timeout().map(|at| self.instant(at));
+            let next_scan = self
+                .scan_every
+                .zip(self.scan.as_ref())
+                .map(|(every, scan)| scan.started + every);
+            if next_scan.is_some_and(|at| at <= Instant::now())
+                && self.workers.queued_observations() == 0
+            {
+                tracing::info!("periodic scan of the backing directory");
+                self.rescan();
+                self.dispatch()?;
+            }
+            let deadline = self
+                .engine
+                .poll_timeout()
+                .map(|at| self.instant(at))
+                .into_iter()
+                .chain(next_scan)
+                .min();
             let event = match deadline {
                 Some(at) => tokio::time::timeout_at(at.into(), events.recv()).await.ok(),
                 None => Some(events.recv().await),
@@ -113,6 +142,11 @@ impl Core {
                     let (path, staged) = self.applies.remove(op).unzip();
                     match result {
                         Ok(()) => {
+                            if let Some(path) = &path {
+                                if self.failed.remove(path) {
+                                    tracing::info!("{path}: applied after earlier failures");
+                                }
+                            }
                             // A staged content was renamed into place.
                             if let Some(id) = staged.flatten() {
                                 self.staged.remove(&id);
@@ -122,7 +156,15 @@ impl Core {
                             }
                         }
                         Err(ApplyError::Io(failure)) => {
-                            tracing::warn!("apply {op} failed, will retry: {failure}")
+                            // Once per path (status lists what keeps failing); retried with a
+                            // backoff by the engine.
+                            match &path {
+                                Some(p) if self.failed.insert(p.clone()) => tracing::warn!(
+                                    "{p}: could not apply, will retry until it works: {failure}"
+                                ),
+                                Some(_) => {}
+                                None => tracing::warn!("apply {op} failed, will retry: {failure}"),
+                            }
                         }
                         Err(e) => tracing::debug!("apply {op}: {e:?}"),
                     }
@@ -171,6 +213,7 @@ impl Core {
 
     /// Observes every path of the tree and every path the store knows.
     fn rescan(&mut self) {
+        let started = Instant::now();
         let mut paths = Vec::new();
         walk(self.tree.root(), None, &mut paths);
         let known = self.engine.store().paths_under(None).unwrap_or_default();
@@ -181,6 +224,10 @@ impl Core {
             paths.len(),
             gone.len()
         );
+        self.scan = Some(Scanning {
+            paths: paths.len() + gone.len(),
+            started,
+        });
         for p in paths {
             self.workers.observe(p);
         }
@@ -318,6 +365,11 @@ impl Core {
                     Response::Ok(serde_json::Value::Null)
                 }
             }
+            Request::Rescan => {
+                self.rescan();
+                let paths = self.scan.as_ref().map_or(0, |s| s.paths);
+                Response::Ok(serde_json::json!({ "paths": paths }))
+            }
             Request::Invite { addr } => {
                 let addr = addr.unwrap_or_else(|| reachable(self.listen).to_string());
                 Response::Ok(
@@ -381,16 +433,34 @@ impl Core {
         let stats = self.engine.stats();
         let c = &self.net.counters;
         let (udp_rx, udp_tx) = self.net.udp_bytes();
-        let (pending_paths, pending_bytes) = self.engine.pending_work();
+        let work = self.engine.pending_work();
+        let counts = self.engine.tree_counts();
+        let observing = self.workers.queued_observations();
+        let scanning = self
+            .scan
+            .as_ref()
+            .filter(|_| observing > 0)
+            .map(|scan| control::Scan {
+                paths: scan.paths,
+                left: observing.min(scan.paths),
+                for_s: scan.started.elapsed().as_secs(),
+            });
         Status {
             node: self.net.id().long(),
             short: self.net.id().short(),
             mode: mode_name(self.mode).to_string(),
             listen: self.listen.to_string(),
             up_s: self.started.elapsed().as_secs(),
-            idle: self.engine.is_idle(),
-            pending_paths,
-            pending_bytes,
+            idle: self.engine.is_idle_here() && observing == 0,
+            pending_paths: work.paths,
+            pending_bytes: work.bytes,
+            waiting_paths: work.waiting_paths,
+            waiting_bytes: work.waiting_bytes,
+            observing,
+            scanning,
+            files: counts.files,
+            bytes: counts.bytes,
+            other_entries: counts.others,
             failing: self
                 .engine
                 .failing(FAILING_SHOWN_MAX)
@@ -412,7 +482,9 @@ impl Core {
                     waiting_s,
                 })
                 .collect(),
-            conflicts: stats.conflicts,
+            conflicts: counts.conflict_copies,
+            conflicts_settled_here: stats.conflicts,
+            caught_up: stats.caught_up,
             local_writes: stats.local_writes,
             applies: stats.applies,
             records_sent: stats.records_sent,

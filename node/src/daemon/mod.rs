@@ -68,6 +68,9 @@ pub struct Options {
     pub mode: Mode,
     /// Trust the members that trusted peers introduce.
     pub introductions: bool,
+    /// How often to scan the backing directory for changes made there directly (none: only
+    /// at start and on `rescan`).
+    pub scan_every: Option<Duration>,
 }
 
 /// Why the daemon could not start, or stopped on an error.
@@ -248,6 +251,9 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         chglog: Vec::new(),
         chglog_last: None,
         rt: rt.handle().clone(),
+        scan: None,
+        scan_every: opts.scan_every,
+        failed: std::collections::HashSet::new(),
     };
     let result = rt.block_on(core.run(events_rx));
     let Core { workers, .. } = core;

@@ -28,7 +28,8 @@ const WORKERS: usize = 4;
 const JOBS_PER_TURN_MAX: usize = 128;
 /// One job for a worker.
 pub(super) enum Job {
-    /// Observe a path; `true` when the logger bridge queued it (and counts it).
+    /// Observe a path; `true` when the logger bridge queued it (and counts it), `false` when
+    /// the engine thread did (counted apart, in `Workers::queued`).
     Observe(RelPath, bool),
     WriterClosed(RelPath),
     Apply(Box<Apply>, Option<PathBuf>),
@@ -42,6 +43,8 @@ pub(super) struct Workers {
     queues: Vec<std::sync::mpsc::Sender<Job>>,
     /// Observations queued by the logger bridge and not done yet.
     observes: Arc<AtomicUsize>,
+    /// Observations queued by the engine thread (scans, retries) and not done yet.
+    queued: Arc<AtomicUsize>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -55,13 +58,15 @@ impl Workers {
         let mut queues = Vec::new();
         let mut threads = Vec::new();
         let observes = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(AtomicUsize::new(0));
         for i in 0..WORKERS {
             let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            let (tree, mounted, events, observes2, rt) = (
+            let (tree, mounted, events, observes2, queued2, rt) = (
                 Arc::clone(&tree),
                 Arc::clone(&mounted),
                 events.clone(),
                 Arc::clone(&observes),
+                Arc::clone(&queued),
                 rt.clone(),
             );
             let thread = std::thread::Builder::new()
@@ -100,6 +105,8 @@ impl Workers {
                                 Job::Observe(path, counted) => {
                                     if counted {
                                         observes2.fetch_sub(1, Ordering::Relaxed);
+                                    } else {
+                                        queued2.fetch_sub(1, Ordering::Relaxed);
                                     }
                                     match tree.observe(&path) {
                                         Ok(observed) => Input::LocalChange { path, observed },
@@ -152,6 +159,7 @@ impl Workers {
         Ok(Workers {
             queues,
             observes,
+            queued,
             threads,
         })
     }
@@ -167,7 +175,13 @@ impl Workers {
     }
 
     pub(super) fn observe(&self, path: RelPath) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.queues[Self::shard(&path)].send(Job::Observe(path, false));
+    }
+
+    /// Observations queued and not done yet.
+    pub(super) fn queued_observations(&self) -> usize {
+        self.observes.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
     }
 
     pub(super) fn send(&self, path: &RelPath, job: Job) {
