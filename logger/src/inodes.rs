@@ -37,7 +37,7 @@ impl Inode {
 }
 
 /// A file handle as `open_by_handle_at` takes it: `struct file_handle` and its bytes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Handle {
     words: Box<[u32]>,
 }
@@ -223,9 +223,29 @@ impl Inodes {
     /// Records one more kernel reference to the inode with backing identity `(dev, ino)`,
     /// opened as `fd` (dropped if the inode is known already), and returns its FUSE number.
     pub fn remember(&self, fd: OwnedFd, dev: u64, ino: u64) -> u64 {
+        let handle = Handle::of(fd.as_fd());
         let mut t = self.table.lock();
         if let Some(&id) = t.by_key.get(&(dev, ino)) {
             *t.lookups.entry(id).or_insert(0) += 1;
+            let generation = t.next_generation;
+            let entry = t.by_id.get_mut(&id).expect("by_key and by_id agree");
+            if entry.handle.is_some() && handle.is_some() && entry.handle != handle {
+                // The inode number was given to a new inode (the old one was removed, and the
+                // kernel had not forgotten it yet): the number now names the new one.
+                entry.handle = handle;
+                entry.generation = generation;
+                let fd = Arc::new(fd);
+                if entry.pinned.is_some() {
+                    entry.pinned = Some(Arc::clone(&fd));
+                }
+                t.next_generation += 1;
+                let mut cache = self.cache.lock();
+                let stale = cache.pop(&id);
+                let evicted = cache.push(id, (generation, fd));
+                drop(cache);
+                drop(t);
+                drop((stale, evicted));
+            }
             return id;
         }
         let id = if dev == self.root_dev && ino != self.root_ino && ino < FOREIGN && ino != ROOT {
@@ -241,11 +261,7 @@ impl Inodes {
                 slot.insert(Arc::new(dir));
             }
         }
-        let handle = t
-            .mounts
-            .contains_key(&dev)
-            .then(|| Handle::of(fd.as_fd()))
-            .flatten();
+        let handle = handle.filter(|_| t.mounts.contains_key(&dev));
         let generation = t.next_generation;
         t.next_generation += 1;
         let pinned = match handle {
