@@ -215,8 +215,19 @@ pub fn fuse_tests_can_run() -> bool {
     false
 }
 
-/// Mounts `backing` at `mount_point`.
+/// Mounts `backing` at `mount_point`, which must be an empty directory.
 pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, MountError> {
+    mount_with(backing, mount_point, mode, false)
+}
+
+/// Mounts `backing` at `mount_point`; with `allow_not_empty`, also over a directory that is
+/// not empty (for a caller that checked it and takes care of what may arrive there).
+pub fn mount_with(
+    backing: &Path,
+    mount_point: &Path,
+    mode: Mode,
+    allow_not_empty: bool,
+) -> Result<Mounted, MountError> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -242,7 +253,7 @@ pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, 
         .map_err(|e| MountError::MountPoint(mount_abs.clone(), e.to_string()))?
         .next()
         .is_some();
-    if not_empty {
+    if not_empty && !allow_not_empty {
         return Err(MountError::MountPoint(mount_abs, "is not empty".into()));
     }
     if backing.starts_with(&mount_abs) {

@@ -172,3 +172,23 @@ fn one_node_per_backing_directory_and_none_on_another_mount() {
     fs::write(a.m("still"), b"yes").unwrap();
     assert_eq!(fs::read(a.b("still")).unwrap(), b"yes");
 }
+
+#[test]
+fn what_was_written_to_the_bare_mount_point_while_down_joins_the_tree() {
+    let Some(dir) = common::root_in("/var/tmp") else {
+        return;
+    };
+    let (mut a, b) = common::joined_pair(dir.path());
+    a.crash();
+    // The dead mount is cleared as a restart would, and a program writes to the path.
+    let _ = Command::new("umount").arg("-l").arg(&a.mnt).status();
+    fs::create_dir_all(a.mnt.join("while-down")).unwrap();
+    fs::write(a.mnt.join("while-down/file"), b"written while a was down").unwrap();
+    fs::write(a.mnt.join("top"), b"top").unwrap();
+    a.run();
+    common::wait_for("the rescued writes on b", common::CONVERGE, || {
+        fs::read(b.m("while-down/file")).is_ok_and(|d| d == b"written while a was down")
+            && fs::read(b.m("top")).is_ok_and(|d| d == b"top")
+    });
+    assert!(a.log_text().contains("before the mount covered it"));
+}

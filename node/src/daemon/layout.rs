@@ -4,7 +4,7 @@
 //! backing directory would each take the other's writes for local ones.
 
 use super::DaemonError;
-use rustix::fd::OwnedFd;
+use rustix::fd::{AsRawFd, OwnedFd};
 use rustix::fs::{flock, FlockOperation, Mode, OFlags};
 use std::path::{Path, PathBuf};
 
@@ -220,7 +220,11 @@ pub fn check(state: &Path, backing: &Path, mount: &Path) -> Result<Layout, Daemo
         .map_err(|e| refuse(format!("the mount point {m}: {e}")))?
         .next()
         .is_some();
-    if not_empty {
+    // A node that ran here before takes what was written to its bare mount point while it
+    // was down into the tree (`rescue`), as writes to the tree; a first run refuses, since the
+    // mount would hide what is there.
+    let ran_before = state.join("store.redb").exists();
+    if not_empty && !ran_before {
         return Err(refuse(format!(
             "the mount point {m} is not empty: the mount would hide what is there; \
              use an empty directory"
@@ -272,6 +276,85 @@ pub fn lock(layout: Layout) -> Result<(Layout, Locks), DaemonError> {
         },
     ))
 }
+
+/// The mount point's own directory, opened before anything is mounted on it.
+pub fn bare(mount: &Path) -> Result<OwnedFd, DaemonError> {
+    rustix::fs::open(
+        mount,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| refuse(format!("the mount point {}: {e}", mount.display())))
+}
+
+/// Moves into the backing directory what programs wrote into the bare mount point (`bare`,
+/// found empty by [`check`]) before the mount covered it: a program writing to the mount while
+/// a killed node restarts can land there, and the mount would hide it. Directories that exist
+/// in the tree already are merged into. What cannot be moved (another filesystem, a name taken)
+/// is left there, and said loudly.
+pub fn rescue(bare: &OwnedFd, backing: &Path) {
+    let Ok(target) = rustix::fs::open(
+        backing,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return;
+    };
+    let mut budget = RESCUED_MAX;
+    rescue_into(bare, &target, Path::new(""), 0, &mut budget);
+}
+
+fn rescue_into(from: &OwnedFd, to: &OwnedFd, at: &Path, depth: usize, budget: &mut usize) {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", from.as_raw_fd())) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let name = entry.file_name();
+        let path = at.join(&name);
+        match rustix::fs::renameat_with(from, &name, to, &name, rustix::fs::RenameFlags::NOREPLACE)
+        {
+            Ok(()) => tracing::warn!(
+                "moved {}, written to the mount point before the mount covered it, into the tree",
+                path.display()
+            ),
+            Err(rustix::io::Errno::EXIST) if depth < RESCUE_DEPTH_MAX => {
+                let open = |dir: &OwnedFd| {
+                    rustix::fs::openat(
+                        dir,
+                        &name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                };
+                match (open(from), open(to)) {
+                    (Ok(sub_from), Ok(sub_to)) => {
+                        rescue_into(&sub_from, &sub_to, &path, depth + 1, budget);
+                        let _ = rustix::fs::unlinkat(from, &name, rustix::fs::AtFlags::REMOVEDIR);
+                    }
+                    _ => left_hidden(&path, "the name is taken in the tree"),
+                }
+            }
+            Err(e) => left_hidden(&path, &e.to_string()),
+        }
+    }
+}
+
+fn left_hidden(path: &Path, why: &str) {
+    tracing::error!(
+        "{} was written to the mount point before the mount covered it and could not be moved \
+         into the tree ({why}); it is hidden under the mount: stop the node to get it",
+        path.display()
+    );
+}
+
+/// Directory levels [`rescue`] merges at most.
+const RESCUE_DEPTH_MAX: usize = 64;
+/// Entries moved by [`rescue`] at most.
+const RESCUED_MAX: usize = 10_000;
 
 #[cfg(test)]
 mod tests {

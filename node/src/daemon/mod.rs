@@ -147,7 +147,11 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         Mode::ReceiveOnly => rsyncfs_logger::Mode::ReceiveOnly,
         _ => rsyncfs_logger::Mode::ReadWrite,
     };
-    let mounted = rsyncfs_logger::mount(&opts.backing, &opts.mount, logger_mode)?;
+    // The bare mount point, held so that what programs wrote there while the node was down
+    // (or in the moment before the mount covers it) is moved into the tree (`layout::rescue`).
+    let bare = layout::bare(&opts.mount)?;
+    let mounted = rsyncfs_logger::mount_with(&opts.backing, &opts.mount, logger_mode, true)?;
+    layout::rescue(&bare, &opts.backing);
     let changes = mounted
         .take_changes()
         .expect("a fresh mount has its changes");
