@@ -457,6 +457,20 @@ fn a_receiver_whose_disk_fills_catches_up_when_space_returns() {
         took.as_secs_f64()
     );
     assert!(b.status()["failing"].as_array().unwrap().is_empty());
+    // Each path's failure was logged once, with its reason, however often it was retried.
+    let log = b.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("could not receive") || l.contains("could not apply"))
+        .collect();
+    assert!(!lines.is_empty(), "b logged nothing of its full disk");
+    for (path, _) in &writes {
+        let times = lines
+            .iter()
+            .filter(|l| l.contains(&format!("{path}:")))
+            .count();
+        assert!(times <= 1, "{path}'s failure logged {times} times");
+    }
 }
 
 /// Bytes of the largest fetch staging file in a node's temporary folder.

@@ -189,16 +189,25 @@ impl Core {
                     self.workers.observe(p);
                 }
             }
-            Event::Fetched { staged, input } => {
-                if let Some((id, path)) = staged {
-                    self.staged.insert(id, path);
+            Event::Fetched {
+                path,
+                staged,
+                input,
+            } => {
+                if let Some((id, staged)) = staged {
+                    self.staged.insert(id, staged);
                 }
+                // Once per path (status lists what keeps failing); the engine retries.
                 if let Input::FetchDone {
                     result: Err(FetchError::Io(failure)),
                     ..
                 } = &input
                 {
-                    tracing::warn!("a fetch failed here, will retry: {failure}");
+                    if self.failed.insert(path.clone()) {
+                        tracing::warn!(
+                            "{path}: could not receive, will retry until it works: {failure}"
+                        );
+                    }
                 }
                 let now = self.now();
                 self.engine.handle(now, input);
@@ -258,7 +267,13 @@ impl Core {
                             }
                         };
                         let input = Input::FetchDone { op: f.op, result };
-                        let _ = events.send(Event::Fetched { staged, input }).await;
+                        let _ = events
+                            .send(Event::Fetched {
+                                path: f.path.clone(),
+                                staged,
+                                input,
+                            })
+                            .await;
                     });
                 }
                 Output::Apply(apply) => {

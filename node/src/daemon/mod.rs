@@ -50,6 +50,7 @@ pub enum Event {
     Net(NetEvent),
     /// A fetch ended; its content, when it came, is staged at this path.
     Fetched {
+        path: RelPath,
         staged: Option<(StagedId, PathBuf)>,
         input: Input,
     },
