@@ -557,3 +557,41 @@ fn an_interrupted_transfer_resumes_from_what_is_staged() {
         );
     }
 }
+
+#[test]
+fn a_refused_join_between_hosts_says_why_and_leaves_nothing() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new("j", 2);
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let mut a = lab.node(dir.path(), 0, "a", &[]);
+    let mut b = lab.node(dir.path(), 1, "b", &[]);
+    a.run();
+    b.run();
+    let token = String::from_utf8(a.cmd(&["invite"]).stdout).unwrap();
+    // Invitations live in the running member: after its restart this one is void.
+    a.crash();
+    a.run();
+    let started = Instant::now();
+    let out = b.cmd(&["join", "--token", token.trim()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    println!(
+        "void token refused in {:.2} s: {}",
+        started.elapsed().as_secs_f64(),
+        stderr.trim()
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("the token is unknown or expired"),
+        "{stderr}"
+    );
+    let peers = fs::read_to_string(b.state.join("peers.json")).unwrap_or_default();
+    assert!(!peers.contains(&a.id()), "{peers}");
+    // A good token then works between the hosts.
+    common::join(&a, &b);
+    fs::write(a.m("after"), b"joined").unwrap();
+    wait_for("the write on b", common::CONVERGE, || {
+        fs::read(b.m("after")).is_ok_and(|d| d == b"joined")
+    });
+}

@@ -142,3 +142,33 @@ fn changes_made_in_the_backing_directory_are_found() {
         || fs::read(b.m("behind-a")).is_ok_and(|d| d == b"y"),
     );
 }
+
+#[test]
+fn the_start_up_scan_is_shown_as_such_until_it_is_done() {
+    let Some(dir) = common::root_in("/var/tmp") else {
+        return;
+    };
+    const FILES: usize = 60_000;
+    let mut a = Node::prepare(dir.path(), "a", "two-way", &[]);
+    for d in 0..30 {
+        let sub = a.backing.join(format!("d{d}"));
+        fs::create_dir(&sub).unwrap();
+        for f in 0..FILES / 30 {
+            fs::write(sub.join(format!("f{f}")), format!("{d}/{f}")).unwrap();
+        }
+    }
+    a.run();
+    // The first answer comes while the scan runs: not idle, with its progress.
+    let s = a.status();
+    println!("at start: idle {}, scanning {}", s["idle"], s["scanning"]);
+    assert_eq!(s["idle"], false, "{s}");
+    let paths = s["scanning"]["paths"].as_u64().unwrap();
+    assert_eq!(paths, FILES as u64 + 30, "{s}");
+    wait_for("the scan to end", common::CONVERGE, || {
+        let s = a.status();
+        s["idle"] == true && s["scanning"].is_null()
+    });
+    let s = a.status();
+    assert_eq!(s["files"], FILES as u64, "{s}");
+    assert_eq!(s["other_entries"], 30, "{s}");
+}
