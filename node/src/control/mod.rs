@@ -115,6 +115,8 @@ pub struct Status {
     pub applies: u64,
     pub records_sent: u64,
     pub records_received: u64,
+    /// Content bytes received (literal segments and deltas) as they arrived, also of fetches
+    /// that broke off.
     pub fetched_bytes: u64,
     pub served_bytes: u64,
     pub frames_dropped: u64,

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes per segment.
 pub const SEGMENT: u64 = 4 << 20;
@@ -194,13 +195,15 @@ async fn send_op(send: &mut quinn::SendStream, op: &Segment) -> Result<(), Serve
         .map_err(io)
 }
 
-/// Fetches `f` into a staging file; returns its path and the content bytes that crossed.
+/// Fetches `f` into a staging file; returns its path. The content bytes that cross (literal
+/// segments and deltas) are added to `received` as they arrive, also when the fetch fails.
 pub async fn fetch(
     tree: &Tree,
     f: &Fetch,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
-) -> Result<(PathBuf, u64), FetchError> {
+    received: &AtomicU64,
+) -> Result<PathBuf, FetchError> {
     // The basis: what an earlier fetch of this content left (its whole segments), else a
     // local file that may share segments with it.
     let mut basis_file: Option<(File, u64)> = None;
@@ -241,11 +244,11 @@ pub async fn fetch(
     let (mut out, staged) = tree
         .fetch_staging_file(&f.hash)
         .map_err(|e| local("making a staging file", e))?;
-    let result = receive(f, &mut out, basis_file, send, recv).await;
+    let result = receive(f, &mut out, basis_file, send, recv, received).await;
     match result {
-        Ok(received) => {
+        Ok(()) => {
             tree.drop_partial(&f.hash);
-            Ok((staged, received))
+            Ok(staged)
         }
         // What arrived is checked segment by segment against the sender's hashes when a
         // later fetch offers it as its basis, so it is kept, unless the sender lied.
@@ -317,9 +320,9 @@ async fn receive(
     mut basis: Option<(File, u64)>,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
-) -> Result<u64, FetchError> {
+    received: &AtomicU64,
+) -> Result<(), FetchError> {
     let mut hasher = blake3::Hasher::new();
-    let mut received = 0u64;
     for i in 0..segments(f.size) {
         let want = segment_len(f.size, i);
         let op = read_control(recv).await?;
@@ -338,7 +341,7 @@ async fn receive(
                 recv.read_exact(&mut data)
                     .await
                     .map_err(|_| FetchError::Unreachable)?;
-                received += want as u64;
+                received.fetch_add(want as u64, Ordering::Relaxed);
                 data
             }
             Segment::NeedSignature => {
@@ -373,7 +376,7 @@ async fn receive(
                 recv.read_exact(&mut delta)
                     .await
                     .map_err(|_| FetchError::Unreachable)?;
-                received += u64::from(n);
+                received.fetch_add(u64::from(n), Ordering::Relaxed);
                 let mut data = Vec::with_capacity(want);
                 fast_rsync::apply_limited(&base, &delta, &mut data, want)
                     .map_err(|e| corrupt(format!("delta does not apply: {e}")))?;
@@ -394,5 +397,5 @@ async fn receive(
             f.path
         )));
     }
-    Ok(received)
+    Ok(())
 }

@@ -720,11 +720,14 @@ impl Net {
         send.write_all(&[TAG_FETCH])
             .await
             .map_err(|_| FetchError::Unreachable)?;
-        let (path, received) = content::fetch(&self.tree, f, &mut send, &mut recv).await?;
-        self.counters
-            .fetched_bytes
-            .fetch_add(received, Ordering::Relaxed);
-        Ok(path)
+        content::fetch(
+            &self.tree,
+            f,
+            &mut send,
+            &mut recv,
+            &self.counters.fetched_bytes,
+        )
+        .await
     }
 
     /// Tells every connected peer about a new member.
