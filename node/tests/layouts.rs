@@ -179,6 +179,11 @@ fn what_was_written_to_the_bare_mount_point_while_down_joins_the_tree() {
         return;
     };
     let (mut a, b) = common::joined_pair(dir.path());
+    // A file the tree holds, written again while a is down: the later version wins.
+    fs::write(a.m("top"), b"old").unwrap();
+    common::wait_for("the old version on b", common::CONVERGE, || {
+        fs::read(b.m("top")).is_ok_and(|d| d == b"old")
+    });
     a.crash();
     // The dead mount is cleared as a restart would, and a program writes to the path.
     let _ = Command::new("umount").arg("-l").arg(&a.mnt).status();

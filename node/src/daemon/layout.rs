@@ -335,7 +335,19 @@ fn rescue_into(from: &OwnedFd, to: &OwnedFd, at: &Path, depth: usize, budget: &m
                         rescue_into(&sub_from, &sub_to, &path, depth + 1, budget);
                         let _ = rustix::fs::unlinkat(from, &name, rustix::fs::AtFlags::REMOVEDIR);
                     }
-                    _ => left_hidden(&path, "the name is taken in the tree"),
+                    // Two non-directories: the one in the bare mount point was written while
+                    // the node was down, after anything the tree holds there, so it replaces it
+                    // (a writer killed between its create and its write left the tree's copy
+                    // empty, and wrote again here).
+                    (Err(_), Err(_)) => match rustix::fs::renameat(from, &name, to, &name) {
+                        Ok(()) => tracing::warn!(
+                            "{} was written again to the mount point before the mount covered \
+                             it: that version replaces the tree's",
+                            path.display()
+                        ),
+                        Err(e) => left_hidden(&path, &e.to_string()),
+                    },
+                    _ => left_hidden(&path, "a directory and a file have the name"),
                 }
             }
             Err(e) => left_hidden(&path, &e.to_string()),
