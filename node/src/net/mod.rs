@@ -422,15 +422,17 @@ impl Net {
                 .map(|old| old.conn)
         };
         tracing::info!("connected to {} at {}", id.short(), conn.remote_address());
-        if let Some(old) = replaced {
-            // What was in flight on the old connection is lost: the engine starts a new
-            // session over the new one (a down and an up, the path every reconnect takes and
-            // the simulator checks), sending its Hello again; the peer answers a Hello at any
-            // time. Carrying the old session over once stalled a pair whose dials crossed.
-            old.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
-            self.to_engine(NetEvent::Engine(Input::PeerDown { peer: id }));
+        match replaced {
+            // The engine's session with the peer goes on over the new connection: the peer may
+            // never have taken the old one into use (it refused it as a duplicate), so a new
+            // handshake here could wait for a Hello that never comes. What was in flight on the
+            // old connection is sent again by the engine's timers. (Starting a new session here
+            // instead left a member of a first sync to two receivers never idle; a pair whose
+            // dials crossed after a restart once stalled with the session carried over: see
+            // the issue 11 notes.)
+            Some(old) => old.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate"),
+            None => self.to_engine(NetEvent::Engine(Input::PeerUp { peer: id })),
         }
-        self.to_engine(NetEvent::Engine(Input::PeerUp { peer: id }));
         tokio::spawn(Arc::clone(self).writer(conn.clone(), rx));
         tokio::spawn(Arc::clone(self).readers(conn.clone(), id));
         tokio::spawn(Arc::clone(self).bi_streams(conn.clone(), id));
