@@ -413,26 +413,19 @@ impl Tree {
 
     /// A new temporary file in the state folder (same filesystem as the tree), with its path.
     pub fn staging_file(&self) -> std::io::Result<(File, PathBuf)> {
-        let name = format!(
-            "s{}-{}",
-            std::process::id(),
-            self.next_tmp.fetch_add(1, Ordering::Relaxed)
-        );
-        let fd = rustix::fs::openat(
-            &self.tmp_fd,
-            name.as_str(),
-            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )?;
-        Ok((File::from(fd), self.tmp_path.join(name)))
+        self.new_tmp("s")
     }
 
     /// A staging file for fetching the content `hash`: if the fetch breaks off (or this node
     /// crashes), what it holds is kept as that content's partial copy for the next fetch.
     pub fn fetch_staging_file(&self, hash: &Hash) -> std::io::Result<(File, PathBuf)> {
+        self.new_tmp(&format!("{FETCHING}{}-", hex(hash)))
+    }
+
+    /// A new file in the temporary folder named `prefix`, this process's id and a counter.
+    fn new_tmp(&self, prefix: &str) -> std::io::Result<(File, PathBuf)> {
         let name = format!(
-            "{FETCHING}{}-{}-{}",
-            hex(hash),
+            "{prefix}{}-{}",
             std::process::id(),
             self.next_tmp.fetch_add(1, Ordering::Relaxed)
         );
