@@ -37,11 +37,18 @@ mountpoint -q "$work/mnt" || { cat "$work/node.log"; exit 1; }
 run() { (cd "$1" && stress-ng --class filesystem --seq 1 --timeout 1 >"$2" 2>&1 || true); }
 run "$work/native" "$work/native.txt"
 run "$work/mnt" "$work/mnt.txt"
-# What went wrong in each run, without pids and numbers.
-troubles() { grep -E 'stress-ng: (fail|error|warn):' "$1" | sed -E 's/\[[0-9]+\]//g; s/[0-9]+/N/g' | sort -u || true; }
+# What went wrong in each run, without pids and numbers. "finished prematurely" is not trouble:
+# stress-ng warns so when a stressor did all its work before its 1 s were up (dirdeep through the
+# mount, where directories are created faster than natively, in one CI run); a stressor whose work
+# failed says so in a fail or error line, which counts.
+troubles() {
+  grep -E 'stress-ng: (fail|error|warn):' "$1" | grep -v 'finished prematurely' |
+    sed -E 's/\[[0-9]+\]//g; s/[0-9]+/N/g' | sort -u || true
+}
 new=$(comm -13 <(troubles "$work/native.txt") <(troubles "$work/mnt.txt"))
 echo "native: $(tail -1 "$work/native.txt")"
 echo "mount:  $(tail -1 "$work/mnt.txt")"
+grep -h 'finished prematurely' "$work/native.txt" "$work/mnt.txt" | sed 's/^/noted (not counted): /' || true
 status=0
 if [ -n "$new" ]; then
   echo "stress-ng: went wrong through the mount but not natively:"

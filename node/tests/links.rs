@@ -143,3 +143,63 @@ fn an_invite_from_a_wildcard_listener_names_a_reachable_address() {
         fs::read(b.m("hello")).is_ok_and(|d| d == b"hi")
     });
 }
+
+/// A node stopped while its peer writes, started again and written on at once: its dial and
+/// the peer's redial cross, and whichever connection stays, the writes of both sides (one of
+/// them to the same file) are on both within seconds, round after round.
+#[test]
+fn writes_cross_within_seconds_after_a_restart_whose_dials_cross() {
+    let Some(dir) = common::root_in("/var/tmp") else {
+        return;
+    };
+    let (a, mut b) = joined_pair(dir.path());
+    for round in 0..6u64 {
+        b.stop();
+        let (from_a, from_b, raced) = (
+            format!("from-a-{round}"),
+            format!("from-b-{round}"),
+            format!("raced-{round}"),
+        );
+        fs::write(a.m(&from_a), b"a").unwrap();
+        fs::write(a.m(&raced), b"a's").unwrap();
+        std::thread::sleep(Duration::from_millis(50 + 300 * round));
+        b.run();
+        fs::write(b.m(&from_b), b"b").unwrap();
+        fs::write(b.m(&raced), b"b's").unwrap();
+        let started = Instant::now();
+        let tree = common::converge(&[&a, &b], |t| {
+            t.contains_key(&from_a) && t.contains_key(&from_b) && t.contains_key(&raced)
+        });
+        let copies: Vec<Vec<u8>> = tree
+            .keys()
+            .filter(|k| k.starts_with(&raced) && k.contains(".sync-conflict-"))
+            .map(|k| fs::read(a.m(k)).unwrap())
+            .collect();
+        let kept = fs::read(a.m(&raced)).unwrap();
+        // Either b wrote before a's version reached it (a race: both kept), or after (b's
+        // write replaced what it had seen).
+        match copies.len() {
+            0 => assert_eq!(kept, b"b's", "round {round}"),
+            1 => {
+                let mut both = vec![kept, copies[0].clone()];
+                both.sort();
+                assert_eq!(both, [b"a's".to_vec(), b"b's".to_vec()], "round {round}");
+            }
+            n => panic!("round {round}: {n} conflict copies of one race"),
+        }
+        println!(
+            "round {round}: all writes on both {:.2} s after the restart ({})",
+            started.elapsed().as_secs_f64(),
+            if copies.is_empty() {
+                "in order"
+            } else {
+                "raced"
+            }
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}

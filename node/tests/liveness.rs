@@ -292,8 +292,6 @@ fn a_first_sync_to_two_receivers_at_once_completes() {
         started.elapsed().as_secs_f64()
     );
     for n in [&a, &b, &c] {
-        wait_for(&format!("{} to be idle", n.name), common::CONVERGE, || {
-            n.status()["idle"] == true
-        });
+        common::wait_idle(n, common::CONVERGE);
     }
 }

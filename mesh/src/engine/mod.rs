@@ -744,6 +744,35 @@ impl<S: Store> Engine<S> {
             && self.peers.values().all(replicate::Peer::is_idle)
     }
 
+    /// Why [`Engine::is_idle_here`] is false, in words for status (empty when it is true).
+    pub fn busy_reasons(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        let here = self
+            .pending
+            .values()
+            .filter(|p| !self.waits_for_down_peers(p))
+            .count();
+        for (n, what) in [
+            (here, "paths pending"),
+            (self.ops.len(), "operations running"),
+            (self.out.len(), "outputs not taken"),
+            (self.dirty.len(), "paths to settle"),
+            (self.reobserve.len(), "paths to observe again"),
+        ] {
+            if n > 0 {
+                why.push(format!("{n} {what}"));
+            }
+        }
+        for (id, peer) in &self.peers {
+            why.extend(
+                peer.busy_reasons()
+                    .into_iter()
+                    .map(|r| format!("{}: {r}", id.short())),
+            );
+        }
+        why
+    }
+
     /// Feeds one input in at time `now`.
     pub fn handle(&mut self, now: Now, input: Input) {
         self.tick(now);

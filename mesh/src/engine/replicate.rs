@@ -120,6 +120,35 @@ impl Peer {
             && self.deferred.is_empty()
     }
 
+    /// Why [`Peer::is_idle`] is false, in words.
+    pub(super) fn busy_reasons(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if !self.welcomed {
+            why.push("our Hello not answered".to_string());
+        }
+        if !self.inflight.is_empty() {
+            why.push(format!(
+                "{} batches unacknowledged (acked {}, sent {})",
+                self.inflight.len(),
+                self.acked,
+                self.sent
+            ));
+        }
+        if self.sent != self.scan {
+            why.push(format!(
+                "log scanned to {}, sent to {}",
+                self.scan, self.sent
+            ));
+        }
+        if !self.holds.is_empty() {
+            why.push(format!("{} of its records not stored", self.holds.len()));
+        }
+        if !self.deferred.is_empty() {
+            why.push(format!("{} of its batches deferred", self.deferred.len()));
+        }
+        why
+    }
+
     /// The highest position of the peer's log that is safe to store as progress: everything up
     /// to it is stored here.
     fn safe(&self) -> u64 {

@@ -27,6 +27,9 @@ pub(super) fn print(s: &Status) {
         )
     };
     println!("state     {state}");
+    if !s.idle && !s.busy_because.is_empty() {
+        println!("because   {}", s.busy_because.join("; "));
+    }
     if let Some(scan) = &s.scanning {
         println!(
             "scanning  {} of {} paths looked at ({} s so far)",

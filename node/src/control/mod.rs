@@ -85,6 +85,9 @@ pub struct Status {
     /// down, nothing in flight, nothing unacknowledged by a connected peer, nothing left to
     /// observe.
     pub idle: bool,
+    /// Why it is not idle, in words (empty when idle).
+    #[serde(default)]
+    pub busy_because: Vec<String>,
     /// Paths with work this node can do now, and the bytes of file content they wait for.
     pub pending_paths: usize,
     pub pending_bytes: u64,

@@ -467,6 +467,13 @@ impl Core {
             listen: self.listen.to_string(),
             up_s: self.started.elapsed().as_secs(),
             idle: self.engine.is_idle_here() && observing == 0,
+            busy_because: {
+                let mut why = self.engine.busy_reasons();
+                if observing > 0 {
+                    why.push(format!("{observing} paths to observe"));
+                }
+                why
+            },
             pending_paths: work.paths,
             pending_bytes: work.bytes,
             waiting_paths: work.waiting_paths,

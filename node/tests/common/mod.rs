@@ -395,6 +395,17 @@ pub fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
+/// Waits until `status` says idle; on timeout, shows why it is not (and every peer's view).
+pub fn wait_idle(n: &Node, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while n.status()["idle"] != true {
+        if Instant::now() > deadline {
+            panic!("{} is not idle after {timeout:?}: {}", n.name, n.status());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until every node's mount shows the same tree (and that tree satisfies `check`), and
 /// returns it. On timeout, shows the differences.
 pub fn converge(
