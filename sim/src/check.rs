@@ -6,7 +6,7 @@
 //!   every node's tree (at its path, a new name, or a conflict copy), unless a user replaced or
 //!   removed it on a node where it was then no longer held anywhere;
 //! - **no echo**: a record never goes back to its author (except once to an author that
-//!   restarted and may have lost it), and never crosses one connection twice except when the
+//!   restarted and may have lost it), and never crosses one engine session twice except when the
 //!   sender rewinds (after a Pull or a resend timeout);
 //! - **store matches filesystem**: each engine's idea of its own tree is the tree (and its
 //!   tally of directories matches a recount);
@@ -43,11 +43,17 @@ pub struct SendContext {
     pub to_id: NodeId,
     /// Which connection of the link this is.
     pub epoch: u64,
-    /// Times the sender went back in its log on this connection.
+    /// The sender engine's session on it (a connection may carry more than one: the engine
+    /// starts over when the peer did without the link dropping).
+    pub session: u64,
+    /// Times the sender went back in its log in this session.
     pub rewinds: u64,
     /// The sender sends records up to here even to their author (who restarted).
     pub unskip_upto: u64,
 }
+
+/// One engine session on one connection: (from, to, link epoch, sender's session).
+type SessionKey = (usize, usize, u64, u64);
 
 #[derive(Default)]
 pub struct Checker {
@@ -57,7 +63,7 @@ pub struct Checker {
     /// Contents a user replaced; reporting one again (a process that keeps a file open reports
     /// the same content again at close) does not make it owed again.
     dead: BTreeSet<Hash>,
-    sends: HashMap<(usize, usize, u64), HashMap<[u8; 32], u64>>,
+    sends: HashMap<SessionKey, HashMap<[u8; 32], u64>>,
     pub records_stored: u64,
 }
 
@@ -131,7 +137,7 @@ impl Checker {
         let key = *key.finalize().as_bytes();
         let count = self
             .sends
-            .entry((from, to, epoch))
+            .entry((from, to, epoch, link.session))
             .or_default()
             .entry(key)
             .or_insert(0);
@@ -142,7 +148,7 @@ impl Checker {
                 "no echo",
                 Some(r.path.to_string()),
                 format!(
-                    "n{from} sent the same record of {} to n{to} {count} times on one connection with {rewinds} rewinds",
+                    "n{from} sent the same record of {} to n{to} {count} times in one session with {rewinds} rewinds",
                     r.path
                 ),
             );

@@ -172,7 +172,7 @@ fn main() -> ExitCode {
             let s = &outcome.stats;
             println!("faults: {}", outcome.character);
             println!(
-                "seed {seed}: {} nodes, {}, {} ops, {} messages, {} records sent, {} conflicts, {} crashes, {} cuts, {} ms simulated in {:.1} ms, at most {} store operations per engine call",
+                "seed {seed}: {} nodes, {}, {} ops, {} messages, {} records sent, {} conflicts, {} crashes, {} cuts, {} connections replaced, {} ms simulated in {:.1} ms, at most {} store operations per engine call",
                 opts.nodes,
                 opts.topology.name(),
                 s.ops,
@@ -181,6 +181,7 @@ fn main() -> ExitCode {
                 s.conflicts,
                 s.crashes,
                 s.cuts,
+                s.replacements,
                 s.virtual_ms,
                 started.elapsed().as_secs_f64() * 1e3,
                 s.store_ops_max

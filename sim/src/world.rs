@@ -66,6 +66,9 @@ enum Event {
     },
     FetchArrive {
         client: usize,
+        /// The client's life when it asked: a fetch lost with its connection fails in the
+        /// same life only.
+        client_life: u64,
         server: usize,
         epoch: u64,
         op: OpId,
@@ -74,6 +77,7 @@ enum Event {
     },
     FetchReply {
         client: usize,
+        client_life: u64,
         server: usize,
         epoch: u64,
         op: OpId,
@@ -97,6 +101,14 @@ enum Event {
     },
     Heal {
         link: (usize, usize),
+    },
+    /// A new connection replaces the link's live one, as a real driver does when a peer dials
+    /// again (it restarted, or dials crossed): what was in flight on the old one is lost, and
+    /// only the sides in `restarts` see the link go down and up; the others carry their engine
+    /// session over.
+    Replace {
+        link: (usize, usize),
+        restarts: [bool; 2],
     },
     Crash {
         node: usize,
@@ -199,6 +211,8 @@ pub struct RunStats {
     pub conflicts: u64,
     pub crashes: u64,
     pub cuts: u64,
+    /// Connections replaced under a live link (see `Event::Replace`).
+    pub replacements: u64,
     pub virtual_ms: u64,
     /// Paths in node 0's tree at the end, and how many of them are conflict copies.
     pub final_paths: u64,
@@ -445,6 +459,18 @@ impl World {
             self.schedule(at, Event::Cut { link });
             self.schedule((at + dur).min(t), Event::Heal { link });
         }
+        // Connections replaced while up, as after crossing dials: one side, the other, or
+        // neither starts a new session.
+        for _ in 0..cuts {
+            if links.is_empty() {
+                break;
+            }
+            let link = links[self.rng.random_range(0..links.len())];
+            let at = self.rng.random_range(MS..t.max(MS + 1));
+            let restarts =
+                [[false, false], [true, false], [false, true]][self.rng.random_range(0..3)];
+            self.schedule(at, Event::Replace { link, restarts });
+        }
         let crashes = self.opts.steps * fault_rate / 200;
         for _ in 0..crashes {
             let node = self.rng.random_range(0..n);
@@ -524,6 +550,7 @@ impl World {
             }
             Event::FetchArrive {
                 client,
+                client_life,
                 server,
                 epoch,
                 op,
@@ -531,6 +558,7 @@ impl World {
                 hint,
             } => {
                 if !self.on_connection(client, server, epoch) {
+                    self.fetch_lost(client, client_life, op);
                     return;
                 }
                 let found = self.nodes[server].fs.find_content(&hash, &hint);
@@ -539,6 +567,7 @@ impl World {
                     self.time + delay,
                     Event::FetchReply {
                         client,
+                        client_life,
                         server,
                         epoch,
                         op,
@@ -548,12 +577,14 @@ impl World {
             }
             Event::FetchReply {
                 client,
+                client_life,
                 server,
                 epoch,
                 op,
                 found,
             } => {
                 if !self.on_connection(client, server, epoch) {
+                    self.fetch_lost(client, client_life, op);
                     return;
                 }
                 let result = match found {
@@ -664,6 +695,12 @@ impl World {
                 self.log(|| format!("heal n{}-n{}", link.0, link.1));
                 self.links.get_mut(&link).expect("known").cut = false;
                 self.refresh_link(link);
+            }
+            Event::Replace { link, restarts } => {
+                if self.links[&link].up && !self.faults_over {
+                    self.stats.replacements += 1;
+                    self.replace_connection(link, restarts);
+                }
             }
             Event::Crash { node } => self.crash(node),
             Event::Restart { node } => self.restart(node),
@@ -852,6 +889,7 @@ impl World {
                         self.time + delay,
                         Event::FetchArrive {
                             client: n,
+                            client_life: self.nodes[n].life,
                             server,
                             epoch: link.epoch,
                             op: f.op,
@@ -948,6 +986,7 @@ impl World {
                 to,
                 to_id,
                 epoch: link.epoch,
+                session: engine.map_or(0, |e| e.session(&to_id)),
                 rewinds: engine.map_or(0, |e| e.rewinds(&to_id)),
                 unskip_upto: engine.map_or(0, |e| e.unskip_upto(&to_id)),
             };
@@ -1021,6 +1060,34 @@ impl World {
         let (ida, idb) = (self.nodes[a].id, self.nodes[b].id);
         self.feed(a, Input::PeerUp { peer: idb });
         self.feed(b, Input::PeerUp { peer: ida });
+    }
+
+    fn replace_connection(&mut self, (a, b): (usize, usize), restarts: [bool; 2]) {
+        let link = self.links.get_mut(&link_key(a, b)).expect("known");
+        link.epoch += 1;
+        self.log(|| format!("link n{a}-n{b} replaced (restarts {restarts:?})"));
+        for (me, other, restart) in [(a, b, restarts[0]), (b, a, restarts[1])] {
+            if restart {
+                let id = self.nodes[other].id;
+                self.feed(me, Input::PeerDown { peer: id });
+                self.feed(me, Input::PeerUp { peer: id });
+            }
+        }
+    }
+
+    /// A fetch whose connection is gone fails, as the driver's stream does (the engine ignores
+    /// it if it already gave the fetch up at a PeerDown).
+    fn fetch_lost(&mut self, client: usize, life: u64, op: OpId) {
+        if self.nodes[client].life != life || self.nodes[client].engine.is_none() {
+            return;
+        }
+        self.feed(
+            client,
+            Input::FetchDone {
+                op,
+                result: Err(FetchError::Unreachable),
+            },
+        );
     }
 
     fn link_down(&mut self, a: usize, b: usize) {

@@ -254,6 +254,12 @@ impl<S: Store> Engine<S> {
         self.peers.get(peer).map_or(0, |p| p.rewinds)
     }
 
+    /// This node's session with `peer` (0 when not connected): the engine starts a new one at
+    /// every link-up, and when the peer shows it started over without the link dropping here.
+    pub fn session(&self, peer: &NodeId) -> u64 {
+        self.peers.get(peer).map_or(0, |p| p.session)
+    }
+
     /// Records of this node's log up to this position go to `peer` on this connection even if
     /// the peer wrote them or sent them (it restarted: see [`Message::Hello`]).
     pub fn unskip_upto(&self, peer: &NodeId) -> u64 {
