@@ -31,7 +31,9 @@ MIB = 1 << 20
 
 
 class Node:
-    def __init__(self, binary, root, name):
+    def __init__(self, binary, root, name, listen="127.0.0.1:0", netns=None, extra=()):
+        """A node `up` on `listen`; with `netns`, inside that network namespace (through
+        nsenter, so that its mount stays visible here)."""
         self.binary = binary
         self.name = name
         self.state = os.path.join(root, name, "state")
@@ -41,9 +43,10 @@ class Node:
             # A backing directory may hold a tree already (the node rescans it at start).
             os.makedirs(d, exist_ok=True)
         self.log = open(os.path.join(root, name + ".log"), "w")
+        enter = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
         self.proc = subprocess.Popen(
-            [binary, "up", "--state", self.state, "--backing", self.backing, "--mount", self.mnt,
-             "--listen", "127.0.0.1:0"],
+            enter + [binary, "up", "--state", self.state, "--backing", self.backing, "--mount",
+                     self.mnt, "--listen", listen, *extra],
             stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 30
         try:

@@ -52,10 +52,18 @@ pub enum Message {
     /// takes the link up). A Hello of a newer session than the receiver knows means the
     /// sender started over (it saw the connection drop, or restarted) when the receiver may not
     /// have: the receiver starts over too, so that the two sides never disagree about it.
+    ///
+    /// `taken` is the receiver's session whose Hello the sender has taken (0 if none). A newer
+    /// session that has already taken the receiver's current one started over in answer to
+    /// it (or after taking it): the receiver then only takes the new Hello, without a new session
+    /// of its own. Without this, each side's new session was news to the other, which
+    /// started over again, and under loss and delay two sides could trade new sessions for
+    /// ever (the simulator found it once connections could be replaced under a live link).
     Hello {
         progress: u64,
         fresh: bool,
         session: u64,
+        taken: u64,
     },
     /// The answer to every Hello (naming its session): it arrived, records follow. Until it
     /// comes, Hello is sent again, so that a lost Hello cannot leave a connection silent.

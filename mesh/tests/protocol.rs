@@ -55,10 +55,16 @@ fn receive(e: &mut Engine<MemStore>, from: NodeId, message: Message) {
 
 /// A Hello of a node that has received nothing yet.
 fn hello(fresh: bool, session: u64) -> Message {
+    hello_taking(fresh, session, 0)
+}
+
+/// The same, from a node that has taken the receiver's session `taken`.
+fn hello_taking(fresh: bool, session: u64, taken: u64) -> Message {
     Message::Hello {
         progress: 0,
         fresh,
         session,
+        taken,
     }
 }
 
@@ -104,6 +110,7 @@ fn connect(e: &mut Engine<MemStore>, peer: NodeId, peer_progress: u64) -> Vec<Ou
                 progress: peer_progress,
                 fresh: false,
                 session: 1,
+                taken: 0,
             },
         },
     );
@@ -153,7 +160,7 @@ fn handshake_is_repeated_until_welcomed() {
         receive_at(&mut e, at, node(1), hello(false, 7));
         let mut want = vec![Message::Welcome { session: 7 }];
         if round == 0 {
-            want.insert(0, hello(true, session));
+            want.insert(0, hello_taking(true, session, 7));
         }
         assert_eq!(sent_to(&drain(&mut e), node(1)), want);
     }
@@ -173,6 +180,14 @@ fn handshake_is_repeated_until_welcomed() {
         other => panic!("expected a new Hello and a Welcome, got {other:?}"),
     };
     assert!(again > session);
+    // The peer starts over again, but its new session has taken this node's: this node goes
+    // on with its own (no new Hello, which would be news to the peer in turn), only welcoming.
+    receive_at(&mut e, at, node(1), hello_taking(false, 9, again));
+    assert_eq!(
+        sent_to(&drain(&mut e), node(1)),
+        vec![Message::Welcome { session: 9 }]
+    );
+    assert_eq!(e.session(&node(1)), again);
 }
 
 #[test]

@@ -90,8 +90,15 @@ async fn send_as(
     bytes: Vec<u8>,
 ) -> Option<u64> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint
-        .set_default_client_config(tls::client_config(identity, Some(expect), tls::ALPN).unwrap());
+    endpoint.set_default_client_config(
+        tls::client_config(
+            identity,
+            Some(expect),
+            tls::ALPN,
+            tls::Congestion::default(),
+        )
+        .unwrap(),
+    );
     let conn = endpoint.connect(to, tls::SERVER_NAME).unwrap().await.ok()?;
     if let Ok(mut stream) = conn.open_uni().await {
         let _ = stream.write_all(&[1]).await;

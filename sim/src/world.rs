@@ -2034,9 +2034,10 @@ fn describe(m: &Message) -> String {
             progress,
             fresh,
             session,
+            taken,
         } => {
             format!(
-                "Hello({progress}{}, session {session})",
+                "Hello({progress}{}, session {session}, taken {taken})",
                 if *fresh { ", fresh" } else { "" }
             )
         }

@@ -184,6 +184,13 @@ impl Peer {
 
 impl<S: Store> Engine<S> {
     pub(super) fn on_peer_up(&mut self, peer: NodeId) {
+        self.start_session(peer, None);
+    }
+
+    /// A new session with `peer`, and its Hello. `answering`: the peer's Hello (progress,
+    /// fresh, session) that made us start over, taken before our Hello goes out, so that our
+    /// Hello says we have its session and the peer does not start over again in turn.
+    fn start_session(&mut self, peer: NodeId, answering: Option<(u64, bool, u64)>) {
         assert_ne!(peer, self.cfg.node, "a node does not connect to itself");
         let recv = self.store.progress(&peer);
         // Sessions come from the durable sequence, so that they grow across restarts whatever
@@ -194,12 +201,18 @@ impl<S: Store> Engine<S> {
         let state = self.peers.get_mut(&peer).expect("inserted");
         state.hello_fresh = fresh;
         state.up_wall = self.wall;
+        let mut taken = 0;
+        if let Some((progress, fresh, their)) = answering {
+            self.take_hello(peer, progress, fresh, their);
+            taken = their;
+        }
         self.send(
             peer,
             Message::Hello {
                 progress: recv,
                 fresh,
                 session,
+                taken,
             },
         );
     }
@@ -285,7 +298,8 @@ impl<S: Store> Engine<S> {
                 progress,
                 fresh,
                 session,
-            } => self.on_hello(from, progress, fresh, session),
+                taken,
+            } => self.on_hello(from, progress, fresh, session, taken),
             Message::Welcome { session } => {
                 let peer = self.peers.get_mut(&from).expect("checked above");
                 if session == peer.session {
@@ -298,38 +312,52 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    fn on_hello(&mut self, from: NodeId, progress: u64, fresh: bool, session: u64) {
-        let theirs = self
-            .peers
-            .get(&from)
-            .expect("checked by caller")
-            .their_session;
+    fn on_hello(&mut self, from: NodeId, progress: u64, fresh: bool, session: u64, taken: u64) {
+        let peer = self.peers.get(&from).expect("checked by caller");
+        let (theirs, ours) = (peer.their_session, peer.session);
         if session < theirs {
             return; // from an earlier session, overtaken
         }
         if session > theirs {
-            if self.peers[&from].hello {
-                // The peer started over without us seeing the link drop: so do we (our new
-                // Hello goes out).
-                self.on_peer_down(from);
-                self.on_peer_up(from);
-            } else {
-                // A new session of the peer may have begun after our Hello reached its
-                // previous one: it gets our Hello again (a duplicate is harmless).
-                let peer = &self.peers[&from];
-                let hello = Message::Hello {
-                    progress: peer.recv,
-                    fresh: peer.hello_fresh,
-                    session: peer.session,
-                };
-                self.send(from, hello);
+            if peer.hello && taken == ours {
+                // The peer started over after taking our current session (in answer to us, or
+                // its new session took a Hello of ours still on the way): our session goes on,
+                // and our log goes to it from what it says it has.
+                self.send(from, Message::Welcome { session });
+                let peer = self.peers.get_mut(&from).expect("checked by caller");
+                peer.rewinds += 1;
+                peer.inflight.clear();
+                self.take_hello(from, progress, fresh, session);
+                return;
             }
+            if peer.hello {
+                // The peer started over without us seeing the link drop: so do we, taking its
+                // Hello first, so that ours tells it we have its new session.
+                self.on_peer_down(from);
+                self.start_session(from, Some((progress, fresh, session)));
+                self.send(from, Message::Welcome { session });
+                return;
+            }
+            // A new session of the peer may have begun after our Hello reached its previous
+            // one: it gets our Hello again (a duplicate is harmless).
+            let hello = Message::Hello {
+                progress: peer.recv,
+                fresh: peer.hello_fresh,
+                session: peer.session,
+                taken: session,
+            };
+            self.send(from, hello);
         }
         self.send(from, Message::Welcome { session });
-        let peer = self.peers.get_mut(&from).expect("checked by caller");
-        if peer.hello {
+        if self.peers[&from].hello {
             return; // a duplicate, or sent again because our Welcome was lost
         }
+        self.take_hello(from, progress, fresh, session);
+    }
+
+    /// Takes the peer's Hello of `session`: our log goes to it from `progress`.
+    fn take_hello(&mut self, from: NodeId, progress: u64, fresh: bool, session: u64) {
+        let peer = self.peers.get_mut(&from).expect("checked by caller");
         peer.their_session = session;
         // A peer cannot have applied more of our log than we have written; a peer that says so
         // restarts from zero rather than missing records.
@@ -698,13 +726,19 @@ impl<S: Store> Engine<S> {
             let state = self.peers.get_mut(&id).expect("listed");
             if !state.welcomed && state.hello_sent_at + resend_ns <= now {
                 state.hello_sent_at = now;
-                let (progress, fresh, session) = (state.recv, state.hello_fresh, state.session);
+                let (progress, fresh, session, taken) = (
+                    state.recv,
+                    state.hello_fresh,
+                    state.session,
+                    state.their_session,
+                );
                 self.send(
                     id,
                     Message::Hello {
                         progress,
                         fresh,
                         session,
+                        taken,
                     },
                 );
             }

@@ -43,6 +43,13 @@ enum ModeArg {
     ReceiveOnly,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum CongestionArg {
+    Bbr,
+    Cubic,
+    NewReno,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the node in the foreground: mount, replicate, serve the control socket.
@@ -69,6 +76,11 @@ enum Command {
         /// never (at start and on `rsyncfs-node rescan` only).
         #[arg(long, default_value = "1h", value_parser = parse_every)]
         scan_every: Every,
+        /// The congestion controller of peer connections: cubic (quinn's own) or new-reno back
+        /// off at every loss; bbr paces by the measured bandwidth and round trip, and random
+        /// loss does not slow it, so it suits long and lossy links (bench/wan.py measures them).
+        #[arg(long, value_enum, default_value = "cubic")]
+        congestion: CongestionArg,
     },
     /// Look at the whole backing directory again now, for changes made there directly (not
     /// through the mount).
@@ -187,15 +199,25 @@ pub fn main() -> ExitCode {
             mode,
             no_introductions,
             scan_every,
-        } => up(
+            congestion,
+        } => up(daemon::Options {
             state,
             backing,
             mount,
             listen,
-            mode,
-            !no_introductions,
-            scan_every.0,
-        ),
+            mode: match mode {
+                ModeArg::TwoWay => rsyncfs_mesh::engine::Mode::TwoWay,
+                ModeArg::SendOnly => rsyncfs_mesh::engine::Mode::SendOnly,
+                ModeArg::ReceiveOnly => rsyncfs_mesh::engine::Mode::ReceiveOnly,
+            },
+            introductions: !no_introductions,
+            scan_every: scan_every.0,
+            congestion: match congestion {
+                CongestionArg::Bbr => net::tls::Congestion::Bbr,
+                CongestionArg::Cubic => net::tls::Congestion::Cubic,
+                CongestionArg::NewReno => net::tls::Congestion::NewReno,
+            },
+        }),
         Command::Rescan { state } => match client::call(&state, &control::Wire::Rescan) {
             Ok(v) => {
                 println!(
@@ -331,35 +353,13 @@ fn parse_every(text: &str) -> Result<Every, String> {
     Ok(Every(Some(every)))
 }
 
-fn up(
-    state: PathBuf,
-    backing: PathBuf,
-    mount: PathBuf,
-    listen: SocketAddr,
-    mode: ModeArg,
-    introductions: bool,
-    scan_every: Option<std::time::Duration>,
-) -> ExitCode {
+fn up(options: daemon::Options) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&stop)) {
             return fail(format!("cannot handle signal {signal}: {e}"));
         }
     }
-    let mode = match mode {
-        ModeArg::TwoWay => rsyncfs_mesh::engine::Mode::TwoWay,
-        ModeArg::SendOnly => rsyncfs_mesh::engine::Mode::SendOnly,
-        ModeArg::ReceiveOnly => rsyncfs_mesh::engine::Mode::ReceiveOnly,
-    };
-    let options = daemon::Options {
-        state,
-        backing,
-        mount,
-        listen,
-        mode,
-        introductions,
-        scan_every,
-    };
     match daemon::run(options, stop) {
         Ok(()) => {
             eprintln!("rsyncfs-node: stopped, unmounted");

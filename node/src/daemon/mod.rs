@@ -72,6 +72,8 @@ pub struct Options {
     /// How often to scan the backing directory for changes made there directly (none: only
     /// at start and on `rescan`).
     pub scan_every: Option<Duration>,
+    /// The congestion controller of peer connections.
+    pub congestion: crate::net::tls::Congestion,
 }
 
 /// Why the daemon could not start, or stopped on an error.
@@ -179,6 +181,7 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
             net_tx,
             Arc::clone(&tree),
             opts.introductions,
+            opts.congestion,
         )
         .map_err(|source| DaemonError::Listen {
             addr: opts.listen,
@@ -283,7 +286,8 @@ pub fn describe(message: &Message) -> String {
             progress,
             fresh,
             session,
-        } => format!("hello {progress} fresh {fresh} session {session}"),
+            taken,
+        } => format!("hello {progress} fresh {fresh} session {session} taken {taken}"),
         Message::Welcome { session } => format!("welcome {session}"),
         Message::Batch(b) => format!("batch ({}, {}] of {}", b.after, b.upto, b.records.len()),
         Message::Ack { progress } => format!("ack {progress}"),

@@ -186,6 +186,7 @@ pub struct Net {
     pub counters: Counters,
     /// Whether members introduced by trusted peers are trusted.
     introductions: bool,
+    congestion: tls::Congestion,
 }
 
 impl Net {
@@ -197,6 +198,7 @@ impl Net {
         events: mpsc::Sender<NetEvent>,
         tree: Arc<Tree>,
         introductions: bool,
+        congestion: tls::Congestion,
     ) -> std::io::Result<Arc<Net>> {
         let socket = std::net::UdpSocket::bind(listen)?;
         for set in [
@@ -208,7 +210,7 @@ impl Net {
             }
         }
         let port = socket.local_addr()?.port();
-        let server = tls::server_config(&identity).map_err(std::io::Error::other)?;
+        let server = tls::server_config(&identity, congestion).map_err(std::io::Error::other)?;
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
             .max_udp_payload_size(tls::MAX_UDP_PAYLOAD)
@@ -247,6 +249,7 @@ impl Net {
             serving: tokio::sync::Semaphore::new(SERVES_MAX),
             counters: Counters::default(),
             introductions,
+            congestion,
         });
         tokio::spawn(Arc::clone(&net).accept_loop());
         for (id, addr) in net.book.lock().list() {
@@ -374,7 +377,7 @@ impl Net {
             why,
         };
         let target = resolve(addr).await?;
-        let config = tls::client_config(&self.identity, expect, alpn)
+        let config = tls::client_config(&self.identity, expect, alpn, self.congestion)
             .map_err(|e| unreachable(e.to_string()))?;
         let connecting = self
             .endpoint

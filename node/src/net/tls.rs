@@ -153,8 +153,31 @@ impl ClientCertVerifier for Verifier {
     }
 }
 
-fn transport_config() -> Arc<quinn::TransportConfig> {
+/// The congestion controller of a node's connections (quinn's three). Cubic (quinn's default)
+/// and NewReno back off at every loss; BBR paces by the measured bottleneck and round trip and
+/// does not take random loss for congestion (quinn calls its BBR experimental).
+/// `bench/wan.py` measures them through a relay with delay and loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    Bbr,
+    #[default]
+    Cubic,
+    NewReno,
+}
+
+fn transport_config(congestion: Congestion) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    match congestion {
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::NewReno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
+    };
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
@@ -171,7 +194,10 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 }
 
 /// The server side of a node's endpoint.
-pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, rustls::Error> {
+pub fn server_config(
+    identity: &Identity,
+    congestion: Congestion,
+) -> Result<quinn::ServerConfig, rustls::Error> {
     let provider = provider();
     let verifier = Arc::new(Verifier {
         expect: None,
@@ -185,7 +211,7 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, rustls:
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(congestion));
     Ok(config)
 }
 
@@ -194,6 +220,7 @@ pub fn client_config(
     identity: &Identity,
     expect: Option<NodeId>,
     alpn: &[u8],
+    congestion: Congestion,
 ) -> Result<quinn::ClientConfig, rustls::Error> {
     let provider = provider();
     let verifier = Arc::new(Verifier {
@@ -209,7 +236,7 @@ pub fn client_config(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(congestion));
     Ok(config)
 }
 
