@@ -211,7 +211,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="64 MiB, 1,000 files, 50 trials, 256 MiB for RSS")
     p.add_argument("--json")
     p.add_argument("--bin", default="target/release/rsyncfs-node")
+    p.add_argument("--congestion", help="the nodes' --congestion (default: up's own)")
     a = p.parse_args()
+    extra = ("--congestion", a.congestion) if a.congestion else ()
     size_big = (64 if a.quick else 1024) * MIB
     n_files = 1000 if a.quick else 10000
     trials = 50 if a.quick else 200
@@ -226,9 +228,9 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: (cleanup(), sys.exit(1)))
     results = {}
     try:
-        na = Node(a.bin, work, "a")
+        na = Node(a.bin, work, "a", extra=extra)
         nodes.append(na)
-        nb = Node(a.bin, work, "b")
+        nb = Node(a.bin, work, "b", extra=extra)
         nodes.append(nb)
         join(na, nb)
 
