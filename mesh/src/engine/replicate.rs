@@ -120,6 +120,16 @@ impl Peer {
             && self.deferred.is_empty()
     }
 
+    /// Our Hello to the peer, saying we have taken its session `taken`.
+    fn hello(&self, taken: u64) -> Message {
+        Message::Hello {
+            progress: self.recv,
+            fresh: self.hello_fresh,
+            session: self.session,
+            taken,
+        }
+    }
+
     /// Why [`Peer::is_idle`] is false, in words.
     pub(super) fn busy_reasons(&self) -> Vec<String> {
         let mut why = Vec::new();
@@ -206,15 +216,8 @@ impl<S: Store> Engine<S> {
             self.take_hello(peer, progress, fresh, their);
             taken = their;
         }
-        self.send(
-            peer,
-            Message::Hello {
-                progress: recv,
-                fresh,
-                session,
-                taken,
-            },
-        );
+        let hello = self.peers[&peer].hello(taken);
+        self.send(peer, hello);
     }
 
     pub(super) fn on_peer_down(&mut self, peer: NodeId) {
@@ -340,12 +343,7 @@ impl<S: Store> Engine<S> {
             }
             // A new session of the peer may have begun after our Hello reached its previous
             // one: it gets our Hello again (a duplicate is harmless).
-            let hello = Message::Hello {
-                progress: peer.recv,
-                fresh: peer.hello_fresh,
-                session: peer.session,
-                taken: session,
-            };
+            let hello = peer.hello(session);
             self.send(from, hello);
         }
         self.send(from, Message::Welcome { session });
@@ -726,21 +724,8 @@ impl<S: Store> Engine<S> {
             let state = self.peers.get_mut(&id).expect("listed");
             if !state.welcomed && state.hello_sent_at + resend_ns <= now {
                 state.hello_sent_at = now;
-                let (progress, fresh, session, taken) = (
-                    state.recv,
-                    state.hello_fresh,
-                    state.session,
-                    state.their_session,
-                );
-                self.send(
-                    id,
-                    Message::Hello {
-                        progress,
-                        fresh,
-                        session,
-                        taken,
-                    },
-                );
+                let hello = state.hello(state.their_session);
+                self.send(id, hello);
             }
             let state = self.peers.get_mut(&id).expect("listed");
             let flush = state.hello

@@ -429,10 +429,9 @@ impl Net {
             // The engine's session with the peer goes on over the new connection: the peer may
             // never have taken the old one into use (it refused it as a duplicate), so a new
             // handshake here could wait for a Hello that never comes. What was in flight on the
-            // old connection is sent again by the engine's timers. (Starting a new session here
-            // instead left a member of a first sync to two receivers never idle; a pair whose
-            // dials crossed after a restart once stalled with the session carried over: see
-            // the issue 11 notes.)
+            // old connection is sent again by the engine's timers, and a peer that started over
+            // says so in its Hello. The simulator replaces connections the same way
+            // (`Event::Replace`).
             Some(old) => old.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate"),
             None => self.to_engine(NetEvent::Engine(Input::PeerUp { peer: id })),
         }
