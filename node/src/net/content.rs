@@ -1,29 +1,36 @@
 //! Moving one file's content between nodes, on a stream of its own.
 //!
 //! The receiver names the content (path hint, hash, size). When it has a local file that may
-//! share data with it (the old version, say), it sends the BLAKE3 hash of each [`SEGMENT`] of
-//! that basis. The sender then goes through its file segment by segment: a segment whose hash
-//! matches the receiver's is not sent at all; for one that differs, the receiver sends an rsync
-//! signature of its basis segment and the sender answers with a fast_rsync delta; a segment
-//! beyond the basis is sent as it is. So a 1 MiB change in a 1 GiB file moves about 1 MiB, and
-//! memory stays bounded by a few segments whatever the file's size.
+//! share data with it (the old version, say), it sends the CV of each [`SEGMENT`] of that
+//! basis (see [`segments`]). The sender then goes through its file segment by segment: a segment
+//! whose CV matches the receiver's is not sent at all; for one that differs, the receiver sends
+//! an rsync signature of its basis segment and the sender answers with a fast_rsync delta; a
+//! segment beyond the basis is sent as it is. So a 1 MiB change in a 1 GiB file moves about
+//! 1 MiB, and memory stays bounded by a few segments whatever the file's size.
+//!
+//! Neither side reads a segment that did not change: both know their file's CVs from when they
+//! hashed, fetched or wrote it, the sender compares CVs, and the receiver copies an unchanged
+//! segment from its basis into the staging file inside the kernel (`copy_file_range`, which
+//! shares the blocks where the filesystem can) and takes its CV from what it knows.
 //!
 //! The receiver writes into a staging file in the state folder and checks the whole content
-//! against its BLAKE3 hash before the engine may use it (MD4 signatures are not trusted).
+//! against its BLAKE3 hash (the root of the segments' CVs) before the engine may use it (MD4
+//! signatures are not trusted). Writeback of the staging file starts while it is received, so
+//! that making it durable at the end waits for little.
 
 use super::framing::{read_frame, write_frame, FrameError};
+use crate::tree::segments::{self, Cv, SEGMENT};
 use crate::tree::Tree;
 use rsyncfs_conflict::Hash;
 use rsyncfs_mesh::engine::{Fetch, FetchError};
 use rsyncfs_mesh::path::RelPath;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-/// Bytes per segment.
-pub const SEGMENT: u64 = 4 << 20;
 /// rsync block size inside a segment, and bytes of MD4 kept per block.
 const BLOCK: u32 = 4096;
 const STRONG: u32 = 8;
@@ -34,14 +41,16 @@ pub const REQUEST_MAX: usize = SEGMENTS_MAX * 33 + 8192;
 const DATA_MAX: usize = 3 * SEGMENT as usize;
 /// A basis is only worth it for files at least this large.
 pub const DELTA_MIN: u64 = 256 * 1024;
+/// Bytes written to a staging file between two starts of its writeback.
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Request {
     pub path: RelPath,
     pub hash: Hash,
     pub size: u64,
-    /// Size and segment hashes of the receiver's basis file.
-    pub basis: Option<(u64, Vec<Hash>)>,
+    /// Size and segment CVs of the receiver's basis file.
+    pub basis: Option<(u64, Vec<Cv>)>,
 }
 
 impl Request {
@@ -86,20 +95,46 @@ pub enum ServeError {
     Protocol(String),
 }
 
-fn segments(size: u64) -> u64 {
-    size.div_ceil(SEGMENT)
-}
+use segments::{count as segments, len as segment_len};
 
-fn segment_len(size: u64, i: u64) -> usize {
-    (size - i * SEGMENT).min(SEGMENT) as usize
-}
-
-fn read_segment(file: &mut File, size: u64, i: u64) -> std::io::Result<Vec<u8>> {
-    let len = segment_len(size, i);
-    let mut buf = vec![0u8; len];
-    file.seek(SeekFrom::Start(i * SEGMENT))?;
-    file.read_exact(&mut buf)?;
+fn read_segment(file: &File, size: u64, i: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; segment_len(size, i)];
+    file.read_exact_at(&mut buf, i * SEGMENT)?;
     Ok(buf)
+}
+
+/// The CVs of a file's segments, read and hashed.
+fn cvs_by_reading(file: &File, size: u64) -> std::io::Result<Vec<Cv>> {
+    if segments(size) >= 2 {
+        return Ok(segments::hash_file(file, size)?.1);
+    }
+    (0..segments(size))
+        .map(|i| Ok(segments::cv(i, &read_segment(file, size, i)?)))
+        .collect()
+}
+
+/// Copies `len` bytes at `at` from `src` to the same place in `dst` inside the kernel (the
+/// filesystem may share the blocks), or through a buffer where the kernel cannot.
+fn copy_range(src: &File, dst: &File, at: u64, len: usize) -> std::io::Result<()> {
+    let (mut from, mut to, mut left) = (at, at, len);
+    while left > 0 {
+        match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), left) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n,
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::NOSYS,
+            ) => {
+                let mut buf = vec![0u8; left];
+                src.read_exact_at(&mut buf, from)?;
+                return dst.write_all_at(&buf, to);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn io(e: impl std::fmt::Display) -> ServeError {
@@ -118,7 +153,7 @@ pub async fn serve(
         let (path, hash, size) = (request.path.clone(), request.hash, request.size);
         tokio::task::block_in_place(|| tree.open_content(&path, &hash, size))
     };
-    let Some(mut file) = file else {
+    let Some(file) = file else {
         write_frame(
             send,
             &postcard::to_stdvec(&Header::NotFound).expect("encoding"),
@@ -135,14 +170,24 @@ pub async fn serve(
     .map_err(io)?;
     let size = request.size;
     let basis = request.basis.unwrap_or_default();
+    // What this node knows of its content's segments: those equal to the basis's are not read.
+    let ours = tree
+        .cvs(&request.hash)
+        .filter(|c| c.len() as u64 == segments(size));
     let mut sent = 0u64;
     for i in 0..segments(size) {
-        let data = tokio::task::block_in_place(|| read_segment(&mut file, size, i)).map_err(io)?;
         let theirs = basis.1.get(i as usize).filter(|_| {
-            // Only a full-length basis segment can be the same.
-            segment_len(basis.0, i) == data.len()
+            // Only a segment of the same length can be the same.
+            segment_len(basis.0, i) == segment_len(size, i)
         });
-        if theirs.is_some_and(|h| blake3::hash(&data).as_bytes() == h) {
+        if let (Some(theirs), Some(ours)) = (theirs, &ours) {
+            if ours[i as usize] == *theirs {
+                send_op(send, &Segment::Same).await?;
+                continue;
+            }
+        }
+        let data = tokio::task::block_in_place(|| read_segment(&file, size, i)).map_err(io)?;
+        if ours.is_none() && theirs.is_some_and(|h| segments::cv(i, &data) == *h) {
             send_op(send, &Segment::Same).await?;
             continue;
         }
@@ -195,6 +240,16 @@ async fn send_op(send: &mut quinn::SendStream, op: &Segment) -> Result<(), Serve
         .map_err(io)
 }
 
+/// A local file the receiver builds on: its size, its segments' CVs, and, for a file of the
+/// tree, the content it held when its CVs were taken (checked again after its segments were
+/// copied, since a local program may write it meanwhile).
+struct Basis {
+    file: File,
+    size: u64,
+    cvs: Arc<[Cv]>,
+    holds: Option<Hash>,
+}
+
 /// Fetches `f` into a staging file; returns its path. The content bytes that cross (literal
 /// segments and deltas) are added to `received` as they arrive, also when the fetch fails.
 pub async fn fetch(
@@ -206,32 +261,25 @@ pub async fn fetch(
 ) -> Result<PathBuf, FetchError> {
     // The basis: what an earlier fetch of this content left (its whole segments), else a
     // local file that may share segments with it.
-    let mut basis_file: Option<(File, u64)> = None;
-    let mut basis_hashes = None;
+    let mut basis: Option<Basis> = None;
     if f.size >= DELTA_MIN {
-        let partial = tokio::task::block_in_place(|| resume_basis(tree, &f.hash));
-        if let Some((file, size, hashes)) = partial {
+        basis = tokio::task::block_in_place(|| resume_basis(tree, &f.hash));
+        if let Some(b) = &basis {
             tracing::info!(
                 "resuming {}: {} of {} bytes are here from an earlier fetch",
                 f.path,
-                size,
+                b.size,
                 f.size
             );
-            basis_hashes = Some((size, hashes));
-            basis_file = Some((file, size));
         } else if let Some(p) = &f.basis {
-            let prepared = tokio::task::block_in_place(|| prepare_basis(tree, p));
-            if let Some((file, size, hashes)) = prepared {
-                basis_hashes = Some((size, hashes));
-                basis_file = Some((file, size));
-            }
+            basis = tokio::task::block_in_place(|| prepare_basis(tree, p));
         }
     }
     let request = Request {
         path: f.path.clone(),
         hash: f.hash,
         size: f.size,
-        basis: basis_hashes,
+        basis: basis.as_ref().map(|b| (b.size, b.cvs.to_vec())),
     };
     write_frame(send, &postcard::to_stdvec(&request).expect("encoding"))
         .await
@@ -241,17 +289,18 @@ pub async fn fetch(
         Header::NotFound => return Err(FetchError::NotFound),
         Header::Found => {}
     }
-    let (mut out, staged) = tree
+    let (out, staged) = tree
         .fetch_staging_file(&f.hash)
         .map_err(|e| local("making a staging file", e))?;
-    let result = receive(f, &mut out, basis_file, send, recv, received).await;
+    let result = receive(tree, f, &out, basis, send, recv, received).await;
     match result {
-        Ok(()) => {
+        Ok(cvs) => {
             tree.drop_partial(&f.hash);
+            tree.remember_cvs(f.hash, cvs.into());
             Ok(staged)
         }
-        // What arrived is checked segment by segment against the sender's hashes when a
-        // later fetch offers it as its basis, so it is kept, unless the sender lied.
+        // What arrived is checked segment by segment against the sender's CVs when a later
+        // fetch offers it as its basis, so it is kept, unless the sender lied.
         Err(e @ FetchError::Corrupt(_)) => {
             let _ = std::fs::remove_file(&staged);
             Err(e)
@@ -283,58 +332,85 @@ async fn read_control(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FetchErro
         .ok_or(FetchError::Unreachable)
 }
 
-/// The whole segments of the partial copy of `hash`, as a basis.
-fn resume_basis(tree: &Tree, hash: &Hash) -> Option<(File, u64, Vec<Hash>)> {
-    let (mut file, len) = tree.partial(hash)?;
+/// The whole segments of the partial copy of `hash`, as a basis (read and hashed: nothing
+/// else knows them).
+fn resume_basis(tree: &Tree, hash: &Hash) -> Option<Basis> {
+    let (file, len) = tree.partial(hash)?;
     let whole = (len / SEGMENT).min(SEGMENTS_MAX as u64);
     if whole == 0 {
         return None;
     }
     let size = whole * SEGMENT;
-    let mut hashes = Vec::with_capacity(whole as usize);
-    for i in 0..whole {
-        let data = read_segment(&mut file, size, i).ok()?;
-        hashes.push(*blake3::hash(&data).as_bytes());
-    }
-    Some((file, size, hashes))
+    let cvs = cvs_by_reading(&file, size).ok()?;
+    Some(Basis {
+        file,
+        size,
+        cvs: cvs.into(),
+        holds: None,
+    })
 }
 
-fn prepare_basis(tree: &Tree, path: &RelPath) -> Option<(File, u64, Vec<Hash>)> {
+/// The file at `path` as a basis, with the CVs known for its content (read only when they are
+/// not known).
+fn prepare_basis(tree: &Tree, path: &RelPath) -> Option<Basis> {
     let meta = tree.observe(path).ok()??;
     let (hash, size) = meta.file_hash()?;
-    let mut file = tree.open_content(path, &hash, size)?;
     if segments(size) as usize > SEGMENTS_MAX {
         return None;
     }
-    let mut hashes = Vec::with_capacity(segments(size) as usize);
-    for i in 0..segments(size) {
-        let data = read_segment(&mut file, size, i).ok()?;
-        hashes.push(*blake3::hash(&data).as_bytes());
-    }
-    Some((file, size, hashes))
+    let file = tree.open_content(path, &hash, size)?;
+    let cvs = match tree.cvs(&hash).filter(|c| c.len() as u64 == segments(size)) {
+        Some(cvs) => cvs,
+        None => cvs_by_reading(&file, size).ok()?.into(),
+    };
+    Some(Basis {
+        file,
+        size,
+        cvs,
+        holds: Some(hash),
+    })
 }
 
+/// Receives the segments into `out`; returns the content's segment CVs (empty for a content
+/// of one segment or none).
 async fn receive(
+    tree: &Tree,
     f: &Fetch,
-    out: &mut File,
-    mut basis: Option<(File, u64)>,
+    out: &File,
+    mut basis: Option<Basis>,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     received: &AtomicU64,
-) -> Result<(), FetchError> {
-    let mut hasher = blake3::Hasher::new();
-    for i in 0..segments(f.size) {
+) -> Result<Vec<Cv>, FetchError> {
+    let n = segments(f.size);
+    let mut cvs: Vec<Cv> = Vec::with_capacity(n as usize);
+    // A content of one segment is checked on its bytes (its hash is not a merge of CVs).
+    let mut whole: Option<Hash> = None;
+    let mut copied = false;
+    let mut writeback = Writeback::default();
+    for i in 0..n {
         let want = segment_len(f.size, i);
         let op = read_control(recv).await?;
         let op: Segment = postcard::from_bytes(&op).map_err(|e| corrupt(e.to_string()))?;
         let data = match op {
             Segment::Same => {
-                let (file, size) = basis.as_mut().ok_or_else(|| corrupt("no basis".into()))?;
-                tokio::task::block_in_place(|| read_segment(file, *size, i))
+                let b = basis.as_mut().ok_or_else(|| corrupt("no basis".into()))?;
+                if i >= segments(b.size) || segment_len(b.size, i) != want {
+                    return Err(corrupt("no such segment in the basis".into()));
+                }
+                if n >= 2 {
+                    tokio::task::block_in_place(|| copy_range(&b.file, out, i * SEGMENT, want))
+                        .map_err(|e| local("copying from the basis", e))?;
+                    cvs.push(b.cvs[i as usize]);
+                    copied = true;
+                    writeback.wrote(out, want as u64).await?;
+                    continue;
+                }
+                tokio::task::block_in_place(|| read_segment(&b.file, b.size, i))
                     .map_err(|e| local("reading the basis", e))?
             }
-            Segment::Literal(n) => {
-                if n as usize != want {
+            Segment::Literal(len) => {
+                if len as usize != want {
                     return Err(corrupt("segment of the wrong length".into()));
                 }
                 let mut data = vec![0u8; want];
@@ -345,11 +421,11 @@ async fn receive(
                 data
             }
             Segment::NeedSignature => {
-                let (file, size) = basis.as_mut().ok_or_else(|| corrupt("no basis".into()))?;
-                if i >= segments(*size) {
+                let b = basis.as_mut().ok_or_else(|| corrupt("no basis".into()))?;
+                if i >= segments(b.size) {
                     return Err(corrupt("signature asked beyond the basis".into()));
                 }
-                let base = tokio::task::block_in_place(|| read_segment(file, *size, i))
+                let base = tokio::task::block_in_place(|| read_segment(&b.file, b.size, i))
                     .map_err(|e| local("reading the basis", e))?;
                 let signature = tokio::task::block_in_place(|| {
                     fast_rsync::Signature::calculate(
@@ -364,19 +440,19 @@ async fn receive(
                     .await
                     .map_err(|_| FetchError::Unreachable)?;
                 let op = read_control(recv).await?;
-                let Segment::Delta(n) =
+                let Segment::Delta(len) =
                     postcard::from_bytes(&op).map_err(|e| corrupt(e.to_string()))?
                 else {
                     return Err(corrupt("expected a delta".into()));
                 };
-                if n as usize > DATA_MAX {
+                if len as usize > DATA_MAX {
                     return Err(corrupt("delta too large".into()));
                 }
-                let mut delta = vec![0u8; n as usize];
+                let mut delta = vec![0u8; len as usize];
                 recv.read_exact(&mut delta)
                     .await
                     .map_err(|_| FetchError::Unreachable)?;
-                received.fetch_add(u64::from(n), Ordering::Relaxed);
+                received.fetch_add(u64::from(len), Ordering::Relaxed);
                 let mut data = Vec::with_capacity(want);
                 fast_rsync::apply_limited(&base, &delta, &mut data, want)
                     .map_err(|e| corrupt(format!("delta does not apply: {e}")))?;
@@ -387,15 +463,79 @@ async fn receive(
         if data.len() != want {
             return Err(corrupt("segment of the wrong length".into()));
         }
-        hasher.update(&data);
-        tokio::task::block_in_place(|| out.write_all(&data))
+        if n >= 2 {
+            cvs.push(tokio::task::block_in_place(|| segments::cv(i, &data)));
+        } else {
+            whole = Some(*blake3::hash(&data).as_bytes());
+        }
+        tokio::task::block_in_place(|| out.write_all_at(&data, i * SEGMENT))
             .map_err(|e| local("writing the staging file", e))?;
+        writeback.wrote(out, want as u64).await?;
     }
-    if hasher.finalize().as_bytes() != &f.hash {
+    let hash = match n {
+        0 => *blake3::hash(&[]).as_bytes(),
+        1 => whole.expect("one segment came"),
+        _ => segments::root(&cvs),
+    };
+    if hash != f.hash {
         return Err(corrupt(format!(
             "content of {} does not match its hash",
             f.path
         )));
     }
-    Ok(())
+    // The copied segments are the basis's only if nothing wrote to it meanwhile.
+    if let Some(Basis {
+        file,
+        holds: Some(h),
+        ..
+    }) = &basis
+    {
+        if copied && !tree.still_holds(file, h) {
+            return Err(FetchError::Io(rsyncfs_mesh::engine::IoFailure::new(
+                rsyncfs_mesh::engine::IoKind::Other,
+                format!("{}: the local basis changed while it was copied", f.path),
+            )));
+        }
+    }
+    writeback.finish().await?;
+    Ok(cvs)
+}
+
+/// Starts the staging file's writeback every [`WRITEBACK_EVERY`] bytes (an `fdatasync` on
+/// another thread, one at a time), so that making it durable at the end waits only for the
+/// rest. Its errors (a full disk found at writeback, say) fail the fetch: the error is reported
+/// once per open file, and the final sync would not see it again.
+#[derive(Default)]
+struct Writeback {
+    since: u64,
+    running: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Writeback {
+    async fn wrote(&mut self, out: &File, bytes: u64) -> Result<(), FetchError> {
+        self.since += bytes;
+        if self.since < WRITEBACK_EVERY || self.running.as_ref().is_some_and(|r| !r.is_finished()) {
+            return Ok(());
+        }
+        if let Some(done) = self.running.take() {
+            Self::check(done.await.unwrap_or_else(|e| Err(std::io::Error::other(e))))?;
+        }
+        self.since = 0;
+        let clone = out
+            .try_clone()
+            .map_err(|e| local("making the staging file durable", e))?;
+        self.running = Some(tokio::task::spawn_blocking(move || clone.sync_data()));
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(), FetchError> {
+        match self.running.take() {
+            Some(r) => Self::check(r.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))),
+            None => Ok(()),
+        }
+    }
+
+    fn check(r: std::io::Result<()>) -> Result<(), FetchError> {
+        r.map_err(|e| local("making the staging file durable", e))
+    }
 }

@@ -7,6 +7,7 @@
 //! through the mount) and are not reported by the change logger.
 
 mod attrs;
+pub mod segments;
 
 use attrs::{finish_file, read_xattrs, set_attrs_at};
 use parking_lot::Mutex;
@@ -22,6 +23,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The folder inside the backing directory for the node's temporary files.
 pub const TMP_DIR: &str = "tmp";
@@ -65,6 +67,8 @@ pub struct Tree {
     tmp_fd: OwnedFd,
     tmp_path: PathBuf,
     hashes: Mutex<HashMap<Stamp, Hash>>,
+    /// The segments' CVs of large contents seen here (read, fetched or written).
+    cvs: Mutex<segments::CvCache>,
     /// Contents of small files by hash, as last read or written, for the batches that carry
     /// them (so that announcing a file just observed reads it no second time).
     small: Mutex<SmallCache>,
@@ -236,6 +240,7 @@ impl Tree {
             tmp_fd,
             tmp_path,
             hashes: Mutex::new(HashMap::new()),
+            cvs: Mutex::new(segments::CvCache::default()),
             small: Mutex::new(SmallCache::default()),
             next_tmp: AtomicU64::new(0),
             touched: Mutex::new(HashSet::new()),
@@ -349,7 +354,17 @@ impl Tree {
                             self.small.lock().put(hash, bytes::Bytes::from(data));
                             (hash, rustix::fs::fstat(&file).map_err(|e| io(e.into()))?)
                         } else {
-                            hash_file(&file).map_err(io)?
+                            match segments::hash_file(&file, stamp.size) {
+                                Ok((hash, cvs)) => {
+                                    self.remember_cvs(hash, cvs.into());
+                                    (hash, rustix::fs::fstat(&file).map_err(|e| io(e.into()))?)
+                                }
+                                // Shorter than it was a moment ago: written while we read.
+                                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                                    return Ok(None)
+                                }
+                                Err(e) => return Err(io(e)),
+                            }
                         };
                         if Stamp::of(&after) != stamp {
                             // Written while we read: look again.
@@ -376,6 +391,22 @@ impl Tree {
             hashes.clear();
         }
         hashes.insert(stamp, hash);
+    }
+
+    /// The segments' CVs of the content `hash`, if it has more than one segment and was hashed,
+    /// fetched or written here lately.
+    pub fn cvs(&self, hash: &Hash) -> Option<Arc<[segments::Cv]>> {
+        self.cvs.lock().get(hash)
+    }
+
+    pub fn remember_cvs(&self, hash: Hash, cvs: Arc<[segments::Cv]>) {
+        self.cvs.lock().put(hash, cvs);
+    }
+
+    /// Whether `file` is in the state in which it was last seen to hold content `hash` (its
+    /// identity, size and times unchanged since).
+    pub fn still_holds(&self, file: &File, hash: &Hash) -> bool {
+        rustix::fs::fstat(file).is_ok_and(|st| self.cached_hash(&Stamp::of(&st)) == Some(*hash))
     }
 
     /// Opens the file at `path` for reading if it holds content `hash` of `size` bytes.
@@ -600,11 +631,21 @@ impl Tree {
                         }
                         // The source may have been rewritten since its hash was checked: the
                         // copy is used only if it is the content asked for.
-                        let (copy_hash, _) =
-                            hash_file(&File::open(&tmp).map_err(io)?).map_err(io)?;
-                        if copy_hash != *hash {
-                            let _ = std::fs::remove_file(&tmp);
-                            return Err(ApplyError::Stale);
+                        let copy = segments::hash_file(&File::open(&tmp).map_err(io)?, *size);
+                        match copy {
+                            Ok((h, cvs)) if h == *hash => self.remember_cvs(h, cvs.into()),
+                            Ok(_) => {
+                                let _ = std::fs::remove_file(&tmp);
+                                return Err(ApplyError::Stale);
+                            }
+                            Err(e) => {
+                                let _ = std::fs::remove_file(&tmp);
+                                return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                                    ApplyError::Stale
+                                } else {
+                                    io(e)
+                                });
+                            }
                         }
                         file_out = Some(file);
                         tmp.file_name().expect("named").to_os_string()
@@ -791,26 +832,47 @@ fn copy_all(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// BLAKE3 of a whole file, and its stat after reading. Read in 1 MiB pieces (not mapped, so
-/// that a large file does not count against the daemon's resident memory).
-pub fn hash_file(file: &File) -> std::io::Result<(Hash, rustix::fs::Stat)> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut f = file;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let after = rustix::fs::fstat(file)?;
-    Ok((*hasher.finalize().as_bytes(), after))
-}
-
 /// A relative path from the tree as the engine names it; `None` for names that are not UTF-8
 /// or not allowed (they are not replicated).
 pub fn rel_path(path: &Path) -> Option<RelPath> {
     let s = std::str::from_utf8(path.as_os_str().as_bytes()).ok()?;
     RelPath::new(s.to_string()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_large_file_observed_keeps_its_cvs_and_a_write_to_it_is_seen_by_its_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = Tree::open(dir.path()).unwrap();
+        let size = 2 * segments::SEGMENT + 5;
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("big"), &data).unwrap();
+        let path = RelPath::new("big").unwrap();
+        let meta = tree.observe(&path).unwrap().unwrap();
+        let (hash, _) = meta.file_hash().unwrap();
+        assert_eq!(hash, *blake3::hash(&data).as_bytes());
+        let cvs = tree
+            .cvs(&hash)
+            .expect("the CVs of a file of three segments are kept");
+        assert_eq!(cvs.len(), 3);
+        assert_eq!(segments::root(&cvs), hash);
+
+        let file = tree.open_content(&path, &hash, size).unwrap();
+        assert!(tree.still_holds(&file, &hash));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("big"))
+            .unwrap()
+            .write_all_at(b"x", 7)
+            .unwrap();
+        assert!(
+            !tree.still_holds(&file, &hash),
+            "a write in place changes the stamp"
+        );
+    }
 }
