@@ -1,10 +1,17 @@
 #!/usr/bin/env python3
 """First syncs of a big tree: a member holding N small files (default 100,000) and nodes that
-join it with empty trees. Measures, in one run, the seconds until one receiver alone has every
-file, then until two receivers that join at the same moment both have every file, and `rsync -a`
-of the same tree between two local directories as the baseline.
+join it with empty trees. Measures, in one run:
+  - the member's first start over the tree (every file read and hashed) and a restart over the
+    unchanged tree (stats only, from the hash cache on disk), each until `status` says idle;
+  - the member's resident memory once idle, per tracked file, beyond an empty node's;
+  - the seconds until one receiver alone has every file, then until two receivers that join at
+    the same moment both have every file;
+  - the baselines: `rsync -a` of the same tree to an rsync daemon on 127.0.0.1, one run alone,
+    then two runs at once to two modules, and `rsync -a` between two local directories.
 
-Usage (as root): bench/firstsync.py [--files N] [--json FILE] [--bin PATH]
+Usage (as root): bench/firstsync.py [--files N] [--member-only] [--json FILE] [--bin PATH]
+(--member-only: the member's start, restart and memory, no receivers and no rsync: for 1,000,000
+files, where the receivers would take many minutes.)
 """
 import argparse
 import json
@@ -18,7 +25,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from node import Node, count_files, join, wait_until  # noqa: E402
+from node import Node, count_files, join  # noqa: E402
 
 
 def make_tree(root, files):
@@ -28,6 +35,60 @@ def make_tree(root, files):
             os.makedirs(d)
         with open(os.path.join(d, f"f{i:06}"), "w") as f:
             f.write(f"file {i}\n")
+
+
+def rss_kib(pid, field="VmRSS:"):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def until_idle(node, timeout, what):
+    """Seconds until `node` says it is idle, asked every 50 ms (each ask is a process)."""
+    start = time.perf_counter()
+    while not (node.try_status() or {}).get("idle"):
+        if time.perf_counter() - start > timeout:
+            raise SystemExit("timed out waiting for " + what)
+        time.sleep(0.05)
+    return time.perf_counter() - start
+
+
+def rsync_daemon(work, modules):
+    """An rsync daemon on 127.0.0.1 serving `modules` (name -> folder); returns it and its port."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = os.path.join(work, "rsyncd.conf")
+    with open(conf, "w") as f:
+        f.write(f"port = {port}\naddress = 127.0.0.1\nuse chroot = no\n")
+        for name, path in modules.items():
+            os.makedirs(path, exist_ok=True)
+            f.write(f"[{name}]\npath = {path}\nread only = no\nuid = root\ngid = root\n")
+    d = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}"])
+    deadline = time.time() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return d, port
+        except OSError:
+            if time.time() > deadline or d.poll() is not None:
+                d.kill()
+                raise SystemExit("the rsync daemon did not start")
+            time.sleep(0.05)
+
+
+def rsync_runs(src, port, modules):
+    """`rsync -a src/` to each module at once; the seconds until the last is done."""
+    t = time.perf_counter()
+    runs = [subprocess.Popen(["rsync", "-a", src + "/", f"rsync://127.0.0.1:{port}/{m}/"])
+            for m in modules]
+    for r in runs:
+        if r.wait() != 0:
+            raise SystemExit("rsync failed")
+    return time.perf_counter() - t
 
 
 def receivers(binary, work, member, names, files):
@@ -41,8 +102,12 @@ def receivers(binary, work, member, names, files):
             t.start()
         for t in threads:
             t.join()
-        wait_until(lambda: all(count_files(os.path.join(n.backing, "tree")) >= files for n in nodes),
-                   3600, "the receivers")
+        # Counting walks the receivers' trees: once every 0.1 s, so as not to take a core
+        # from the nodes (the last walk's own time is in the figure).
+        while not all(count_files(os.path.join(n.backing, "tree")) >= files for n in nodes):
+            if time.perf_counter() - start > 3600:
+                raise SystemExit("timed out waiting for the receivers")
+            time.sleep(0.1)
         return time.perf_counter() - start
     finally:
         for n in nodes:
@@ -52,32 +117,85 @@ def receivers(binary, work, member, names, files):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--files", type=int, default=100_000)
+    p.add_argument("--member-only", action="store_true")
     p.add_argument("--json")
     p.add_argument("--bin", default="target/release/rsyncfs-node")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="rsyncfs-firstsync.", dir="/var/tmp")
     member = None
+    empty = None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    r = {"files": a.files}
     try:
-        # The member's tree is in its backing directory before it starts (it rescans it).
+        # An empty node's memory, the base the member's is counted from.
+        empty = Node(a.bin, work, "e")
+        until_idle(empty, 60, "the empty node")
+        time.sleep(1)
+        empty_kib = rss_kib(empty.proc.pid)
+        empty.stop()
+        # The member's tree is in its backing directory before it starts (it scans it).
         backing = os.path.join(work, "m", "backing")
         make_tree(backing, a.files)
+        os.sync()
+        t = time.perf_counter()
         member = Node(a.bin, work, "m")
-        wait_until(lambda: member.status()["idle"], 600, "the member's rescan")
-        one = receivers(a.bin, work, member, ["r1"], a.files)
-        two = receivers(a.bin, work, member, ["r2", "r3"], a.files)
+        until_idle(member, 3600, "the member's first scan")
+        r["first_start_s"] = time.perf_counter() - t
+        member.stop()
+        t = time.perf_counter()
+        member = Node(a.bin, work, "m")
+        until_idle(member, 3600, "the member's restart")
+        r["restart_s"] = time.perf_counter() - t
+        time.sleep(1)
+        member_kib = rss_kib(member.proc.pid)
+        r["empty_rss_kib"] = empty_kib
+        r["member_rss_kib"] = member_kib
+        r["rss_bytes_per_file"] = max(0, member_kib - empty_kib) * 1024 / a.files
+        if not a.member_only:
+            r["one_receiver_s"] = receivers(a.bin, work, member, ["r1"], a.files)
+            r["two_receivers_s"] = receivers(a.bin, work, member, ["r2", "r3"], a.files)
+        r["member_peak_rss_kib"] = rss_kib(member.proc.pid, "VmHWM:")
     finally:
         if member:
             member.stop()
-    dst = os.path.join(work, "rsync-dst")
+        if empty:
+            empty.stop()
+    src = os.path.join(backing, "tree")
+    if a.member_only:
+        shutil.rmtree(work, ignore_errors=True)
+        report(r, a)
+        return
     os.sync()
+    dsts = {m: os.path.join(work, "rsync-" + m) for m in ("one", "two_a", "two_b")}
+    daemon, port = rsync_daemon(work, dsts)
+    try:
+        r["rsync_daemon_one_s"] = rsync_runs(src, port, ["one"])
+        r["rsync_daemon_two_s"] = rsync_runs(src, port, ["two_a", "two_b"])
+    finally:
+        daemon.terminate()
+        daemon.wait()
     t = time.perf_counter()
-    subprocess.run(["rsync", "-a", os.path.join(backing, "tree") + "/", dst + "/"], check=True)
-    rsync_s = time.perf_counter() - t
+    subprocess.run(["rsync", "-a", src + "/", os.path.join(work, "rsync-local") + "/"], check=True)
+    r["rsync_local_s"] = time.perf_counter() - t
     shutil.rmtree(work, ignore_errors=True)
-    r = {"files": a.files, "one_receiver_s": one, "two_receivers_s": two, "rsync_local_s": rsync_s}
-    print(f"{a.files} files: one receiver {one:.1f} s, two at once {two:.1f} s "
-          f"({two / one:.2f} of one), rsync -a locally {rsync_s:.1f} s")
+    report(r, a)
+
+
+def report(r, a):
+    print(f"{a.files} files:")
+    print(f"  member's first start {r['first_start_s']:.1f} s, restart {r['restart_s']:.1f} s; "
+          f"RSS {r['member_rss_kib'] / 1024:.0f} MiB (empty node {r['empty_rss_kib'] / 1024:.0f} MiB): "
+          f"{r['rss_bytes_per_file']:.0f} bytes per file; peak {r['member_peak_rss_kib'] / 1024:.0f} MiB")
+    if a.member_only:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(r, f, indent=2)
+        return
+    print(f"  one receiver {r['one_receiver_s']:.1f} s, rsync daemon {r['rsync_daemon_one_s']:.1f} s "
+          f"(ours / rsync {r['one_receiver_s'] / r['rsync_daemon_one_s']:.2f})")
+    print(f"  two at once {r['two_receivers_s']:.1f} s, two rsync runs at once {r['rsync_daemon_two_s']:.1f} s "
+          f"(ours / rsync {r['two_receivers_s'] / r['rsync_daemon_two_s']:.2f})")
+    print(f"  rsync -a locally {r['rsync_local_s']:.1f} s")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=2)

@@ -12,7 +12,7 @@ use rsyncfs_conflict::{Content, Record, RecordError};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every change of the wire types.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest content that travels inside its announcement.
 pub const INLINE_BYTES_MAX: usize = 64 * 1024;
 /// Most records one batch carries.
@@ -82,6 +82,16 @@ pub struct Batch {
     pub after: u64,
     pub upto: u64,
     pub records: Vec<WireRecord>,
+    /// What the sender's tree held then (for progress: a first sync is done when this node
+    /// holds as much).
+    pub holds: Holds,
+}
+
+/// Files and their bytes in a tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holds {
+    pub files: u64,
+    pub bytes: u64,
 }
 
 /// One path's record as the sender stores it, with the content of its winner when that is a
@@ -246,6 +256,7 @@ mod tests {
                 record: record(Meta::file(claimed.len() as u64, hash, 0o644, 1)),
                 data: Some(Bytes::copy_from_slice(data)),
             }],
+            holds: Holds { files: 2, bytes: 9 },
         })
     }
 
@@ -283,6 +294,7 @@ mod tests {
             after: 5,
             upto: 5,
             records: vec![],
+            holds: Holds::default(),
         });
         assert!(matches!(
             decode(&encode(&backwards)),

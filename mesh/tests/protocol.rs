@@ -3,7 +3,7 @@
 
 use rsyncfs_conflict::{Dot, Meta, NodeId, Record, Timestamp, NTP64};
 use rsyncfs_mesh::engine::{Action, Apply, Fetch, Now, Source};
-use rsyncfs_mesh::wire::{Batch, Message, WireRecord};
+use rsyncfs_mesh::wire::{Batch, Holds, Message, WireRecord};
 use rsyncfs_mesh::{Config, Engine, Input, MemStore, Output, RelPath, Store};
 
 const SEC: u64 = 1_000_000_000;
@@ -237,6 +237,10 @@ fn a_record_never_goes_back_to_its_author_or_source() {
     let data = b"from node 1";
     let record = remote_write(1, 5, file(data));
     let batch = Batch {
+        holds: Holds {
+            files: 7,
+            bytes: 70,
+        },
         after: 0,
         upto: 5,
         records: vec![WireRecord {
@@ -247,6 +251,16 @@ fn a_record_never_goes_back_to_its_author_or_source() {
         }],
     };
     receive(&mut e, node(1), Message::Batch(batch));
+    // What the sender said it holds is kept for progress.
+    let told = e.peer_status();
+    let from_one = told.iter().find(|p| p.peer == node(1)).unwrap();
+    assert_eq!(
+        from_one.their_tree,
+        Holds {
+            files: 7,
+            bytes: 70
+        }
+    );
     let out = drain(&mut e);
     assert_eq!(sent_to(&out, node(1)), vec![Message::Ack { progress: 5 }]);
     let apply = first_apply(&out).expect("the record is applied");
@@ -274,6 +288,11 @@ fn a_record_never_goes_back_to_its_author_or_source() {
         matches!(&to_two[..], [Message::Batch(b)] if b.records.len() == 1),
         "forwarded to the other peer: {to_two:?}"
     );
+    // A batch says what its sender holds: here the one file just applied.
+    assert!(
+        matches!(&to_two[..], [Message::Batch(b)] if b.holds == Holds { files: 1, bytes: data.len() as u64 }),
+        "{to_two:?}"
+    );
 }
 
 #[test]
@@ -281,6 +300,7 @@ fn a_gap_asks_for_a_resend_and_a_duplicate_is_only_acknowledged() {
     let mut e = engine(0);
     connect(&mut e, node(1), 0);
     let gap = Batch {
+        holds: Default::default(),
         after: 3,
         upto: 4,
         records: vec![],
@@ -291,6 +311,7 @@ fn a_gap_asks_for_a_resend_and_a_duplicate_is_only_acknowledged() {
         vec![Message::Pull { after: 0 }]
     );
     let first = Batch {
+        holds: Default::default(),
         after: 0,
         upto: 4,
         records: vec![],
@@ -315,6 +336,7 @@ fn progress_is_held_back_until_fetched_content_is_applied() {
     let data = vec![9u8; 200_000];
     let record = remote_write(1, 8, file(&data));
     let batch = Batch {
+        holds: Default::default(),
         after: 0,
         upto: 9,
         records: vec![WireRecord {
@@ -404,6 +426,7 @@ fn too_much_pending_work_defers_new_batches_until_it_shrinks() {
         &mut e,
         node(1),
         Message::Batch(Batch {
+            holds: Default::default(),
             after: 0,
             upto: 3,
             records,
@@ -411,6 +434,7 @@ fn too_much_pending_work_defers_new_batches_until_it_shrinks() {
     );
     let mut outputs = drain(&mut e);
     let more = Batch {
+        holds: Default::default(),
         after: 3,
         upto: 4,
         records: vec![],

@@ -22,6 +22,8 @@ const LOG: TableDefinition<u64, &str> = TableDefinition::new("log");
 const BY_HASH: TableDefinition<&[u8], ()> = TableDefinition::new("by_hash");
 const PROGRESS: TableDefinition<&[u8], u64> = TableDefinition::new("progress");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// The database's page cache: a fixed budget whatever the tree's size (redb's default is 1 GiB).
+const CACHE_BYTES: usize = 64 << 20;
 const RESERVED: &str = "seq_reserved";
 
 /// Why the store failed. The daemon stops on any of these.
@@ -64,7 +66,9 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = Database::create(path)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)?;
         let txn = db.begin_write()?;
         {
             // Create every table, so that reads never meet a missing one.

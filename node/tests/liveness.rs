@@ -282,6 +282,21 @@ fn a_first_sync_to_two_receivers_at_once_completes() {
         s.spawn(|| common::join(&a, &b));
         s.spawn(|| common::join(&a, &c));
     });
+    // Progress: a receiver's status says what the member holds, to compare with what it has.
+    let member_files = |n: &Node| {
+        n.status()["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["their_files"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    wait_for(
+        "b's status to say how many files the member holds",
+        Duration::from_secs(60),
+        || member_files(&b) == files as u64,
+    );
     wait_for(
         "both receivers to have every file",
         Duration::from_secs(600),
@@ -293,5 +308,10 @@ fn a_first_sync_to_two_receivers_at_once_completes() {
     );
     for n in [&a, &b, &c] {
         common::wait_idle(n, common::CONVERGE);
+    }
+    for n in [&b, &c] {
+        let s = n.status();
+        assert_eq!(s["files"].as_u64(), Some(files as u64), "{s}");
+        assert_eq!(member_files(n), files as u64, "{s}");
     }
 }

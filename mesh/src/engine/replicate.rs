@@ -12,7 +12,7 @@
 use super::{Engine, OpKind};
 use crate::path::RelPath;
 use crate::store::{Entry, Store};
-use crate::wire::{self, Batch, Message, WireRecord, BATCH_BYTES_MAX};
+use crate::wire::{self, Batch, Holds, Message, WireRecord, BATCH_BYTES_MAX};
 use rsyncfs_conflict::{settle, Decision, NodeId};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -68,6 +68,8 @@ pub(super) struct Peer {
     keepalive_sent_at: u64,
     /// Times the master side started again from an earlier position (a Pull or a resend).
     rewinds: u64,
+    /// What the peer's tree held, as its last batch said.
+    their_tree: Holds,
 }
 
 /// What status shows about one peer.
@@ -81,6 +83,9 @@ pub struct PeerStatus {
     pub applied: u64,
     /// Paths whose records from this peer are not applied yet.
     pub held: usize,
+    /// What the peer's tree held, as its last batch said (for progress: a first sync from it
+    /// is done when this node holds as much).
+    pub their_tree: Holds,
 }
 
 impl Peer {
@@ -105,6 +110,7 @@ impl Peer {
             deferred: VecDeque::new(),
             keepalive_sent_at: 0,
             rewinds: 0,
+            their_tree: Holds::default(),
         }
     }
 
@@ -260,6 +266,7 @@ impl<S: Store> Engine<S> {
                 sent: p.sent,
                 applied: p.recv,
                 held: p.holds.values().map(|&c| c as usize).sum(),
+                their_tree: p.their_tree,
             })
             .collect()
     }
@@ -413,6 +420,7 @@ impl<S: Store> Engine<S> {
         let busy = self.pending.len() >= self.cfg.pending_max;
         let deferred_max = deferred_max(&self.cfg);
         let peer = self.peers.get_mut(&from).expect("checked by caller");
+        peer.their_tree = batch.holds;
         if busy || !peer.deferred.is_empty() {
             // Too much work waiting here: keep the batch (in order behind others) for when the
             // work shrinks, and tell the sender we are alive so that it does not resend.
@@ -684,6 +692,10 @@ impl<S: Store> Engine<S> {
                     after,
                     upto,
                     records,
+                    holds: Holds {
+                        files: self.counts.files,
+                        bytes: self.counts.bytes,
+                    },
                 }),
             );
             if exhausted || scans >= SCANS_PER_PUSH_MAX {

@@ -127,6 +127,11 @@ enum Command {
         /// must run `rsyncfs-node accept`.
         #[arg(long)]
         token: Option<String>,
+        /// Return once joined. By default, on a terminal, `join` then shows the first sync's
+        /// progress (files and bytes done and left) until this node holds what the member
+        /// holds; elsewhere it returns once joined.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Let in a node that asked to join without a token.
     Accept {
@@ -251,7 +256,12 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e.to_string()),
             }
         }
-        Command::Join { state, peer, token } => {
+        Command::Join {
+            state,
+            peer,
+            token,
+            no_wait,
+        } => {
             if peer.is_none() && token.is_none() {
                 return fail("join needs --peer HOST[:PORT] (and optionally --token)".into());
             }
@@ -269,6 +279,9 @@ pub fn main() -> ExitCode {
                         "joined: member {}",
                         v["member"].as_str().unwrap_or_default()
                     );
+                    if !no_wait && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                        return first_sync(&state);
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e.to_string()),
@@ -441,5 +454,59 @@ fn logger(backing: PathBuf, mount: PathBuf, from0: bool, receive_only: bool) -> 
             eprintln!("rsyncfs-node: unmounting failed: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Shows the first sync's progress on a terminal until this node is idle and holds what the
+/// member holds (Ctrl-C leaves it running in the daemon).
+fn first_sync(state: &std::path::Path) -> ExitCode {
+    /// How often the daemon is asked.
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} receiving [{bar:30}] {pos}/{len} files, {msg} ({elapsed})",
+        )
+        .expect("a valid template")
+        .progress_chars("#>-"),
+    );
+    // Seen idle without any progress to show, a few times in a row: done (or nothing to take).
+    let mut settled = 0;
+    loop {
+        let s = match client::call(state, &control::Wire::Status)
+            .map_err(|e| e.to_string())
+            .and_then(|v| serde_json::from_value::<control::Status>(v).map_err(|e| e.to_string()))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                bar.abandon();
+                return fail(e);
+            }
+        };
+        match status::progress(&s) {
+            Some(p) => {
+                settled = 0;
+                bar.set_length(p.files_there);
+                bar.set_position(p.files);
+                bar.set_message(format!(
+                    "{} of {}",
+                    status::bytes(p.bytes),
+                    status::bytes(p.bytes_there)
+                ));
+            }
+            None if s.idle && s.peers.iter().any(|p| p.connected) => {
+                settled += 1;
+                // A member whose tree is empty sends no batch: give it three seconds.
+                let heard = s.peers.iter().any(|p| p.their_files.unwrap_or(0) > 0);
+                if settled >= if heard { 4 } else { 12 } {
+                    bar.finish_and_clear();
+                    println!("in sync: {} files ({})", s.files, status::bytes(s.bytes));
+                    return ExitCode::SUCCESS;
+                }
+            }
+            None => settled = 0,
+        }
+        bar.tick();
+        std::thread::sleep(EVERY);
     }
 }

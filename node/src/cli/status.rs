@@ -2,6 +2,56 @@
 
 use crate::control::Status;
 
+/// How far this node is from holding what a peer holds (a first sync, or a catch-up): the
+/// peer with the most files, while this node is busy and holds fewer.
+pub(super) struct Progress {
+    pub peer: String,
+    pub files: u64,
+    pub files_there: u64,
+    pub bytes: u64,
+    pub bytes_there: u64,
+}
+
+pub(super) fn progress(s: &Status) -> Option<Progress> {
+    let p = s
+        .peers
+        .iter()
+        .filter(|p| p.connected)
+        .max_by_key(|p| p.their_files.unwrap_or(0))?;
+    let (files_there, bytes_there) = (p.their_files?, p.their_bytes.unwrap_or(0));
+    (!s.idle && s.files < files_there).then(|| Progress {
+        peer: p.id.clone(),
+        files: s.files,
+        files_there,
+        bytes: s.bytes,
+        bytes_there,
+    })
+}
+
+/// A bar of `width` characters, `done` of `of` filled.
+fn bar(done: u64, of: u64, width: usize) -> String {
+    let filled = if of == 0 {
+        width
+    } else {
+        ((done.min(of) as u128 * width as u128) / of as u128) as usize
+    };
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// The progress line: files and bytes done and left.
+pub(super) fn progress_text(p: &Progress) -> String {
+    format!(
+        "{} of {} files ({} left), {} of {} ({} left), from {}",
+        p.files,
+        p.files_there,
+        p.files_there.saturating_sub(p.files),
+        bytes(p.bytes),
+        bytes(p.bytes_there),
+        bytes(p.bytes_there.saturating_sub(p.bytes)),
+        p.peer
+    )
+}
+
 pub(super) fn print(s: &Status) {
     println!("node      {} ({})", s.node, s.mode);
     println!("listening {}", s.listen);
@@ -27,6 +77,13 @@ pub(super) fn print(s: &Status) {
         )
     };
     println!("state     {state}");
+    if let Some(p) = progress(s) {
+        println!(
+            "receiving {} {}",
+            bar(p.files, p.files_there, 30),
+            progress_text(&p)
+        );
+    }
     if !s.idle && !s.busy_because.is_empty() {
         println!("because   {}", s.busy_because.join("; "));
     }
@@ -94,7 +151,7 @@ pub(super) fn print(s: &Status) {
 }
 
 /// Bytes as a person reads them.
-fn bytes(n: u64) -> String {
+pub(super) fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
     let mut unit = 0;
@@ -106,5 +163,18 @@ fn bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_fills_with_what_is_done() {
+        assert_eq!(bar(0, 10, 10), "[----------]");
+        assert_eq!(bar(5, 10, 10), "[#####-----]");
+        assert_eq!(bar(12, 10, 10), "[##########]");
+        assert_eq!(bar(0, 0, 4), "[####]");
     }
 }

@@ -157,6 +157,11 @@ pub struct PeerStatus {
     pub behind: Option<u64>,
     pub their_records_applied: Option<u64>,
     pub paths_pending_from_them: Option<usize>,
+    /// Files and bytes the peer's tree held, as its last batch said.
+    #[serde(default)]
+    pub their_files: Option<u64>,
+    #[serde(default)]
+    pub their_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

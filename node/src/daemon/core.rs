@@ -99,6 +99,7 @@ impl Core {
             while let Some(ev) = next.take() {
                 if matches!(ev, Event::Stop) {
                     self.commit()?;
+                    self.tree.flush_stamps(true);
                     return Ok(());
                 }
                 self.on_event(ev);
@@ -360,6 +361,7 @@ impl Core {
             .store_mut()
             .commit()
             .map_err(|source| DaemonError::Store { path, source })?;
+        self.tree.flush_stamps(false);
         Ok(())
     }
 
@@ -437,6 +439,8 @@ impl Core {
                     behind: e.map(|e| log_end.saturating_sub(e.acked)),
                     their_records_applied: e.map(|e| e.applied),
                     paths_pending_from_them: e.map(|e| e.held),
+                    their_files: e.map(|e| e.their_tree.files),
+                    their_bytes: e.map(|e| e.their_tree.bytes),
                 }
             })
             .collect();

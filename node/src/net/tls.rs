@@ -19,7 +19,7 @@ use std::time::Duration;
 /// The replication protocol and its version (2 since Hello carries `taken`): a node of another
 /// version fails the TLS handshake with "no application protocol" instead of sending frames it
 /// cannot decode.
-pub const ALPN: &[u8] = b"rsyncfs/2";
+pub const ALPN: &[u8] = b"rsyncfs/3";
 /// A node asking to join (it is not trusted yet).
 pub const ALPN_JOIN: &[u8] = b"rsyncfs-join/1";
 /// The name a client puts in its hello; certificates are checked by id, not by name.

@@ -78,16 +78,18 @@ pub(super) fn read_xattrs(
         Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
     };
-    let mut names = vec![0u8; 64 * 1024];
-    let n = match rustix::fs::flistxattr(&fd, &mut names[..]) {
-        Ok(n) => n,
+    let names = match xattr_names(fd.as_fd()) {
+        Ok(names) => names,
         Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
     };
     let mut out = Vec::new();
     let mut bytes = 0;
+    if names.is_empty() {
+        return Ok(out);
+    }
     let mut value = vec![0u8; 64 * 1024];
-    for attr in names[..n].split(|&b| b == 0).filter(|a| !a.is_empty()) {
+    for attr in names.split(|&b| b == 0).filter(|a| !a.is_empty()) {
         if XATTRS_SKIPPED.contains(&attr) || attr.len() > XATTR_NAME_BYTES_MAX {
             continue;
         }
@@ -114,6 +116,31 @@ pub(super) fn read_xattrs(
     Ok(out)
 }
 
+/// The names of an open file's extended attributes, NUL-separated. The length is asked first,
+/// so that a file without any (most files) costs no buffer.
+fn xattr_names(fd: BorrowedFd<'_>) -> rustix::io::Result<Vec<u8>> {
+    for _ in 0..XATTR_LIST_TRIES {
+        let need = rustix::fs::flistxattr(fd, &mut [0u8; 0][..])?;
+        if need == 0 {
+            return Ok(Vec::new());
+        }
+        let mut names = vec![0u8; need];
+        match rustix::fs::flistxattr(fd, &mut names[..]) {
+            Ok(n) => {
+                names.truncate(n);
+                return Ok(names);
+            }
+            // One was added between the two calls: ask again.
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(rustix::io::Errno::RANGE)
+}
+
+/// Times the attribute names are asked for while they keep growing between length and list.
+const XATTR_LIST_TRIES: usize = 4;
+
 /// Gives an open file or directory the owner (when this process may) and exactly the extended
 /// attributes of `meta`.
 fn set_owner_and_xattrs(fd: BorrowedFd<'_>, meta: &Meta) -> std::io::Result<()> {
@@ -126,13 +153,12 @@ fn set_owner_and_xattrs(fd: BorrowedFd<'_>, meta: &Meta) -> std::io::Result<()> 
             )?;
         }
     }
-    let mut names = vec![0u8; 64 * 1024];
-    let n = match rustix::fs::flistxattr(fd, &mut names[..]) {
-        Ok(n) => n,
+    let names = match xattr_names(fd) {
+        Ok(names) => names,
         Err(rustix::io::Errno::NOTSUP) if meta.xattrs.is_empty() => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    for attr in names[..n].split(|&b| b == 0).filter(|a| !a.is_empty()) {
+    for attr in names.split(|&b| b == 0).filter(|a| !a.is_empty()) {
         if XATTRS_SKIPPED.contains(&attr) || meta.xattrs.iter().any(|(k, _)| k == attr) {
             continue;
         }

@@ -8,6 +8,7 @@
 
 mod attrs;
 pub mod segments;
+mod stamps;
 
 use attrs::{finish_file, read_xattrs, set_attrs_at};
 use parking_lot::Mutex;
@@ -29,6 +30,8 @@ use std::sync::Arc;
 pub const TMP_DIR: &str = "tmp";
 /// Hashes remembered by file identity, so that a file is read once per change.
 const HASH_CACHE_MAX: usize = 100_000;
+/// The hash cache on disk, in the state folder inside the backing directory.
+const STAMPS_FILE: &str = "stamps.redb";
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
@@ -36,7 +39,7 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
 
 /// What identifies one state of a file's content without reading it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Stamp {
+pub(crate) struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -67,12 +70,16 @@ pub struct Tree {
     tmp_fd: OwnedFd,
     tmp_path: PathBuf,
     hashes: Mutex<HashMap<Stamp, Hash>>,
+    /// The same, by path and on disk, for restarts (`None` if it could not be opened).
+    stamps: Option<stamps::Stamps>,
     /// The segments' CVs of large contents seen here (read, fetched or written).
     cvs: Mutex<segments::CvCache>,
     /// Contents of small files by hash, as last read or written, for the batches that carry
     /// them (so that announcing a file just observed reads it no second time).
     small: Mutex<SmallCache>,
     next_tmp: AtomicU64,
+    /// Files read and hashed by observations.
+    hashed: AtomicU64,
     /// Directories whose entries changed since the last [`Tree::sync_dirs`].
     touched: Mutex<HashSet<PathBuf>>,
 }
@@ -234,7 +241,15 @@ impl Tree {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
+        let stamps = match stamps::Stamps::open(&state.join(STAMPS_FILE)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("no hash cache on disk ({e}): a restart reads every file again");
+                None
+            }
+        };
         Ok(Tree {
+            stamps,
             root: root.to_path_buf(),
             root_fd,
             tmp_fd,
@@ -243,6 +258,7 @@ impl Tree {
             cvs: Mutex::new(segments::CvCache::default()),
             small: Mutex::new(SmallCache::default()),
             next_tmp: AtomicU64::new(0),
+            hashed: AtomicU64::new(0),
             touched: Mutex::new(HashSet::new()),
         })
     }
@@ -317,7 +333,12 @@ impl Tree {
         let io = |e: std::io::Error| ObserveError::Io(path.to_string(), e);
         let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(rustix::io::Errno::NOENT) => return Ok(Some(None)),
+            Err(rustix::io::Errno::NOENT) => {
+                if let Some(s) = &self.stamps {
+                    s.forget(path);
+                }
+                return Ok(Some(None));
+            }
             Err(e) => return Err(io(e.into())),
         };
         let mode = st.st_mode & 0o7777;
@@ -336,7 +357,12 @@ impl Tree {
             }
             FileType::RegularFile => {
                 let stamp = Stamp::of(&st);
-                let hash = match self.cached_hash(&stamp) {
+                let known = self.cached_hash(&stamp).or_else(|| {
+                    let h = self.stamps.as_ref()?.get(path, &stamp)?;
+                    self.remember_hash(stamp, h);
+                    Some(h)
+                });
+                let hash = match known {
                     Some(h) => h,
                     None => {
                         let fd = rustix::fs::openat(
@@ -347,6 +373,7 @@ impl Tree {
                         )
                         .map_err(|e| io(e.into()))?;
                         let file = File::from(fd);
+                        self.hashed.fetch_add(1, Ordering::Relaxed);
                         let (hash, after) = if stamp.size <= SMALL_BYTES_MAX {
                             let mut data = Vec::with_capacity(stamp.size as usize + 1);
                             (&file).read_to_end(&mut data).map_err(io)?;
@@ -371,6 +398,9 @@ impl Tree {
                             return Ok(None);
                         }
                         self.remember_hash(stamp, hash);
+                        if let Some(s) = &self.stamps {
+                            s.put(path, stamp, hash);
+                        }
                         hash
                     }
                 };
@@ -538,6 +568,18 @@ impl Tree {
             None => self.root.clone(),
         };
         self.touched.lock().insert(path);
+    }
+
+    /// Files read and hashed by observations since the tree was opened.
+    pub fn hashed(&self) -> u64 {
+        self.hashed.load(Ordering::Relaxed)
+    }
+
+    /// Commits the hash cache's gathered writes (durably with `durable`, as at a clean stop).
+    pub fn flush_stamps(&self, durable: bool) {
+        if let Some(s) = &self.stamps {
+            s.flush(durable);
+        }
     }
 
     /// Makes the directory entries changed since the last call durable (before the store
@@ -742,6 +784,9 @@ impl Tree {
                     meta.file_hash(),
                 ) {
                     self.remember_hash(Stamp::of(&st), hash);
+                    if let Some(s) = &self.stamps {
+                        s.put(path, Stamp::of(&st), hash);
+                    }
                 }
             }
             Action::Symlink { .. } => {
@@ -768,6 +813,9 @@ impl Tree {
                 set_attrs_at(dir.as_fd(), name, meta).map_err(io)?;
             }
             Action::Remove => {
+                if let Some(s) = &self.stamps {
+                    s.forget(path);
+                }
                 let flags = if now.as_ref().is_some_and(Meta::is_dir) {
                     AtFlags::REMOVEDIR
                 } else {
@@ -873,6 +921,40 @@ mod tests {
         assert!(
             !tree.still_holds(&file, &hash),
             "a write in place changes the stamp"
+        );
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+
+    #[test]
+    fn a_reopened_tree_reads_no_unchanged_file_and_rereads_a_changed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<RelPath> = (0..20)
+            .map(|i| RelPath::new(format!("f{i}")).unwrap())
+            .collect();
+        for (i, p) in paths.iter().enumerate() {
+            std::fs::write(dir.path().join(p.as_str()), format!("content {i}")).unwrap();
+        }
+        let before: Vec<_> = {
+            let tree = Tree::open(dir.path()).unwrap();
+            let metas = paths.iter().map(|p| tree.observe(p).unwrap()).collect();
+            assert_eq!(tree.hashed(), 20);
+            tree.flush_stamps(true);
+            metas
+        };
+        std::fs::write(dir.path().join("f3"), "changed").unwrap();
+        let tree = Tree::open(dir.path()).unwrap();
+        let after: Vec<_> = paths.iter().map(|p| tree.observe(p).unwrap()).collect();
+        assert_eq!(tree.hashed(), 1, "only the changed file is read again");
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            assert_eq!(b == a, i != 3, "f{i}");
+        }
+        assert_eq!(
+            after[3].as_ref().unwrap().file_hash().unwrap().0,
+            *blake3::hash(b"changed").as_bytes()
         );
     }
 }
