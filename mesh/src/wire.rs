@@ -26,8 +26,8 @@ pub const WIRE_RECORD_BYTES_MAX: usize = 10
 /// that would take a batch past this starts the next one, except that a batch always takes its
 /// first record.
 pub const BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
-/// Bytes of an envelope around a batch's records: version, variant, range and count.
-const BATCH_ENVELOPE_BYTES_MAX: usize = 3 + 1 + 10 + 10 + 5;
+/// Bytes of an envelope around a batch's records: version, variant, range, count and holds.
+const BATCH_ENVELOPE_BYTES_MAX: usize = 3 + 1 + 10 + 10 + 5 + 10 + 10;
 /// Largest encoded envelope: a full batch plus one record of the largest size always fits.
 pub const FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
 const _: () =

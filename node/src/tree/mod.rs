@@ -926,6 +926,30 @@ mod tests {
 }
 
 #[cfg(test)]
+mod xattr_tests {
+    use super::*;
+
+    /// Attributes are seen whether their names fit the first, small list buffer or not.
+    #[test]
+    fn an_observation_sees_every_extended_attribute() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = Tree::open(dir.path()).unwrap();
+        for (file, count) in [("few", 3usize), ("many", 40)] {
+            let p = dir.path().join(file);
+            std::fs::write(&p, "x").unwrap();
+            for k in 0..count {
+                let name = format!("user.{}{k:03}", "n".repeat(36));
+                let name = std::ffi::CString::new(name).unwrap();
+                rustix::fs::setxattr(&p, name.as_c_str(), b"v", rustix::fs::XattrFlags::empty())
+                    .unwrap();
+            }
+            let meta = tree.observe(&RelPath::new(file).unwrap()).unwrap().unwrap();
+            assert_eq!(meta.xattrs.len(), count, "{file}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod restart_tests {
     use super::*;
 
