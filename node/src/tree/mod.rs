@@ -7,6 +7,7 @@
 //! through the mount) and are not reported by the change logger.
 
 mod attrs;
+mod by_hash;
 pub mod segments;
 mod stamps;
 
@@ -76,7 +77,7 @@ pub struct Tree {
     cvs: Mutex<segments::CvCache>,
     /// Contents of small files by hash, as last read or written, for the batches that carry
     /// them (so that announcing a file just observed reads it no second time).
-    small: Mutex<SmallCache>,
+    small: Mutex<by_hash::ByHash<bytes::Bytes>>,
     next_tmp: AtomicU64,
     /// Files read and hashed by observations.
     hashed: AtomicU64,
@@ -91,41 +92,10 @@ pub struct Prepared {
     file: Option<File>,
 }
 
-/// Files up to this size are kept in [`SmallCache`] when read (the inline limit).
+/// Files up to this size are kept in `Tree::small` when read (the inline limit).
 const SMALL_BYTES_MAX: u64 = rsyncfs_mesh::wire::INLINE_BYTES_MAX as u64;
 /// Bytes of small contents kept.
 const SMALL_CACHE_BYTES_MAX: usize = 16 << 20;
-
-/// Small contents by hash, oldest dropped first beyond [`SMALL_CACHE_BYTES_MAX`].
-#[derive(Default)]
-struct SmallCache {
-    by_hash: HashMap<Hash, bytes::Bytes>,
-    order: std::collections::VecDeque<Hash>,
-    bytes: usize,
-}
-
-impl SmallCache {
-    fn put(&mut self, hash: Hash, data: bytes::Bytes) {
-        if self.by_hash.contains_key(&hash) {
-            return;
-        }
-        self.bytes += data.len();
-        self.by_hash.insert(hash, data);
-        self.order.push_back(hash);
-        while self.bytes > SMALL_CACHE_BYTES_MAX {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(d) = self.by_hash.remove(&old) {
-                self.bytes -= d.len();
-            }
-        }
-    }
-
-    fn get(&self, hash: &Hash) -> Option<bytes::Bytes> {
-        self.by_hash.get(hash).cloned()
-    }
-}
 
 /// What an apply needs from the mount over the tree.
 pub trait Mount {
@@ -256,7 +226,7 @@ impl Tree {
             tmp_path,
             hashes: Mutex::new(HashMap::new()),
             cvs: Mutex::new(segments::CvCache::default()),
-            small: Mutex::new(SmallCache::default()),
+            small: Mutex::new(by_hash::ByHash::new(SMALL_CACHE_BYTES_MAX)),
             next_tmp: AtomicU64::new(0),
             hashed: AtomicU64::new(0),
             touched: Mutex::new(HashSet::new()),
@@ -378,7 +348,8 @@ impl Tree {
                             let mut data = Vec::with_capacity(stamp.size as usize + 1);
                             (&file).read_to_end(&mut data).map_err(io)?;
                             let hash = *blake3::hash(&data).as_bytes();
-                            self.small.lock().put(hash, bytes::Bytes::from(data));
+                            let len = data.len();
+                            self.small.lock().put(hash, bytes::Bytes::from(data), len);
                             (hash, rustix::fs::fstat(&file).map_err(|e| io(e.into()))?)
                         } else {
                             match segments::hash_file(&file, stamp.size) {
@@ -575,10 +546,13 @@ impl Tree {
         self.hashed.load(Ordering::Relaxed)
     }
 
-    /// Commits the hash cache's gathered writes (durably with `durable`, as at a clean stop).
+    /// Commits the hash cache's gathered writes: durably with `durable`, as at a clean stop;
+    /// otherwise at most once a second.
     pub fn flush_stamps(&self, durable: bool) {
-        if let Some(s) = &self.stamps {
-            s.flush(durable);
+        match &self.stamps {
+            Some(s) if durable => s.flush(true),
+            Some(s) => s.flush_if_due(),
+            None => {}
         }
     }
 
@@ -650,7 +624,7 @@ impl Tree {
                                 format!("{path}: inline content does not match"),
                             )));
                         }
-                        self.small.lock().put(*hash, bytes.clone());
+                        self.small.lock().put(*hash, bytes.clone(), bytes.len());
                         let (mut file, tmp) = self.staging_file().map_err(io)?;
                         let written = file.write_all(bytes).and_then(|_| finish_file(&file, meta));
                         if let Err(e) = written {
@@ -923,11 +897,6 @@ mod tests {
             "a write in place changes the stamp"
         );
     }
-}
-
-#[cfg(test)]
-mod xattr_tests {
-    use super::*;
 
     /// Attributes are seen whether their names fit the first, small list buffer or not.
     #[test]
@@ -947,11 +916,6 @@ mod xattr_tests {
             assert_eq!(meta.xattrs.len(), count, "{file}");
         }
     }
-}
-
-#[cfg(test)]
-mod restart_tests {
-    use super::*;
 
     #[test]
     fn a_reopened_tree_reads_no_unchanged_file_and_rereads_a_changed_one() {

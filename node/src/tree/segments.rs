@@ -12,9 +12,9 @@
 //! This uses `blake3::hazmat`; the tests check [`root`] against `blake3::hash` on the edges of
 //! the tree (one segment, two, a power of two and one more, a short last segment).
 
+use super::by_hash::ByHash;
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode};
 use rsyncfs_conflict::Hash;
-use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -114,33 +114,24 @@ pub fn hash_file(file: &File, size: u64) -> std::io::Result<(Hash, Vec<Cv>)> {
 /// The CVs of contents by hash, for contents of more than one segment, the oldest forgotten
 /// first beyond [`CVS_KEPT_MAX`] CVs. A CV list depends only on the content, so an entry is
 /// never stale: whether a file still holds that content is the caller's question.
-#[derive(Default)]
-pub struct CvCache {
-    by_hash: HashMap<Hash, Arc<[Cv]>>,
-    order: VecDeque<Hash>,
-    kept: usize,
+pub struct CvCache(ByHash<Arc<[Cv]>>);
+
+impl Default for CvCache {
+    fn default() -> CvCache {
+        CvCache(ByHash::new(CVS_KEPT_MAX))
+    }
 }
 
 impl CvCache {
     pub fn put(&mut self, hash: Hash, cvs: Arc<[Cv]>) {
-        if cvs.len() < 2 || cvs.len() > CVS_KEPT_MAX || self.by_hash.contains_key(&hash) {
-            return;
-        }
-        self.kept += cvs.len();
-        self.by_hash.insert(hash, cvs);
-        self.order.push_back(hash);
-        while self.kept > CVS_KEPT_MAX {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(c) = self.by_hash.remove(&old) {
-                self.kept -= c.len();
-            }
+        if cvs.len() >= 2 {
+            let n = cvs.len();
+            self.0.put(hash, cvs, n);
         }
     }
 
     pub fn get(&self, hash: &Hash) -> Option<Arc<[Cv]>> {
-        self.by_hash.get(hash).cloned()
+        self.0.get(hash)
     }
 }
 

@@ -20,6 +20,10 @@ const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("stamps");
 const PENDING_MAX: usize = 4096;
 /// The database's own page cache.
 const CACHE_BYTES: usize = 16 << 20;
+/// Least time between two commits asked for by [`Stamps::flush_if_due`] (the engine thread's
+/// group commits come every 20 ms while it is busy: a write transaction each would be work on
+/// its hot path).
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Most time between two durable commits while there are writes.
 const DURABLE_EVERY: Duration = Duration::from_secs(10);
 /// A stamp's five numbers and a hash.
@@ -33,6 +37,7 @@ pub struct Stamps {
     /// Gathered writes: a path's stamp and hash, or its removal.
     pending: Mutex<Vec<Gathered>>,
     durable_at: Mutex<Instant>,
+    flushed_at: Mutex<Instant>,
 }
 
 fn encode(stamp: &Stamp, hash: &Hash) -> [u8; VALUE_LEN] {
@@ -96,6 +101,7 @@ impl Stamps {
             db,
             pending: Mutex::new(Vec::new()),
             durable_at: Mutex::new(Instant::now()),
+            flushed_at: Mutex::new(Instant::now()),
         })
     }
 
@@ -127,6 +133,13 @@ impl Stamps {
         }
     }
 
+    /// Commits what was gathered if the last commit is [`FLUSH_EVERY`] old.
+    pub fn flush_if_due(&self) {
+        if self.flushed_at.lock().elapsed() >= FLUSH_EVERY {
+            self.flush(false);
+        }
+    }
+
     /// Commits what was gathered; with `durable` (or when the last durable commit is
     /// [`DURABLE_EVERY`] old), so that it survives a crash. A failure is logged and costs only
     /// reading those files again after a restart.
@@ -135,6 +148,7 @@ impl Stamps {
         if pending.is_empty() && !durable {
             return;
         }
+        *self.flushed_at.lock() = Instant::now();
         let durable = {
             let mut at = self.durable_at.lock();
             let due = durable || at.elapsed() >= DURABLE_EVERY;
