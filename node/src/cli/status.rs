@@ -128,11 +128,7 @@ pub(super) fn print(s: &Status) {
             "peer      {} {} {}{}",
             p.id,
             p.addr.as_deref().unwrap_or("(no address)"),
-            if p.connected {
-                "connected"
-            } else {
-                "not connected"
-            },
+            link_text(p),
             match p.behind {
                 Some(n) if n > 0 => format!(", {n} of our records not yet acknowledged"),
                 _ => String::new(),
@@ -147,6 +143,33 @@ pub(super) fn print(s: &Status) {
     }
     for b in &s.bugs {
         println!("BUG       {b} (please report it)");
+    }
+}
+
+/// How a peer's link is: connected or not, and when it is, its round trip, its packet size
+/// and the packets lost on it.
+fn link_text(p: &crate::control::PeerStatus) -> String {
+    if !p.connected {
+        return "not connected".into();
+    }
+    let mut parts = Vec::new();
+    if let Some(rtt) = p.rtt_ms {
+        parts.push(format!("rtt {rtt:.1} ms"));
+    }
+    if let Some(mtu) = p.mtu {
+        parts.push(format!("packets of {mtu} B"));
+    }
+    if let Some(lost) = p.lost_packets {
+        parts.push(format!("{lost} lost"));
+    }
+    match p.black_holes {
+        Some(n) if n > 0 => parts.push(format!("{n} MTU black holes")),
+        _ => {}
+    }
+    if parts.is_empty() {
+        "connected".into()
+    } else {
+        format!("connected ({})", parts.join(", "))
     }
 }
 

@@ -153,6 +153,13 @@ pub struct PeerStatus {
     pub connected: bool,
     pub connected_for_s: Option<u64>,
     pub rtt_ms: Option<f64>,
+    /// The link's packet size, packets lost on it, and MTU black holes quinn saw on it.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    #[serde(default)]
+    pub lost_packets: Option<u64>,
+    #[serde(default)]
+    pub black_holes: Option<u64>,
     /// Our records the peer has not acknowledged yet.
     pub behind: Option<u64>,
     pub their_records_applied: Option<u64>,

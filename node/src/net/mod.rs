@@ -163,6 +163,11 @@ pub struct LinkStatus {
     pub connected: bool,
     pub connected_for_s: Option<u64>,
     pub rtt_ms: Option<f64>,
+    /// The link's packet size now (path MTU discovery), packets lost on it, and the times quinn
+    /// took it for an MTU black hole (and fell back to 1,200-byte packets).
+    pub mtu: Option<u16>,
+    pub lost_packets: Option<u64>,
+    pub black_holes: Option<u64>,
 }
 
 pub struct Net {
@@ -725,14 +730,24 @@ impl Net {
         send.write_all(&[TAG_FETCH])
             .await
             .map_err(|_| FetchError::Unreachable)?;
-        content::fetch(
+        let r = content::fetch(
             &self.tree,
             f,
             &mut send,
             &mut recv,
             &self.counters.fetched_bytes,
         )
-        .await
+        .await;
+        let path = conn.stats().path;
+        tracing::debug!(
+            "fetch of {} ended; the link: rtt {:?}, mtu {}, {} packets lost, {} black holes",
+            f.path,
+            path.rtt,
+            path.current_mtu,
+            path.lost_packets,
+            path.black_holes_detected
+        );
+        r
     }
 
     /// Tells every connected peer about a new member.
@@ -781,12 +796,16 @@ impl Net {
             .into_iter()
             .map(|(id, addr)| {
                 let link = links.get(&id);
+                let path = link.map(|l| l.conn.stats().path);
                 LinkStatus {
                     id: id.long(),
                     addr,
                     connected: link.is_some(),
                     connected_for_s: link.map(|l| l.since.elapsed().as_secs()),
                     rtt_ms: link.map(|l| l.conn.rtt().as_secs_f64() * 1e3),
+                    mtu: path.map(|p| p.current_mtu),
+                    lost_packets: path.map(|p| p.lost_packets),
+                    black_holes: path.map(|p| p.black_holes_detected),
                 }
             })
             .collect()

@@ -30,11 +30,25 @@ pub const SERVER_NAME: &str = "rsyncfs";
 const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Connection receive window and send window, across streams.
 const CONNECTION_WINDOW: u32 = 24 * 1024 * 1024;
-/// The largest UDP payload a node accepts and probes for (the most UDP allows). Path MTU
-/// discovery starts at QUIC's 1,200 bytes and searches up to this: on Ethernet it settles near
-/// 1,452; on loopback and jumbo-frame links larger datagrams cut the per-packet costs
-/// (encryption calls, system calls, acknowledgements).
+/// The largest UDP payload a node accepts (the most UDP allows).
 pub const MAX_UDP_PAYLOAD: u16 = 65_527;
+/// The largest packet path MTU discovery searches for. It starts at QUIC's 1,200 bytes; on
+/// Ethernet it settles near 1,452, on loopback and jumbo-frame links at this bound, where larger
+/// packets cut the per-packet costs (encryption calls, system calls, acknowledgements).
+///
+/// Not more: quinn sends up to 10 packets in one GSO system call, the kernel refuses a call of
+/// more than 64 KiB (EMSGSIZE), and quinn-udp drops such a batch without a word (it takes
+/// EMSGSIZE for a lost MTU probe). With the bound at 65,527 on loopback, every batch of two or
+/// more large packets was lost; quinn took the path for a black hole and fell back to 1,200
+/// bytes. 1 GiB then crossed in 5.4 s, and in 2.6 s with this bound (docs/BENCHMARKS.md).
+pub const MTU_PROBED_MAX: u16 = 6_500;
+/// Ten packets of the largest size, with IPv6 and UDP headers, fit one GSO call.
+const _: () = assert!(MTU_PROBED_MAX as usize * 10 + 48 <= u16::MAX as usize);
+/// After bursts of lost large packets quinn takes the path for a black hole and falls back to
+/// 1,200-byte packets until it probes again, a minute later by default. Lost bursts are far
+/// more often a full queue (or random loss on a WAN) than a smaller MTU, so it probes again
+/// soon: a probe that is lost costs one packet.
+const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(3);
 /// Keep-alives every second, and a connection that hears nothing for 4 s is gone: a dead peer
 /// is shown down within 5 s (it was 30 s, and status showed a killed peer connected).
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
@@ -183,7 +197,8 @@ fn transport_config(congestion: Congestion) -> Arc<quinn::TransportConfig> {
         }
     };
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    mtu.upper_bound(MTU_PROBED_MAX)
+        .black_hole_cooldown(BLACK_HOLE_COOLDOWN);
     t.mtu_discovery_config(Some(mtu));
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW))
         .receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW))

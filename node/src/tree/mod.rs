@@ -122,7 +122,7 @@ pub enum ObserveError {
     Io(String, std::io::Error),
     #[error("{0}: the symlink target is not UTF-8; it is not replicated")]
     BadTarget(String),
-    #[error("{0}: changed every time it was read ({OBSERVE_TRIES} times); its writer's close reports it")]
+    #[error("{0}: changed every time it was read (up to {OBSERVE_TRIES} times or {mib} MiB); its writer's close reports it", mib = OBSERVE_BYTES_MAX >> 20)]
     Changing(String),
 }
 
@@ -191,6 +191,10 @@ fn keep_partials(tmp: &Path) -> std::io::Result<()> {
 
 /// Times a file that changes while it is hashed is read again before the observation gives up.
 const OBSERVE_TRIES: usize = 8;
+/// ... or once this many bytes of it were read in vain. A large file that changes while it is
+/// read is being written: reading it again at once would take a core from its writer for
+/// nothing, when the writer's close (or the next report of a file held open) brings it back.
+const OBSERVE_BYTES_MAX: u64 = 256 << 20;
 
 impl Tree {
     /// Opens the backing directory and makes its state folder (`.rsyncfs/tmp`), emptying the
@@ -285,9 +289,16 @@ impl Tree {
         path: &RelPath,
     ) -> Result<Option<Meta>, ObserveError> {
         // A file written while it is read is read again, a bounded number of times.
+        let mut spent = 0u64;
         for _ in 0..OBSERVE_TRIES {
             if let Some(observed) = self.try_observe_at(dir, name, path)? {
                 return Ok(observed);
+            }
+            // What the try read, about: the file's size now.
+            spent += rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                .map_or(0, |st| st.st_size as u64);
+            if spent >= OBSERVE_BYTES_MAX {
+                break;
             }
         }
         Err(ObserveError::Changing(path.to_string()))
@@ -352,8 +363,14 @@ impl Tree {
                             self.small.lock().put(hash, bytes::Bytes::from(data), len);
                             (hash, rustix::fs::fstat(&file).map_err(|e| io(e.into()))?)
                         } else {
+                            let started = std::time::Instant::now();
                             match segments::hash_file(&file, stamp.size) {
                                 Ok((hash, cvs)) => {
+                                    tracing::debug!(
+                                        "hashed {path}: {} bytes in {:?}",
+                                        stamp.size,
+                                        started.elapsed()
+                                    );
                                     self.remember_cvs(hash, cvs.into());
                                     (hash, rustix::fs::fstat(&file).map_err(|e| io(e.into()))?)
                                 }

@@ -40,9 +40,20 @@ pub fn len(size: u64, i: u64) -> usize {
 
 /// The CV of segment `i` of a file, from the segment's bytes.
 pub fn cv(i: u64, data: &[u8]) -> Cv {
+    let mut h = cv_hasher(i);
+    h.update(data);
+    cv_of(&h)
+}
+
+/// A hasher for segment `i`, to be fed its bytes in order and finished with [`cv_of`].
+pub fn cv_hasher(i: u64) -> blake3::Hasher {
     let mut h = blake3::Hasher::new();
     h.set_input_offset(i * SEGMENT);
-    h.update(data);
+    h
+}
+
+/// The CV of the segment a [`cv_hasher`] was fed.
+pub fn cv_of(h: &blake3::Hasher) -> Cv {
     h.finalize_non_root()
 }
 
