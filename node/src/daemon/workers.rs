@@ -1,5 +1,5 @@
 use super::Event;
-use crate::tree::{rel_path, Mount, Prepared, Tree};
+use crate::tree::{rel_path, Mount, ObserveError, Prepared, Tree};
 use rsyncfs_logger::{Change, ChangeKind, Mounted};
 use rsyncfs_mesh::engine::{Apply, ApplyError, Input};
 use rsyncfs_mesh::path::RelPath;
@@ -111,8 +111,15 @@ impl Workers {
                                     match tree.observe(&path) {
                                         Ok(observed) => Input::LocalChange { path, observed },
                                         Err(e) => {
-                                            // The engine asks again after a backoff.
-                                            tracing::warn!("{e}; looking again later");
+                                            // The engine asks again after a backoff. A file
+                                            // being written is no failure: its close (or the
+                                            // next report of a file held open) brings it back,
+                                            // and status shows it meanwhile.
+                                            if matches!(e, ObserveError::Changing(_)) {
+                                                tracing::debug!("{e}; looking again later");
+                                            } else {
+                                                tracing::warn!("{e}; looking again later");
+                                            }
                                             Input::ObserveFailed { path }
                                         }
                                     }

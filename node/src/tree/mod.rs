@@ -364,7 +364,11 @@ impl Tree {
                             (hash, rustix::fs::fstat(&file).map_err(|e| io(e.into()))?)
                         } else {
                             let started = std::time::Instant::now();
-                            match segments::hash_file(&file, stamp.size) {
+                            // A file being written is given up on within a few segments.
+                            let changed = || {
+                                rustix::fs::fstat(&file).map_or(true, |st| Stamp::of(&st) != stamp)
+                            };
+                            match segments::hash_file_unless(&file, stamp.size, &changed) {
                                 Ok((hash, cvs)) => {
                                     tracing::debug!(
                                         "hashed {path}: {} bytes in {:?}",
@@ -374,8 +378,15 @@ impl Tree {
                                     self.remember_cvs(hash, cvs.into());
                                     (hash, rustix::fs::fstat(&file).map_err(|e| io(e.into()))?)
                                 }
-                                // Shorter than it was a moment ago: written while we read.
-                                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                                // Shorter than it was a moment ago, or seen changing:
+                                // written while we read.
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::UnexpectedEof
+                                            | std::io::ErrorKind::Interrupted
+                                    ) =>
+                                {
                                     return Ok(None)
                                 }
                                 Err(e) => return Err(io(e)),

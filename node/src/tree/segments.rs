@@ -84,6 +84,20 @@ fn left_len(n: usize) -> usize {
 /// segments' CVs (empty otherwise). Large files are read and hashed on several threads with
 /// positional reads, each into a buffer of one segment.
 pub fn hash_file(file: &File, size: u64) -> std::io::Result<(Hash, Vec<Cv>)> {
+    hash_file_unless(file, size, &|| false)
+}
+
+/// Segments each hashing thread reads between two asks of `changed`.
+const SEGMENTS_BETWEEN_CHECKS: usize = 8;
+
+/// [`hash_file`], which gives up (an error of kind `Interrupted`) as soon as `changed` says the
+/// file changed: asked by each thread every [`SEGMENTS_BETWEEN_CHECKS`] segments, so that a
+/// file being written costs a few segments' reading, not a whole read of it.
+pub fn hash_file_unless(
+    file: &File,
+    size: u64,
+    changed: &(dyn Fn() -> bool + Sync),
+) -> std::io::Result<(Hash, Vec<Cv>)> {
     let n = count(size);
     if n <= 1 {
         let mut data = vec![0u8; size as usize];
@@ -99,14 +113,26 @@ pub fn hash_file(file: &File, size: u64) -> std::io::Result<(Hash, Vec<Cv>)> {
     };
     let mut cvs = vec![[0u8; 32]; n as usize];
     let per = cvs.len().div_ceil(threads);
+    let gave_up = std::sync::atomic::AtomicBool::new(false);
+    let interrupted = || std::io::Error::new(std::io::ErrorKind::Interrupted, "changed while read");
     std::thread::scope(|s| {
         let jobs: Vec<_> = cvs
             .chunks_mut(per)
             .enumerate()
             .map(|(t, out)| {
+                let gave_up = &gave_up;
                 s.spawn(move || -> std::io::Result<()> {
                     let mut buf = vec![0u8; SEGMENT as usize];
                     for (k, slot) in out.iter_mut().enumerate() {
+                        if k % SEGMENTS_BETWEEN_CHECKS == SEGMENTS_BETWEEN_CHECKS - 1 {
+                            if gave_up.load(std::sync::atomic::Ordering::Relaxed) {
+                                return Err(interrupted());
+                            }
+                            if changed() {
+                                gave_up.store(true, std::sync::atomic::Ordering::Relaxed);
+                                return Err(interrupted());
+                            }
+                        }
                         let i = (t * per + k) as u64;
                         let data = &mut buf[..len(size, i)];
                         file.read_exact_at(data, i * SEGMENT)?;
@@ -117,7 +143,10 @@ pub fn hash_file(file: &File, size: u64) -> std::io::Result<(Hash, Vec<Cv>)> {
             })
             .collect();
         jobs.into_iter()
-            .try_for_each(|j| j.join().expect("a hashing thread panicked"))
+            .map(|j| j.join().expect("a hashing thread panicked"))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<std::io::Result<()>>()
     })?;
     Ok((root(&cvs), cvs))
 }
@@ -200,6 +229,25 @@ mod tests {
                 assert!(cvs.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn hashing_gives_up_on_a_file_that_changes_within_a_few_segments() {
+        let size = 64 * SEGMENT;
+        let d = data(size);
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&d).unwrap();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let changed = || asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1;
+        let e = hash_file_unless(&f, size, &changed).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted);
+        // Each thread asks every few segments, and stops once one of them saw the change.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |p| p.get())
+            .min(HASH_THREADS_MAX);
+        assert!(asked.into_inner() <= 2 * threads, "asked too often");
+        let unchanged = hash_file_unless(&f, size, &|| false).unwrap();
+        assert_eq!(unchanged.0, *blake3::hash(&d).as_bytes());
     }
 
     #[test]
