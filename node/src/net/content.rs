@@ -305,16 +305,9 @@ pub async fn fetch(
     let (out, staged) = tree
         .fetch_staging_file(&f.hash)
         .map_err(|e| local("making a staging file", e))?;
-    let started = std::time::Instant::now();
     let result = receive(tree, f, &out, basis, send, recv, received).await;
     match result {
         Ok(cvs) => {
-            tracing::debug!(
-                "received {}: {} bytes in {:?}",
-                f.path,
-                f.size,
-                started.elapsed()
-            );
             tree.drop_partial(&f.hash);
             tree.remember_cvs(f.hash, cvs.into());
             Ok(staged)

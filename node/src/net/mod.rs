@@ -730,6 +730,7 @@ impl Net {
         send.write_all(&[TAG_FETCH])
             .await
             .map_err(|_| FetchError::Unreachable)?;
+        let started = std::time::Instant::now();
         let r = content::fetch(
             &self.tree,
             f,
@@ -738,15 +739,20 @@ impl Net {
             &self.counters.fetched_bytes,
         )
         .await;
-        let path = conn.stats().path;
-        tracing::debug!(
-            "fetch of {} ended; the link: rtt {:?}, mtu {}, {} packets lost, {} black holes",
-            f.path,
-            path.rtt,
-            path.current_mtu,
-            path.lost_packets,
-            path.black_holes_detected
-        );
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let path = conn.stats().path;
+            tracing::debug!(
+                "fetch of {} ({} bytes) ended after {:?}, {}; the link: rtt {:?}, mtu {}, {} packets lost, {} black holes",
+                f.path,
+                f.size,
+                started.elapsed(),
+                if r.is_ok() { "whole" } else { "failed" },
+                path.rtt,
+                path.current_mtu,
+                path.lost_packets,
+                path.black_holes_detected
+            );
+        }
         r
     }
 
@@ -802,7 +808,7 @@ impl Net {
                     addr,
                     connected: link.is_some(),
                     connected_for_s: link.map(|l| l.since.elapsed().as_secs()),
-                    rtt_ms: link.map(|l| l.conn.rtt().as_secs_f64() * 1e3),
+                    rtt_ms: path.map(|p| p.rtt.as_secs_f64() * 1e3),
                     mtu: path.map(|p| p.current_mtu),
                     lost_packets: path.map(|p| p.lost_packets),
                     black_holes: path.map(|p| p.black_holes_detected),

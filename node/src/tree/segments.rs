@@ -143,10 +143,7 @@ pub fn hash_file_unless(
             })
             .collect();
         jobs.into_iter()
-            .map(|j| j.join().expect("a hashing thread panicked"))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .collect::<std::io::Result<()>>()
+            .try_for_each(|j| j.join().expect("a hashing thread panicked"))
     })?;
     Ok((root(&cvs), cvs))
 }
