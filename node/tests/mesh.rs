@@ -7,6 +7,7 @@ mod common;
 use common::{converge, join, joined_pair, set_mode, tree, wait_for, Item, Node};
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 fn root() -> Option<tempfile::TempDir> {
@@ -360,6 +361,7 @@ fn a_one_mib_change_in_a_one_gib_file_moves_about_one_mib() {
     assert!(fetched0 >= GIB as u64, "{before}");
 
     // 1 MiB in the middle, written in place.
+    let ino = fs::metadata(b.m("huge.bin")).unwrap().ino();
     {
         use std::io::{Seek, SeekFrom};
         let mut f = fs::OpenOptions::new()
@@ -377,6 +379,16 @@ fn a_one_mib_change_in_a_one_gib_file_moves_about_one_mib() {
     let rx = after["udp_rx_bytes"].as_u64().unwrap() - rx0;
     let fetched = after["fetched_bytes"].as_u64().unwrap() - fetched0;
     println!("1 MiB change: {fetched} content bytes, {rx} UDP bytes received by b");
+    // Where the filesystem would copy the unchanged gigabyte, b wrote the change in place
+    // (under its journal) instead of making a new copy.
+    let backing = rustix::fs::statfs(b.b("")).unwrap().f_type as u64;
+    if matches!(backing, 0xEF53 | 0x0102_1994) {
+        let m = fs::metadata(b.m("huge.bin")).unwrap();
+        assert_eq!(m.ino(), ino, "b's copy was updated in place");
+        assert_eq!(m.mtime(), fs::metadata(a.m("huge.bin")).unwrap().mtime());
+    } else {
+        println!("b's filesystem (type {backing:#x}) clones ranges: the update is a new copy");
+    }
     assert!(
         fetched < 3 * MIB as u64 / 2,
         "{fetched} content bytes crossed"

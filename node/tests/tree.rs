@@ -211,3 +211,116 @@ fn a_file_that_keeps_changing_is_observed_a_bounded_number_of_times() {
     // Once the writer is done, it is observed as it is.
     assert!(tree.observe(&path("busy.log")).unwrap().is_some());
 }
+
+/// A file of three segments and a little, and the same with segment 1 changed.
+fn three_segments() -> (Vec<u8>, Vec<u8>) {
+    use rsyncfs_node::tree::segments::SEGMENT;
+    let old: Vec<u8> = (0..3 * SEGMENT + 1000).map(|i| (i % 251) as u8).collect();
+    let mut new = old.clone();
+    new[SEGMENT as usize + 5..SEGMENT as usize + 70_000].fill(0xA5);
+    (old, new)
+}
+
+/// Stages segment 1 of `new` as a patch of `old`.
+fn staged_patch(tree: &Tree, old: &[u8], new: &[u8]) -> std::path::PathBuf {
+    use rsyncfs_node::tree::in_place::Patch;
+    use rsyncfs_node::tree::segments::SEGMENT;
+    use std::os::unix::fs::FileExt;
+    let (f, p) = tree.patch_staging_file().unwrap();
+    let s = SEGMENT as usize;
+    f.write_all_at(&new[s..2 * s], SEGMENT).unwrap();
+    let patch = Patch {
+        basis: (*blake3::hash(old).as_bytes(), old.len() as u64),
+        size: new.len() as u64,
+        segments: vec![1],
+    };
+    assert!(tree.remember_patch(&p, patch));
+    p
+}
+
+#[test]
+fn a_patch_is_written_into_the_file_in_place_when_it_holds_the_basis() {
+    use std::os::unix::fs::MetadataExt;
+    let (_dir, tree) = open();
+    let mount = Writers::default();
+    let (old, new) = three_segments();
+    let target = tree.root().join("big");
+    fs::write(&target, &old).unwrap();
+    let before = tree.observe(&path("big")).unwrap().unwrap();
+    let ino = fs::metadata(&target).unwrap().ino();
+    let patch = staged_patch(&tree, &old, &new);
+    let apply = write("big", Some(before.clone()), &new, Source::Staged(3));
+
+    // Held open by a local writer: refused, the patch kept.
+    mount.0.lock().unwrap().insert("big".into());
+    assert_eq!(
+        tree.apply(&apply, Some(&patch), &mount),
+        Err(ApplyError::Busy)
+    );
+    assert!(patch.exists());
+    mount.0.lock().unwrap().clear();
+
+    tree.apply(&apply, Some(&patch), &mount).unwrap();
+    assert_eq!(fs::read(&target).unwrap(), new);
+    assert_eq!(observed(&tree, "big"), Some(file_meta(&new, 0o640)));
+    let overwrites = matches!(
+        rustix::fs::statfs(tree.root()).unwrap().f_type as u64,
+        0xEF53 | 0x0102_1994
+    );
+    if overwrites {
+        assert_eq!(
+            fs::metadata(&target).unwrap().ino(),
+            ino,
+            "updated in place"
+        );
+    } else {
+        println!("this filesystem shares blocks between copies: no update in place to check");
+    }
+    assert!(!patch.exists(), "the patch is used up");
+}
+
+#[test]
+fn a_patch_of_another_content_or_of_a_hard_linked_file_is_not_used() {
+    let (_dir, tree) = open();
+    let mount = Writers::default();
+    let (old, new) = three_segments();
+    let target = tree.root().join("big");
+    // The file holds something else than the patch's basis (the engine expected that, after
+    // a local write, say): the patch is of no use, and the engine fetches again.
+    let mut other = old.clone();
+    other[10] ^= 1;
+    fs::write(&target, &other).unwrap();
+    let now = tree.observe(&path("big")).unwrap().unwrap();
+    let patch = staged_patch(&tree, &old, &new);
+    let apply = write("big", Some(now), &new, Source::Staged(4));
+    assert_eq!(
+        tree.apply(&apply, Some(&patch), &mount),
+        Err(ApplyError::StagedGone)
+    );
+    assert_eq!(fs::read(&target).unwrap(), other, "untouched");
+
+    // The basis, but hard-linked: writing in place would change the other name too.
+    fs::write(&target, &old).unwrap();
+    fs::hard_link(&target, tree.root().join("link")).unwrap();
+    let now = tree.observe(&path("big")).unwrap().unwrap();
+    let apply = write("big", Some(now), &new, Source::Staged(4));
+    assert_eq!(
+        tree.apply(&apply, Some(&patch), &mount),
+        Err(ApplyError::StagedGone)
+    );
+    assert_eq!(fs::read(tree.root().join("link")).unwrap(), old);
+    assert!(!tree.updates_in_place(&fs::File::open(&target).unwrap(), 1 << 40));
+
+    // A patch file the tree does not know (its list was lost): never taken for a content.
+    tree.release_staged(&patch);
+    assert!(!patch.exists());
+    fs::write(&patch, b"stray").unwrap();
+    fs::remove_file(tree.root().join("link")).unwrap();
+    let now = tree.observe(&path("big")).unwrap().unwrap();
+    let apply = write("big", Some(now), &new, Source::Staged(4));
+    assert_eq!(
+        tree.apply(&apply, Some(&patch), &mount),
+        Err(ApplyError::StagedGone)
+    );
+    assert_eq!(fs::read(&target).unwrap(), old);
+}

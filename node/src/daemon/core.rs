@@ -305,7 +305,7 @@ impl Core {
                 Output::Observe { path } => self.workers.observe(path),
                 Output::Release { staged } => {
                     if let Some(path) = self.staged.remove(&staged) {
-                        let _ = std::fs::remove_file(path);
+                        self.tree.release_staged(&path);
                     }
                 }
                 Output::Commit => self.commit()?,

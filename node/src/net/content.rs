@@ -302,23 +302,59 @@ pub async fn fetch(
         Header::NotFound => return Err(FetchError::NotFound),
         Header::Found => {}
     }
-    let (out, staged) = tree
-        .fetch_staging_file(&f.hash)
-        .map_err(|e| local("making a staging file", e))?;
-    let result = receive(tree, f, &out, basis, send, recv, received).await;
-    match result {
-        Ok(cvs) => {
+    // Where the file here is the basis and large, only the segments that differ are staged,
+    // to be written into it in place (see `tree::in_place`).
+    let patch_of = basis
+        .as_ref()
+        .and_then(|b| b.holds.map(|h| (h, b.size)))
+        .filter(|(_, size)| {
+            let b = basis.as_ref().expect("a basis");
+            tokio::task::block_in_place(|| tree.updates_in_place(&b.file, *size))
+        });
+    let (out, staged) = match patch_of {
+        Some(_) => tree.patch_staging_file(),
+        None => tree.fetch_staging_file(&f.hash),
+    }
+    .map_err(|e| local("making a staging file", e))?;
+    let result = receive(
+        tree,
+        f,
+        &out,
+        basis,
+        patch_of.is_some(),
+        send,
+        recv,
+        received,
+    )
+    .await;
+    match (result, patch_of) {
+        (Ok((cvs, patched)), patch_of) => {
             tree.drop_partial(&f.hash);
             tree.remember_cvs(f.hash, cvs.into());
+            if let Some(basis) = patch_of {
+                let patch = crate::tree::in_place::Patch {
+                    basis,
+                    size: f.size,
+                    segments: patched,
+                };
+                if !tree.remember_patch(&staged, patch) {
+                    let _ = std::fs::remove_file(&staged);
+                    return Err(local(
+                        "staging a patch",
+                        std::io::Error::other("too many patches staged"),
+                    ));
+                }
+            }
             Ok(staged)
         }
         // What arrived is checked segment by segment against the sender's CVs when a later
-        // fetch offers it as its basis, so it is kept, unless the sender lied.
-        Err(e @ FetchError::Corrupt(_)) => {
+        // fetch offers it as its basis, so it is kept, unless the sender lied (or it is a
+        // patch: its basis is still here).
+        (Err(e @ FetchError::Corrupt(_)), _) | (Err(e), Some(_)) => {
             let _ = std::fs::remove_file(&staged);
             Err(e)
         }
-        Err(e) => {
+        (Err(e), None) => {
             drop(out);
             tree.keep_partial(&staged, &f.hash);
             Err(e)
@@ -385,18 +421,22 @@ fn prepare_basis(tree: &Tree, path: &RelPath) -> Option<Basis> {
 }
 
 /// Receives the segments into `out`; returns the content's segment CVs (empty for a content
-/// of one segment or none).
+/// of one segment or none) and the segments written. With `patch`, a segment the basis holds
+/// is not copied: `out` holds the others, each at its offset.
+#[allow(clippy::too_many_arguments)]
 async fn receive(
     tree: &Tree,
     f: &Fetch,
     out: &File,
     mut basis: Option<Basis>,
+    patch: bool,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     received: &AtomicU64,
-) -> Result<Vec<Cv>, FetchError> {
+) -> Result<(Vec<Cv>, Vec<u64>), FetchError> {
     let n = segments(f.size);
     let mut cvs: Vec<Cv> = Vec::with_capacity(n as usize);
+    let mut written: Vec<u64> = Vec::new();
     // A content of one segment is checked on its bytes (its hash is not a merge of CVs).
     let mut whole: Option<Hash> = None;
     let mut copied = false;
@@ -412,11 +452,13 @@ async fn receive(
                     return Err(corrupt("no such segment in the basis".into()));
                 }
                 if n >= 2 {
-                    tokio::task::block_in_place(|| copy_range(&b.file, out, i * SEGMENT, want))
-                        .map_err(|e| local("copying from the basis", e))?;
                     cvs.push(b.cvs[i as usize]);
                     copied = true;
-                    writeback.wrote(out, want as u64).await?;
+                    if !patch {
+                        tokio::task::block_in_place(|| copy_range(&b.file, out, i * SEGMENT, want))
+                            .map_err(|e| local("copying from the basis", e))?;
+                        writeback.wrote(out, want as u64).await?;
+                    }
                     continue;
                 }
                 tokio::task::block_in_place(|| read_segment(&b.file, b.size, i))
@@ -431,6 +473,7 @@ async fn receive(
                     1 => whole = Some(hash),
                     _ => cvs.push(hash),
                 }
+                written.push(i);
                 writeback.wrote(out, want as u64).await?;
                 continue;
             }
@@ -484,6 +527,7 @@ async fn receive(
         }
         tokio::task::block_in_place(|| out.write_all_at(&data, i * SEGMENT))
             .map_err(|e| local("writing the staging file", e))?;
+        written.push(i);
         writeback.wrote(out, want as u64).await?;
     }
     let hash = match n {
@@ -512,7 +556,7 @@ async fn receive(
         }
     }
     writeback.finish().await?;
-    Ok(cvs)
+    Ok((cvs, written))
 }
 
 /// Bytes of a segment gathered before they are hashed and written in one call.

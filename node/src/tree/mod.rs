@@ -8,10 +8,12 @@
 
 mod attrs;
 mod by_hash;
+pub mod in_place;
 pub mod segments;
 mod stamps;
 
 use attrs::{finish_file, read_xattrs, set_attrs_at};
+use in_place::{Journal, Patch, Record, PATCH};
 use parking_lot::Mutex;
 use rsyncfs_conflict::{Content, Hash, Meta, DIR_MODE_DEFAULT};
 use rsyncfs_mesh::engine::{Action, Apply, ApplyError, IoFailure, IoKind, Source, StagedId};
@@ -83,6 +85,12 @@ pub struct Tree {
     hashed: AtomicU64,
     /// Directories whose entries changed since the last [`Tree::sync_dirs`].
     touched: Mutex<HashSet<PathBuf>>,
+    /// The journal of updates in place (one at a time); `None` where the filesystem shares
+    /// blocks between copies (or the journal could not be opened), so that nothing is updated
+    /// in place.
+    journal: Option<Mutex<Journal>>,
+    /// Patches staged by fetches, by staging file name, until applied or released.
+    patches: Mutex<HashMap<std::ffi::OsString, Patch>>,
 }
 
 /// An apply's content, ready under a temporary name in the state folder.
@@ -90,6 +98,8 @@ pub struct Prepared {
     tmp: Option<std::ffi::OsString>,
     /// The temporary file, open, for making its data durable.
     file: Option<File>,
+    /// The segments to write in place, when `tmp` is a patch.
+    patch: Option<Patch>,
 }
 
 /// Files up to this size are kept in `Tree::small` when read (the inline limit).
@@ -209,7 +219,6 @@ impl Tree {
         let tmp_path = state.join(TMP_DIR);
         std::fs::create_dir_all(&tmp_path)?;
         std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-        keep_partials(&tmp_path)?;
         let tmp_fd = rustix::fs::open(
             &tmp_path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -222,7 +231,23 @@ impl Tree {
                 None
             }
         };
-        Ok(Tree {
+        let mut replay = None;
+        let journal = match in_place::overwrites_in_place(&root_fd) {
+            false => None,
+            true => match Journal::open(&state) {
+                Ok((journal, record)) => {
+                    replay = record;
+                    Some(Mutex::new(journal))
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "no journal for updates in place ({e}): large files are copied whole"
+                    );
+                    None
+                }
+            },
+        };
+        let tree = Tree {
             stamps,
             root: root.to_path_buf(),
             root_fd,
@@ -234,7 +259,77 @@ impl Tree {
             next_tmp: AtomicU64::new(0),
             hashed: AtomicU64::new(0),
             touched: Mutex::new(HashSet::new()),
-        })
+            journal,
+            patches: Mutex::new(HashMap::new()),
+        };
+        // An update in place that a crash cut short is finished before anything reads the
+        // tree, and before the temporary folder (which holds its patch) is emptied.
+        if let Some(record) = replay {
+            tree.replay(&record)?;
+        }
+        keep_partials(&tree.tmp_path)?;
+        Ok(tree)
+    }
+
+    /// Does again the update in place of `record` (found in the journal at start), then
+    /// clears the journal.
+    fn replay(&self, record: &Record) -> std::io::Result<()> {
+        let path = RelPath::new(record.path.clone()).map_err(std::io::Error::other)?;
+        let redone = (|| -> std::io::Result<&str> {
+            let (dir, name) = self.parent_of(&path)?;
+            let target = match rustix::fs::openat(
+                &dir,
+                name,
+                OFlags::RDWR | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => File::from(fd),
+                Err(rustix::io::Errno::NOENT) => return Ok("it is gone now; nothing to do"),
+                Err(e) => return Err(e.into()),
+            };
+            let st = rustix::fs::fstat(&target)?;
+            if st.st_dev != record.dev || st.st_ino != record.ino {
+                return Ok("another file is there now; left as it is");
+            }
+            let staged = match rustix::fs::openat(
+                &self.tmp_fd,
+                record.staged.as_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => File::from(fd),
+                // Only a hand in the state folder removes it (its name was durable first).
+                Err(rustix::io::Errno::NOENT) => {
+                    tracing::error!(
+                        "{}: its update in place was cut short and its staged segments are gone \
+                         from the state folder: it may hold parts of two versions",
+                        record.path
+                    );
+                    return Ok("not finished");
+                }
+                Err(e) => return Err(e.into()),
+            };
+            in_place::redo(&target, &staged, record)?;
+            set_attrs_at(dir.as_fd(), name, &record.meta)?;
+            target.sync_all()?;
+            Ok("finished")
+        })();
+        match redone {
+            Ok(outcome) => tracing::info!(
+                "{}: an update in place was cut short by a stop; {outcome}",
+                record.path
+            ),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: finishing its update in place: {e}", record.path),
+                ))
+            }
+        }
+        if let Some(j) = &self.journal {
+            j.lock().clear()?;
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -482,6 +577,45 @@ impl Tree {
         self.new_tmp(&format!("{FETCHING}{}-", hex(hash)))
     }
 
+    /// Whether a fetch into `basis` (the file at the fetched path, of `size` bytes) stages a
+    /// patch to write in place (see [`in_place`]).
+    pub fn updates_in_place(&self, basis: &File, size: u64) -> bool {
+        self.journal.is_some()
+            && size >= in_place::IN_PLACE_MIN
+            && rustix::fs::fstat(basis).is_ok_and(|st| st.st_nlink == 1)
+    }
+
+    /// A staging file for a patch (dropped, not kept as a partial copy, if the fetch breaks
+    /// off).
+    pub fn patch_staging_file(&self) -> std::io::Result<(File, PathBuf)> {
+        self.new_tmp(PATCH)
+    }
+
+    /// Keeps what the patch staged at `staged` is, for its apply. Patches whose staging files
+    /// are gone are forgotten when the list is full; a patch not kept is dropped (false).
+    pub fn remember_patch(&self, staged: &Path, patch: Patch) -> bool {
+        let mut patches = self.patches.lock();
+        if patches.len() >= in_place::PATCHES_MAX {
+            patches.retain(|name, _| {
+                rustix::fs::statat(&self.tmp_fd, name.as_os_str(), AtFlags::empty()).is_ok()
+            });
+        }
+        if patches.len() >= in_place::PATCHES_MAX {
+            return false;
+        }
+        let name = staged.file_name().expect("staging files have names");
+        patches.insert(name.to_os_string(), patch);
+        true
+    }
+
+    /// Removes a staged content the engine released.
+    pub fn release_staged(&self, staged: &Path) {
+        if let Some(name) = staged.file_name() {
+            self.patches.lock().remove(name);
+        }
+        let _ = std::fs::remove_file(staged);
+    }
+
     /// A new file in the temporary folder named `prefix`, this process's id and a counter.
     fn new_tmp(&self, prefix: &str) -> std::io::Result<(File, PathBuf)> {
         let name = format!(
@@ -620,6 +754,7 @@ impl Tree {
         let path = &apply.path;
         let io = |e: std::io::Error| io_error(path, e);
         let mut file_out: Option<File> = None;
+        let mut patch = None;
         let tmp: Option<std::ffi::OsString> = match &apply.action {
             Action::Write { meta, source } => {
                 let Content::File { size, hash } = &meta.content else {
@@ -631,6 +766,12 @@ impl Tree {
                 Some(match source {
                     Source::Staged(_) => {
                         let staged = staged.ok_or(ApplyError::StagedGone)?;
+                        let name = staged.file_name().expect("staging files have names");
+                        if name.as_bytes().starts_with(PATCH.as_bytes()) {
+                            // Segments for the file in place; its attributes are set there.
+                            let known = self.patches.lock().get(name).cloned();
+                            patch = Some(known.ok_or(ApplyError::StagedGone)?);
+                        }
                         let file = match File::options().read(true).write(true).open(staged) {
                             Ok(f) => f,
                             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -638,12 +779,11 @@ impl Tree {
                             }
                             Err(e) => return Err(io(e)),
                         };
-                        finish_file(&file, meta).map_err(io)?;
+                        if patch.is_none() {
+                            finish_file(&file, meta).map_err(io)?;
+                        }
                         file_out = Some(file);
-                        staged
-                            .file_name()
-                            .expect("staging files have names")
-                            .to_os_string()
+                        name.to_os_string()
                     }
                     Source::Inline(bytes) => {
                         if bytes.len() as u64 != *size || blake3::hash(bytes).as_bytes() != hash {
@@ -711,17 +851,21 @@ impl Tree {
         Ok(Prepared {
             tmp,
             file: file_out,
+            patch,
         })
     }
 
     /// Makes prepared contents durable: each file's data for one or two, one `syncfs` of the
     /// backing filesystem for more (a group of small files costs one journal commit, not one
-    /// each).
+    /// each). A patch's name is made durable too: the journal of its update names it.
     pub fn make_durable(&self, prepared: &[&Prepared]) -> std::io::Result<()> {
         let files: Vec<&File> = prepared.iter().filter_map(|p| p.file.as_ref()).collect();
         if files.len() <= 2 {
             for f in files {
                 f.sync_data()?;
+            }
+            if prepared.iter().any(|p| p.patch.is_some()) {
+                rustix::fs::fsync(&self.tmp_fd)?;
             }
             return Ok(());
         }
@@ -746,8 +890,14 @@ impl Tree {
         mount: &dyn Mount,
     ) -> Result<(), ApplyError> {
         let tmp = prepared.tmp;
+        let patch = prepared.patch.as_ref();
         let mut result = Err(ApplyError::Stale);
-        mount.exclusive(&mut || result = self.replace(apply, tmp.as_deref(), mount));
+        mount.exclusive(&mut || result = self.replace(apply, tmp.as_deref(), patch, mount));
+        if let (Ok(()), Some(_), Some(tmp)) = (&result, patch, &tmp) {
+            // Written into place: the patch is used up.
+            self.patches.lock().remove(tmp);
+            let _ = rustix::fs::unlinkat(&self.tmp_fd, tmp.as_os_str(), AtFlags::empty());
+        }
         if result.is_err() {
             if let (Some(tmp), None) = (&tmp, staged_source(apply)) {
                 let _ = rustix::fs::unlinkat(&self.tmp_fd, tmp.as_os_str(), AtFlags::empty());
@@ -761,6 +911,7 @@ impl Tree {
         &self,
         apply: &Apply,
         tmp: Option<&OsStr>,
+        patch: Option<&Patch>,
         mount: &dyn Mount,
     ) -> Result<(), ApplyError> {
         let path = &apply.path;
@@ -779,8 +930,20 @@ impl Tree {
         match &apply.action {
             Action::Write { meta, .. } => {
                 let tmp = tmp.expect("a write has its content ready");
-                self.replace_with(dir.as_fd(), name, tmp, now.as_ref())
-                    .map_err(io)?;
+                match patch {
+                    Some(patch) => self.patch_in_place(
+                        dir.as_fd(),
+                        name,
+                        path,
+                        tmp,
+                        patch,
+                        meta,
+                        now.as_ref(),
+                    )?,
+                    None => self
+                        .replace_with(dir.as_fd(), name, tmp, now.as_ref())
+                        .map_err(io)?,
+                }
                 if let (Ok(st), Some((hash, _))) = (
                     rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
                     meta.file_hash(),
@@ -833,6 +996,85 @@ impl Tree {
             }
         }
         self.touch(path.parent());
+        Ok(())
+    }
+
+    /// Writes the segments of `patch` (staged as `tmp`) into the file `name` in `dir`, which
+    /// holds `now`, under the journal (see [`in_place`]).
+    #[allow(clippy::too_many_arguments)]
+    fn patch_in_place(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &RelPath,
+        tmp: &OsStr,
+        patch: &Patch,
+        meta: &Meta,
+        now: Option<&Meta>,
+    ) -> Result<(), ApplyError> {
+        let io = |e: std::io::Error| io_error(path, e);
+        // A patch of another content than the one here is of no use: the engine fetches again
+        // (with what is here as the basis).
+        let Some(journal) = &self.journal else {
+            return Err(ApplyError::StagedGone);
+        };
+        if now.and_then(Meta::file_hash) != Some(patch.basis) {
+            return Err(ApplyError::StagedGone);
+        }
+        let target = File::from(
+            rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDWR | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| io(e.into()))?,
+        );
+        let st = rustix::fs::fstat(&target).map_err(|e| io(e.into()))?;
+        // A hard link elsewhere would change too (and a fetch now copies it whole).
+        if st.st_nlink != 1 {
+            return Err(ApplyError::StagedGone);
+        }
+        let staged = File::from(
+            rustix::fs::openat(
+                &self.tmp_fd,
+                tmp,
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|_| ApplyError::StagedGone)?,
+        );
+        let record = Record {
+            path: path.to_string(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            staged: tmp.to_string_lossy().into_owned(),
+            size: patch.size,
+            segments: patch.segments.clone(),
+            meta: meta.clone(),
+        };
+        in_place::reserve(&target, &record).map_err(io)?;
+        let mut journal = journal.lock();
+        journal.write(&record).map_err(io)?;
+        let mut write = || -> std::io::Result<()> {
+            in_place::redo(&target, &staged, &record)?;
+            set_attrs_at(dir, name, meta)?;
+            target.sync_all()?;
+            journal.clear()
+        };
+        if let Err(e) = write() {
+            // The file may hold parts of both versions now (or the journal, a record that must
+            // not be done again over a later write), and nothing may see it so: once more,
+            // then a stop, so that the next start finishes it from the journal.
+            tracing::error!("{path}: updating in place: {e}; trying once more");
+            if let Err(e) = write() {
+                tracing::error!(
+                    "{path}: updating in place failed twice ({e}): stopping, so that the next \
+                     start finishes it from the journal before anything reads the file"
+                );
+                std::process::abort();
+            }
+        }
         Ok(())
     }
 
@@ -971,6 +1213,121 @@ mod tests {
         assert_eq!(
             after[3].as_ref().unwrap().file_hash().unwrap().0,
             *blake3::hash(b"changed").as_bytes()
+        );
+    }
+
+    /// A crash after the journal's record was synced, with the file half written: the next
+    /// open finishes the update before anything reads the tree, and clears the record.
+    #[test]
+    fn an_update_in_place_cut_short_is_finished_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = Tree::open(dir.path()).unwrap();
+        if tree.journal.is_none() {
+            println!("this filesystem shares blocks between copies: nothing is updated in place");
+            return;
+        }
+        let seg = segments::SEGMENT as usize;
+        let old: Vec<u8> = (0..3 * seg + 77).map(|i| (i % 253) as u8).collect();
+        let mut new = old.clone();
+        new[seg + 1..seg + 9000].fill(1);
+        new[2 * seg + 3..].fill(2);
+        new.extend_from_slice(&[3u8; 5000]);
+        let target = dir.path().join("big");
+        std::fs::write(&target, &old).unwrap();
+        let (staged, staged_path) = tree.patch_staging_file().unwrap();
+        for i in [1usize, 2, 3] {
+            staged
+                .write_all_at(
+                    &new[i * seg..((i + 1) * seg).min(new.len())],
+                    (i * seg) as u64,
+                )
+                .unwrap();
+        }
+        let st = rustix::fs::stat(&target).unwrap();
+        let meta = Meta::file(
+            new.len() as u64,
+            *blake3::hash(&new).as_bytes(),
+            0o600,
+            1_600_000_000_000_000_007,
+        );
+        let record = Record {
+            path: "big".into(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            staged: staged_path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+            size: new.len() as u64,
+            segments: vec![1, 2, 3],
+            meta: meta.clone(),
+        };
+        tree.journal
+            .as_ref()
+            .unwrap()
+            .lock()
+            .write(&record)
+            .unwrap();
+        // Half of segment 1 written, then the crash.
+        let f = File::options().write(true).open(&target).unwrap();
+        f.write_all_at(&new[seg..seg + seg / 2], seg as u64)
+            .unwrap();
+        drop((f, tree));
+
+        let tree = Tree::open(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), new);
+        let mut seen = tree
+            .observe(&RelPath::new("big").unwrap())
+            .unwrap()
+            .unwrap();
+        seen.owner = None;
+        assert_eq!(seen, meta);
+        assert!(
+            !staged_path.exists(),
+            "the patch is gone with the temporary folder"
+        );
+        assert_eq!(tree.journal.as_ref().unwrap().lock().read(), Ok(None));
+        drop(tree);
+        // Cleared: a later write is not undone at the next open.
+        std::fs::write(&target, b"later").unwrap();
+        let _tree = Tree::open(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"later");
+    }
+
+    /// A record cut short or torn by a crash (its update never began) is ignored.
+    #[test]
+    fn a_torn_journal_record_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let (mut journal, none) = Journal::open(&state).unwrap();
+        assert!(none.is_none());
+        let record = Record {
+            path: "x".into(),
+            dev: 1,
+            ino: 2,
+            staged: "d-1-2".into(),
+            size: 3,
+            segments: vec![0],
+            meta: Meta::file(3, [0; 32], 0o644, 0),
+        };
+        journal.write(&record).unwrap();
+        drop(journal);
+        let (journal, read) = Journal::open(&state).unwrap();
+        assert_eq!(read.as_ref(), Some(&record));
+        drop(journal);
+        let path = state.join("in-place.journal");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(Journal::open(&state).unwrap().1.is_none(), "a torn record");
+        bytes.truncate(40);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(
+            Journal::open(&state).unwrap().1.is_none(),
+            "a record cut short"
         );
     }
 }
