@@ -1053,6 +1053,7 @@ impl Tree {
             segments: patch.segments.clone(),
             meta: meta.clone(),
         };
+        let started = std::time::Instant::now();
         in_place::reserve(&target, &record).map_err(io)?;
         let mut journal = journal.lock();
         journal.write(&record).map_err(io)?;
@@ -1075,6 +1076,11 @@ impl Tree {
                 std::process::abort();
             }
         }
+        tracing::debug!(
+            "{path}: {} segments written in place in {:?}",
+            record.segments.len(),
+            started.elapsed()
+        );
         Ok(())
     }
 
