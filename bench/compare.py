@@ -26,6 +26,13 @@ The work, the same for every tool, one tool at a time:
      ends with;
   5. CPU seconds and peak RSS of each tool's processes (every process it started, and theirs)
      during workloads 2 and 3.
+Then, for rsyncfs against rsync (the one peer these are defined for), through the scripts
+beside this one, each run as a child:
+  6. bench/firstsync.py: a node joining a member that holds 100,000 small files (1,000 with
+     --quick) against `rsync -a` to an rsync daemon, one receiver and two at once; the member's
+     restart over the unchanged tree; its resident memory per tracked file;
+  7. bench/wan.py (full mode only): 100 MiB and a 4 KiB write through a user-space relay with
+     50 ms each way, 2 ms jitter and 1% loss, rsyncfs (BBR) against rsync over TCP.
 
 Every process started here is stopped by its own pid (the process group it leads), and every
 mount is unmounted, also on an interrupt. Prints one table (tools as columns) and writes JSON.
@@ -812,7 +819,89 @@ def fmt(v):
     return str(v)
 
 
-def table(results, cfg):
+# ---------------------------------------------------------------- the workloads of other scripts
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_child(argv, timeout, what):
+    """Runs one of the benchmark scripts beside this one; on an interrupt or a timeout it is
+    asked to stop (TERM: it stops what it started) and waited for."""
+    log(f"== {what}: {' '.join(argv)}")
+    p = subprocess.Popen(argv)
+    try:
+        rc = p.wait(timeout=timeout)
+    except BaseException:
+        p.terminate()
+        try:
+            p.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        raise
+    if rc != 0:
+        raise Failed(f"{what} exited with {rc}")
+
+
+def extras(cfg, binary, work):
+    """Workloads 6 and 7; returns their JSON by name, and the errors by name."""
+    out, errors = {}, {}
+    jobs = [("first_sync", [sys.executable, os.path.join(HERE, "firstsync.py"),
+                            "--files", str(cfg["first_sync_files"]), "--bin", binary], 3600)]
+    if cfg["wan"]:
+        jobs.append(("wan", [sys.executable, os.path.join(HERE, "wan.py"), "--congestion", "bbr",
+                             "--bin", binary], 3600))
+    for name, argv, timeout in jobs:
+        path = os.path.join(work, name + ".json")
+        try:
+            run_child(argv + ["--json", path], timeout, name.replace("_", " "))
+            with open(path) as f:
+                out[name] = json.load(f)
+        except (Failed, OSError, ValueError, subprocess.TimeoutExpired) as e:
+            errors[name] = str(e)
+    return out, errors
+
+
+def extra_rows(x):
+    """(label, {tool: value}, better, note) of workloads 6 and 7, rsyncfs against rsync."""
+    rows = []
+    fs = x.get("first_sync")
+    if fs:
+        n = fs["files"]
+        rows += [
+            (f"first sync of {n:,} files, one joining, s",
+             {"rsyncfs": fs.get("one_receiver_s"), "rsync": fs.get("rsync_daemon_one_s")}, LOWER,
+             "rsync: `rsync -a` to a daemon"),
+            (f"first sync of {n:,} files, two joining at once, s",
+             {"rsyncfs": fs.get("two_receivers_s"), "rsync": fs.get("rsync_daemon_two_s")}, LOWER,
+             "rsync: two runs at once"),
+            (f"restart over {n:,} unchanged files, s", {"rsyncfs": fs.get("restart_s")}, LOWER,
+             "until idle"),
+            ("RSS per tracked file, bytes", {"rsyncfs": fs.get("rss_bytes_per_file")}, LOWER,
+             "beyond an empty node's; target 200"),
+        ]
+    wan = x.get("wan")
+    if wan:
+        ours = wan.get("rsyncfs-bbr") or {}
+        theirs = next((r for k, r in wan.items() if k.startswith("rsync-tcp-") and r), {})
+        link = wan.get("link", {})
+        where = (f"{link.get('delay_ms_each_way', '?'):g} ms each way, {link.get('loss_each_way', 0):.0%} loss"
+                 if link else "")
+        size = ours.get("big", {}).get("bytes") or theirs.get("big", {}).get("bytes") or 0
+        g = lambda r, *ks: r.get(ks[0], {}).get(ks[1]) if r else None  # noqa: E731
+        rows += [
+            (f"WAN ({where}): {size // MIB} MiB, s", {"rsyncfs": g(ours, "big", "s"), "rsync": g(theirs, "big", "s")},
+             LOWER, "rsync over TCP through the same relay"),
+            ("WAN: 4 KiB, p50 ms", {"rsyncfs": g(ours, "latency_4k", "p50_ms"),
+                                    "rsync": g(theirs, "latency_4k", "p50_ms")}, LOWER,
+             f"round trip {ours.get('rtt_ms') or 0:.0f} ms; rsync: one run per file"),
+            ("WAN: 4 KiB, p99 ms", {"rsyncfs": g(ours, "latency_4k", "p99_ms"),
+                                    "rsync": g(theirs, "latency_4k", "p99_ms")}, LOWER, ""),
+        ]
+    return rows
+
+
+def table(results, cfg, more=None):
     tools = list(results)
     peers = [t for t in tools if t != "rsyncfs"]
     lines = []
@@ -831,6 +920,13 @@ def table(results, cfg):
         lines.append(f"| {label} | " + " | ".join(fmt(vals[t]) for t in tools) + f" | {ratio} |")
     for label, cells, note in race_rows(results):
         lines.append(f"| {label} | " + " | ".join(cells.get(t, "-") for t in tools) + f" | {note} |")
+    for label, vals, better, note in extra_rows(more or {}):
+        ours, theirs = vals.get("rsyncfs"), vals.get("rsync")
+        ratio = note
+        if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs > 0:
+            lead = ours <= theirs if better == LOWER else ours >= theirs
+            ratio = f"{ours / theirs:.3g}" + (" (leads)" if lead else " (**behind**)") + (f"; {note}" if note else "")
+        lines.append(f"| {label} | " + " | ".join(fmt(vals.get(t)) for t in tools) + f" | {ratio} |")
     return "\n".join(lines)
 
 
@@ -841,12 +937,15 @@ def main():
     p.add_argument("--json", default="target/bench-compare.json")
     p.add_argument("--bin", default="target/release/rsyncfs-node")
     p.add_argument("--tools", default="rsyncfs,rsync,lsyncd,unison,syncthing")
+    p.add_argument("--no-extras", action="store_true",
+                   help="leave out workloads 6 and 7 (first syncs, the WAN relay)")
     a = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (FUSE mounts, an rsync daemon as root)")
     cfg = {"quick": a.quick, "size": (16 if a.quick else 1024) * MIB, "files": 300 if a.quick else 10000,
            "trials": 2 if a.quick else 50, "trials_b2b": 3 if a.quick else 50, "idle": 2.5, "races": 1 if a.quick else 3, "settle": 3 if a.quick else 6,
-           "timeout": 120 if a.quick else 900}
+           "timeout": 120 if a.quick else 900,
+           "first_sync_files": 1000 if a.quick else 100_000, "wan": not a.quick}
     tools = [t.strip() for t in a.tools.split(",") if t.strip()]
     known = {"rsyncfs", "rsync", "lsyncd", "unison", "syncthing"}
     if set(tools) - known:
@@ -858,7 +957,7 @@ def main():
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    results, errors = {}, {}
+    results, errors, more = {}, {}, {}
     t_all = time.perf_counter()
     try:
         for name in tools:
@@ -884,6 +983,9 @@ def main():
                 tool.stop()
                 current.remove(tool)
                 shutil.rmtree(tool.work, ignore_errors=True)
+        if {"rsyncfs", "rsync"} <= set(tools) and not a.no_extras:
+            more, more_errors = extras(cfg, a.bin, work)
+            errors.update(more_errors)
     finally:
         for tool in current:
             tool.stop()
@@ -897,12 +999,12 @@ def main():
                "versions": versions()}
     print()
     print(f"rsyncfs and its peers, {'quick' if a.quick else 'full'} mode, {elapsed:.0f} s; {machine}")
-    print(table(results, cfg))
+    print(table(results, cfg, more))
     for name, e in errors.items():
         print(f"{name}: FAILED: {e}")
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
-        json.dump({"machine": machine, "config": cfg, "results": results, "errors": errors}, f, indent=2)
+        json.dump({"machine": machine, "config": cfg, "results": results, "extras": more, "errors": errors}, f, indent=2)
     print(f"JSON: {a.json}")
     if errors:
         sys.exit(1)

@@ -84,6 +84,25 @@ class Table(unittest.TestCase):
         self.assertIn("ideal: rsyncfs, syncthing", self.row(compare.table(results, self.CFG), "race, 0 ms apart"))
 
 
+    def test_first_sync_and_wan_rows_compare_rsyncfs_with_rsync(self):
+        more = {"first_sync": {"files": 1000, "one_receiver_s": 3.0, "rsync_daemon_one_s": 2.0,
+                               "two_receivers_s": 4.0, "rsync_daemon_two_s": 5.0, "restart_s": 0.5,
+                               "rss_bytes_per_file": 150.0},
+                "wan": {"link": {"delay_ms_each_way": 50, "loss_each_way": 0.01},
+                        "rsyncfs-bbr": {"big": {"bytes": 100 << 20, "s": 8.0},
+                                        "latency_4k": {"p50_ms": 105.0, "p99_ms": 110.0}, "rtt_ms": 101.0},
+                        "rsync-tcp-cubic": {"big": {"bytes": 100 << 20, "s": 16.0},
+                                            "latency_4k": {"p50_ms": 400.0, "p99_ms": 500.0}}}}
+        text = compare.table({"rsyncfs": result(2.0, 100.0, True), "rsync": None}, self.CFG, more)
+        self.assertIn("1.5 (**behind**)", self.row(text, "first sync of 1,000 files, one joining, s"))
+        self.assertIn("0.8 (leads)", self.row(text, "first sync of 1,000 files, two joining at once, s"))
+        self.assertIn("target 200", self.row(text, "RSS per tracked file, bytes"))
+        self.assertIn("0.5 (leads)", self.row(text, "WAN (50 ms each way, 1% loss): 100 MiB, s"))
+        self.assertIn("round trip 101 ms", self.row(text, "WAN: 4 KiB, p50 ms"))
+        # Without the extras, the table has none of their rows.
+        self.assertNotIn("first sync", compare.table({"rsyncfs": result(2.0, 100.0, True)}, self.CFG))
+
+
 class Usage(unittest.TestCase):
     def test_cpu_of_a_tree_counts_a_reaped_grandchild(self):
         # A shell whose child burns 0.3 s of CPU and exits inside the window; the shell reaps
