@@ -1056,7 +1056,18 @@ impl Tree {
         let started = std::time::Instant::now();
         in_place::reserve(&target, &record).map_err(io)?;
         let mut journal = journal.lock();
-        journal.write(&record).map_err(io)?;
+        if let Err(e) = journal.write(&record) {
+            // Nothing was written into the file; but a record that reached the disk would be
+            // done at the next start, over whatever the file holds by then.
+            if let Err(again) = journal.clear() {
+                tracing::error!(
+                    "{path}: the journal of updates in place cannot be written ({e}) or \
+                     cleared ({again}): stopping, so that no record is done over a later write"
+                );
+                std::process::abort();
+            }
+            return Err(io(e));
+        }
         let mut write = || -> std::io::Result<()> {
             in_place::redo(&target, &staged, &record)?;
             set_attrs_at(dir, name, meta)?;
