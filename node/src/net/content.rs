@@ -125,30 +125,6 @@ fn cvs_by_reading(file: &File, size: u64) -> std::io::Result<Vec<Cv>> {
         .collect()
 }
 
-/// Copies `len` bytes at `at` from `src` to the same place in `dst` inside the kernel (the
-/// filesystem may share the blocks), or through a buffer where the kernel cannot.
-fn copy_range(src: &File, dst: &File, at: u64, len: usize) -> std::io::Result<()> {
-    let (mut from, mut to, mut left) = (at, at, len);
-    while left > 0 {
-        match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), left) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => left -= n,
-            Err(
-                rustix::io::Errno::XDEV
-                | rustix::io::Errno::INVAL
-                | rustix::io::Errno::OPNOTSUPP
-                | rustix::io::Errno::NOSYS,
-            ) => {
-                let mut buf = vec![0u8; left];
-                src.read_exact_at(&mut buf, from)?;
-                return dst.write_all_at(&buf, to);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 fn io(e: impl std::fmt::Display) -> ServeError {
     ServeError::Io(e.to_string())
 }
@@ -304,13 +280,14 @@ pub async fn fetch(
     }
     // Where the file here is the basis and large, only the segments that differ are staged,
     // to be written into it in place (see `tree::in_place`).
-    let patch_of = basis
-        .as_ref()
-        .and_then(|b| b.holds.map(|h| (h, b.size)))
-        .filter(|(_, size)| {
-            let b = basis.as_ref().expect("a basis");
-            tokio::task::block_in_place(|| tree.updates_in_place(&b.file, *size))
-        });
+    let patch_of = match &basis {
+        Some(b @ Basis { holds: Some(h), .. })
+            if tokio::task::block_in_place(|| tree.updates_in_place(&b.file, b.size)) =>
+        {
+            Some((*h, b.size))
+        }
+        _ => None,
+    };
     let (out, staged) = match patch_of {
         Some(_) => tree.patch_staging_file(),
         None => tree.fetch_staging_file(&f.hash),
@@ -455,8 +432,10 @@ async fn receive(
                     cvs.push(b.cvs[i as usize]);
                     copied = true;
                     if !patch {
-                        tokio::task::block_in_place(|| copy_range(&b.file, out, i * SEGMENT, want))
-                            .map_err(|e| local("copying from the basis", e))?;
+                        tokio::task::block_in_place(|| {
+                            segments::copy_range(&b.file, out, i * SEGMENT, want)
+                        })
+                        .map_err(|e| local("copying from the basis", e))?;
                         writeback.wrote(out, want as u64).await?;
                     }
                     continue;

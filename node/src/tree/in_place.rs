@@ -21,7 +21,9 @@
 //! bytes (as it would see a local writer's), and a hard-linked file is never updated in place.
 //! Filesystems that clone ranges (btrfs, XFS) keep the rename: their copy shares blocks.
 
+use super::segments;
 use rsyncfs_conflict::{Hash, Meta};
+use rustix::fs::FallocateFlags;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -43,7 +45,7 @@ pub(super) const PATCHES_MAX: usize = 256;
 const OVERWRITING: &[u64] = &[0xEF53, 0x0102_1994];
 
 /// Whether files of the filesystem holding `fd` are updated in place.
-pub(super) fn overwrites_in_place(fd: impl std::os::fd::AsFd) -> bool {
+pub fn overwrites_in_place(fd: impl std::os::fd::AsFd) -> bool {
     rustix::fs::fstatfs(fd).is_ok_and(|s| OVERWRITING.contains(&(s.f_type as u64)))
 }
 
@@ -148,10 +150,8 @@ impl Journal {
 /// Writes the staged segments of `record` into `target` and sets its size (step 3, but for
 /// the attributes and the sync). Doing it twice gives what doing it once does.
 pub(super) fn redo(target: &File, staged: &File, record: &Record) -> std::io::Result<()> {
-    for &i in &record.segments {
-        let at = i * super::segments::SEGMENT;
-        let len = super::segments::SEGMENT.min(record.size.saturating_sub(at));
-        copy_at(staged, target, at, len)?;
+    for (at, len) in ranges(record) {
+        segments::copy_range(staged, target, at, len)?;
     }
     target.set_len(record.size)?;
     Ok(())
@@ -160,13 +160,8 @@ pub(super) fn redo(target: &File, staged: &File, record: &Record) -> std::io::Re
 /// Makes room for the segments of `record` beyond what `target` has allocated, so that a full
 /// disk fails the update before it writes anything (where the filesystem can say).
 pub(super) fn reserve(target: &File, record: &Record) -> std::io::Result<()> {
-    for &i in &record.segments {
-        let at = i * super::segments::SEGMENT;
-        let len = super::segments::SEGMENT.min(record.size.saturating_sub(at));
-        if len == 0 {
-            continue;
-        }
-        match rustix::fs::fallocate(target, rustix::fs::FallocateFlags::KEEP_SIZE, at, len) {
+    for (at, len) in ranges(record) {
+        match rustix::fs::fallocate(target, FallocateFlags::KEEP_SIZE, at, len as u64) {
             Ok(()) => {}
             Err(rustix::io::Errno::OPNOTSUPP) => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -175,18 +170,11 @@ pub(super) fn reserve(target: &File, record: &Record) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Copies `len` bytes at offset `at` of `src` to the same offset of `dst`, in the kernel.
-fn copy_at(src: &File, dst: &File, at: u64, len: u64) -> std::io::Result<()> {
-    let (mut from, mut to, mut left) = (at, at, len);
-    while left > 0 {
-        let n =
-            rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), left as usize)?;
-        if n == 0 {
-            return Err(std::io::Error::other(
-                "the staged patch is shorter than its record",
-            ));
-        }
-        left -= n as u64;
-    }
-    Ok(())
+/// Offset and length of each segment of `record` (segments the new size leaves out are none).
+fn ranges(record: &Record) -> impl Iterator<Item = (u64, usize)> + '_ {
+    record
+        .segments
+        .iter()
+        .filter(|&&i| i < segments::count(record.size))
+        .map(|&i| (i * segments::SEGMENT, segments::len(record.size, i)))
 }

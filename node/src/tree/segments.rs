@@ -172,6 +172,30 @@ impl CvCache {
     }
 }
 
+/// Copies `len` bytes at `at` from `src` to the same place in `dst` inside the kernel (the
+/// filesystem may share the blocks), or through a buffer where the kernel cannot.
+pub fn copy_range(src: &File, dst: &File, at: u64, len: usize) -> std::io::Result<()> {
+    let (mut from, mut to, mut left) = (at, at, len);
+    while left > 0 {
+        match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), left) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n,
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::NOSYS,
+            ) => {
+                let mut buf = vec![0u8; left];
+                src.read_exact_at(&mut buf, from)?;
+                return dst.write_all_at(&buf, to);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
