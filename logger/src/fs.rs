@@ -284,6 +284,10 @@ impl Shared {
     }
 
     pub(crate) fn is_open_for_writing(&self, path: &Path) -> bool {
+        // Mostly no file is open for writing: then no lookup of the path is needed.
+        if self.writers.lock().is_empty() {
+            return false;
+        }
         let Ok(st) = rustix::fs::statat(
             self.inodes.get(ROOT).expect("root").fd(),
             path,

@@ -182,39 +182,42 @@ impl RedbStore {
 
     fn try_remove(&mut self, path: &RelPath) -> Result<(), StoreError> {
         // Forgotten first: if the write fails the daemon stops, and the cache with it.
-        self.cache.get_mut().remove(path);
+        let known = self.cache.get_mut().remove(path);
         let txn = self.txn();
-        let mut entries = txn.open_table(ENTRIES)?;
-        let Some(old) = entries.remove(path.as_str())? else {
-            return Ok(());
+        let old = {
+            let mut entries = txn.open_table(ENTRIES)?;
+            let removed = entries.remove(path.as_str())?;
+            let old = match (known, removed) {
+                (_, None) => return Ok(()),
+                // The cache holds what the database does: no need to decode it again.
+                (Some(Some(old)), Some(_)) => old,
+                (_, Some(bytes)) => decode(path.as_str(), bytes.value())?.1,
+            };
+            old
         };
-        let (_, old) = decode(path.as_str(), old.value())?;
-        if old.record.is_some() {
-            txn.open_table(LOG)?.remove(old.seq)?;
-        }
-        if let Some((hash, _)) = old.local.as_ref().and_then(|m| m.file_hash()) {
-            txn.open_table(BY_HASH)?
-                .remove(hash_key(&hash, path).as_slice())?;
-        }
-        Ok(())
+        reindex(txn, path, &old, None)
     }
 
+    /// One write of the entry (its old value comes back from the insert, or from the cache),
+    /// and of the `log` and `by_hash` rows only where they change.
     fn try_put(&mut self, path: &RelPath, entry: &Entry) -> Result<(), StoreError> {
-        self.try_remove(path)?;
-        let txn = self.txn();
         if entry.record.is_some() {
             assert!(entry.seq > 0, "a record needs a log position");
-            let mut log = txn.open_table(LOG)?;
-            let previous = log.insert(entry.seq, path.as_str())?;
-            assert!(previous.is_none(), "log position {} used twice", entry.seq);
         }
-        if let Some((hash, _)) = entry.local.as_ref().and_then(|m| m.file_hash()) {
-            txn.open_table(BY_HASH)?
-                .insert(hash_key(&hash, path).as_slice(), ())?;
-        }
+        let known = self.cache.get_mut().remove(path);
+        let txn = self.txn();
         let bytes = postcard::to_stdvec(entry).expect("encoding to memory cannot fail");
-        txn.open_table(ENTRIES)?
-            .insert(path.as_str(), bytes.as_slice())?;
+        let old = {
+            let mut entries = txn.open_table(ENTRIES)?;
+            let replaced = entries.insert(path.as_str(), bytes.as_slice())?;
+            let old = match (known, replaced) {
+                (_, None) => Entry::default(),
+                (Some(Some(old)), Some(_)) => old,
+                (_, Some(bytes)) => decode(path.as_str(), bytes.value())?.1,
+            };
+            old
+        };
+        reindex(txn, path, &old, Some(entry))?;
         self.remember(path, Some(entry.clone()));
         Ok(())
     }
@@ -290,6 +293,40 @@ fn hash_key(hash: &Hash, path: &RelPath) -> Vec<u8> {
     key.extend_from_slice(hash);
     key.extend_from_slice(path.as_str().as_bytes());
     key
+}
+
+/// Moves the `log` and `by_hash` rows of `path` from what `old` says to what `new` says
+/// (nothing, for a removal); a row both say is left as it is.
+fn reindex(
+    txn: &WriteTransaction,
+    path: &RelPath,
+    old: &Entry,
+    new: Option<&Entry>,
+) -> Result<(), StoreError> {
+    let seq = |e: &Entry| e.record.is_some().then_some(e.seq);
+    let (old_seq, new_seq) = (seq(old), new.and_then(seq));
+    if old_seq != new_seq {
+        let mut log = txn.open_table(LOG)?;
+        if let Some(s) = old_seq {
+            log.remove(s)?;
+        }
+        if let Some(s) = new_seq {
+            let previous = log.insert(s, path.as_str())?;
+            assert!(previous.is_none(), "log position {s} used twice");
+        }
+    }
+    let hash = |e: &Entry| e.local.as_ref().and_then(|m| m.file_hash()).map(|(h, _)| h);
+    let (old_hash, new_hash) = (hash(old), new.and_then(hash));
+    if old_hash != new_hash {
+        let mut by_hash = txn.open_table(BY_HASH)?;
+        if let Some(h) = old_hash {
+            by_hash.remove(hash_key(&h, path).as_slice())?;
+        }
+        if let Some(h) = new_hash {
+            by_hash.insert(hash_key(&h, path).as_slice(), ())?;
+        }
+    }
+    Ok(())
 }
 
 fn decode(path: &str, bytes: &[u8]) -> Result<(RelPath, Entry), StoreError> {

@@ -1911,6 +1911,7 @@ fn engine_config(id: NodeId, opts: &Options, character: &Character, index: usize
     cfg.siblings_max = character.siblings_max;
     cfg.reconciles_per_call_max = 500;
     cfg.commit_after = Duration::from_millis(5);
+    cfg.commit_gap_min = Duration::from_millis(15);
     cfg.inline_bytes_max = SIM_INLINE_BYTES_MAX;
     cfg.batch_records_max = character.batch_records_max;
     cfg.window_batches = 4;

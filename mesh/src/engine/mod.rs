@@ -142,6 +142,10 @@ pub struct Config {
     /// holds, or at once when this many writes wait.
     pub commit_after: Duration,
     pub commit_writes_max: usize,
+    /// Group commits are at least this far apart (unless `commit_writes_max` writes wait):
+    /// under a stream of writes (a first sync) each commit's syncs then serve many writes, and
+    /// a write after a quiet spell is still committed `commit_after` later.
+    pub commit_gap_min: Duration,
     /// Paths reconciled per call before the engine yields to the driver (and asks to be called
     /// again at once with [`Engine::poll_timeout`]), so that a signal or a status request never
     /// waits behind a large tree.
@@ -169,6 +173,7 @@ impl Config {
             siblings_max: rsyncfs_conflict::limits::SIBLINGS_MAX,
             commit_after: Duration::from_millis(20),
             commit_writes_max: 20_000,
+            commit_gap_min: Duration::from_millis(100),
             reconciles_per_call_max: 2_000,
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
@@ -536,6 +541,8 @@ pub struct Engine<S: Store> {
     tally: std::collections::HashMap<RelPath, tally::Counts>,
     /// When the next group commit is due (monotonic), while uncommitted writes wait.
     commit_due: Option<u64>,
+    /// When the last group commit was asked for (monotonic).
+    committed_at: Option<u64>,
     /// Replication latencies of recent peers' writes applied here (wall clock, from the
     /// write's HLC stamp to its apply), in milliseconds.
     latencies_ms: VecDeque<f64>,
@@ -594,6 +601,7 @@ impl<S: Store> Engine<S> {
             reobserve_at: BTreeSet::new(),
             tally,
             commit_due: None,
+            committed_at: None,
             latencies_ms: VecDeque::new(),
             counts,
         }
@@ -794,6 +802,7 @@ impl<S: Store> Engine<S> {
         self.tick(now);
         if self.commit_due.is_some_and(|at| at <= self.now) {
             self.commit_due = None;
+            self.committed_at = Some(self.now);
             self.out.push_back(Output::Commit);
         }
         while let Some((at, _)) = self.reobserve_at.first() {
@@ -1028,10 +1037,15 @@ impl<S: Store> Engine<S> {
         } else if waiting >= self.cfg.commit_writes_max {
             self.commit_due = None;
             if !matches!(self.out.back(), Some(Output::Commit)) {
+                self.committed_at = Some(self.now);
                 self.out.push_back(Output::Commit);
             }
         } else if self.commit_due.is_none() {
-            self.commit_due = Some(self.now + self.cfg.commit_after.as_nanos() as u64);
+            let soon = self.now + self.cfg.commit_after.as_nanos() as u64;
+            let apart = self
+                .committed_at
+                .map_or(0, |at| at + self.cfg.commit_gap_min.as_nanos() as u64);
+            self.commit_due = Some(soon.max(apart));
         }
     }
 }

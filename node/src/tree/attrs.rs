@@ -139,7 +139,8 @@ const XATTR_LIST_BYTES_MAX: usize = 64 * 1024;
 /// attributes of `meta`.
 fn set_owner_and_xattrs(fd: BorrowedFd<'_>, meta: &Meta) -> std::io::Result<()> {
     if let Some((uid, gid)) = meta.owner {
-        if rustix::process::geteuid().is_root() {
+        static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *ROOT.get_or_init(|| rustix::process::geteuid().is_root()) {
             rustix::fs::fchown(
                 fd,
                 Some(rustix::fs::Uid::from_raw(uid)),

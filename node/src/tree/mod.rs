@@ -98,8 +98,20 @@ pub struct Prepared {
     tmp: Option<std::ffi::OsString>,
     /// The temporary file, open, for making its data durable.
     file: Option<File>,
+    /// The file was closed early ([`Prepared::close_file`]): only a `syncfs` makes it durable.
+    closed: bool,
     /// The segments to write in place, when `tmp` is a patch.
     patch: Option<Patch>,
+}
+
+impl Prepared {
+    /// Closes the temporary file before [`Tree::make_durable`], which then syncs the whole
+    /// filesystem: a worker with many applies in one turn holds no descriptor for each.
+    pub fn close_file(&mut self) {
+        if self.file.take().is_some() {
+            self.closed = true;
+        }
+    }
 }
 
 /// Files up to this size are kept in `Tree::small` when read (the inline limit).
@@ -620,7 +632,7 @@ impl Tree {
     fn new_tmp(&self, prefix: &str) -> std::io::Result<(File, PathBuf)> {
         let name = format!(
             "{prefix}{}-{}",
-            std::process::id(),
+            process_id(),
             self.next_tmp.fetch_add(1, Ordering::Relaxed)
         );
         let fd = rustix::fs::openat(
@@ -657,7 +669,9 @@ impl Tree {
 
     /// Makes the directories above `path` that are missing; a non-directory above it is a
     /// local change the engine has not seen.
-    fn make_parents(&self, path: &RelPath) -> Result<(), ApplyError> {
+    /// Makes the directories above `path` that are missing; gives the parent, opened as
+    /// [`Tree::parent_of`] opens it, when it was there already (the usual case: one lookup).
+    fn make_parents(&self, path: &RelPath) -> Result<Option<OwnedFd>, ApplyError> {
         // The nearest directory above that exists: usually the parent, found with one lookup
         // (a walk from the top costs a path resolution per level, quadratic in deep trees).
         let mut missing: Vec<RelPath> = Vec::new();
@@ -669,6 +683,7 @@ impl Tree {
                 Mode::empty(),
                 RESOLVE,
             ) {
+                Ok(fd) if missing.is_empty() => return Ok(Some(fd)),
                 Ok(_) => break,
                 Err(rustix::io::Errno::NOENT) => missing.push(dir),
                 // A file or a symlink above: a local change the engine has not seen.
@@ -692,7 +707,7 @@ impl Tree {
                 Err(e) => return Err(io_error(dir, e.into())),
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     fn touch(&self, dir: Option<RelPath>) {
@@ -839,7 +854,7 @@ impl Tree {
             Action::Symlink { target } => {
                 let name = format!(
                     "l{}-{}",
-                    std::process::id(),
+                    process_id(),
                     self.next_tmp.fetch_add(1, Ordering::Relaxed)
                 );
                 rustix::fs::symlinkat(target.as_str(), &self.tmp_fd, name.as_str())
@@ -851,6 +866,7 @@ impl Tree {
         Ok(Prepared {
             tmp,
             file: file_out,
+            closed: false,
             patch,
         })
     }
@@ -860,7 +876,7 @@ impl Tree {
     /// each). A patch's name is made durable too: the journal of its update names it.
     pub fn make_durable(&self, prepared: &[&Prepared]) -> std::io::Result<()> {
         let files: Vec<&File> = prepared.iter().filter_map(|p| p.file.as_ref()).collect();
-        if files.len() <= 2 {
+        if files.len() <= 2 && !prepared.iter().any(|p| p.closed) {
             for f in files {
                 f.sync_data()?;
             }
@@ -918,8 +934,10 @@ impl Tree {
         if mount.busy(path) {
             return Err(ApplyError::Busy);
         }
-        self.make_parents(path)?;
-        let (dir, name) = self.parent_of(path).map_err(|_| ApplyError::Stale)?;
+        let (dir, name) = match self.make_parents(path)? {
+            Some(dir) => (dir, OsStr::new(path.name())),
+            None => self.parent_of(path).map_err(|_| ApplyError::Stale)?,
+        };
         let now = self
             .observe_at(dir.as_fd(), name, path)
             .map_err(|e| ApplyError::Io(e.failure()))?;
@@ -1110,6 +1128,12 @@ impl Tree {
         rustix::fs::renameat(&self.tmp_fd, tmp_name, dir, name)?;
         Ok(())
     }
+}
+
+/// This process's id, in the names of its temporary files (asked of the kernel once).
+fn process_id() -> u32 {
+    static ID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ID.get_or_init(std::process::id)
 }
 
 fn io_error(path: &RelPath, e: std::io::Error) -> ApplyError {
