@@ -89,6 +89,70 @@ fn a_write_makes_the_file_and_the_directories_above_it() {
     assert_eq!(tree.apply(&apply, None, &mount), Err(ApplyError::Stale));
 }
 
+/// Names in a directory of the backing tree.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_new_file_has_no_name_until_its_commit_links_it() {
+    let (_dir, tree) = open();
+    let mount = Writers::default();
+    fs::create_dir(tree.root().join("d")).unwrap();
+    let tmp = tree.root().join(".rsyncfs/tmp");
+    let applies: Vec<Apply> = (0..5)
+        .map(|i| {
+            let data = format!("file {i}\n");
+            let mut a = write(
+                &format!("d/f{i}"),
+                None,
+                data.as_bytes(),
+                Source::Inline(data.clone().into_bytes().into()),
+            );
+            a.op = i;
+            a
+        })
+        .collect();
+    // Prepared as a worker's turn of many prepares them (closing what a syncfs covers).
+    let mut prepared: Vec<_> = applies
+        .iter()
+        .map(|a| {
+            let mut p = tree.prepare(a, None).unwrap();
+            p.close_file();
+            p
+        })
+        .collect();
+    tree.make_durable(&prepared.iter().collect::<Vec<_>>()).unwrap();
+    // Nothing shows yet, in the directory or in the state folder.
+    assert!(names(&tree.root().join("d")).is_empty());
+    assert!(names(&tmp).is_empty(), "{:?}", names(&tmp));
+    // A local file appeared at one path meanwhile: that apply is stale and the file is kept.
+    fs::write(tree.root().join("d/f3"), b"local").unwrap();
+    let last = prepared.pop().unwrap();
+    let raced = prepared.pop().unwrap();
+    assert_eq!(
+        tree.commit(&applies[3], raced, &mount),
+        Err(ApplyError::Stale)
+    );
+    assert_eq!(fs::read(tree.root().join("d/f3")).unwrap(), b"local");
+    prepared.push(last);
+    for (i, p) in [0, 1, 2, 4].into_iter().zip(prepared) {
+        tree.commit(&applies[i], p, &mount).unwrap();
+        let data = format!("file {i}\n");
+        assert_eq!(
+            observed(&tree, &format!("d/f{i}")),
+            Some(file_meta(data.as_bytes(), 0o640))
+        );
+    }
+    assert_eq!(names(&tree.root().join("d")), ["f0", "f1", "f2", "f3", "f4"]);
+    assert!(names(&tmp).is_empty());
+}
+
 #[test]
 fn a_staged_content_stays_until_an_apply_consumes_it() {
     let (_dir, tree) = open();
