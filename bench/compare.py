@@ -30,7 +30,8 @@ Then, for rsyncfs against rsync (the one peer these are defined for), through th
 beside this one, each run as a child:
   6. bench/firstsync.py: a node joining a member that holds 100,000 small files (1,000 with
      --quick) against `rsync -a` to an rsync daemon, one receiver and two at once; the member's
-     restart over the unchanged tree; its resident memory per tracked file;
+     restart over the unchanged tree; its resident memory per tracked file (full mode: in a
+     fresh ext4 on a loop device, so that earlier deletions slow neither side);
   7. bench/wan.py (full mode only): 100 MiB and a 4 KiB write through a user-space relay with
      50 ms each way, 2 ms jitter and 1% loss, rsyncfs (BBR) against rsync over TCP.
 
@@ -846,8 +847,12 @@ def run_child(argv, timeout, what):
 def extras(cfg, binary, work):
     """Workloads 6 and 7; returns their JSON by name, and the errors by name."""
     out, errors = {}, {}
+    # In full mode the first syncs run in a fresh ext4 (see bench/firstsync.py, --fresh-fs):
+    # on this machine's ext4 without a journal, earlier workloads' deletions slowed whichever
+    # side created its files first.
+    fresh = ["--fresh-fs", str(cfg["first_sync_fresh_fs_gib"])] if cfg.get("first_sync_fresh_fs_gib") else []
     jobs = [("first_sync", [sys.executable, os.path.join(HERE, "firstsync.py"),
-                            "--files", str(cfg["first_sync_files"]), "--bin", binary], 3600)]
+                            "--files", str(cfg["first_sync_files"]), "--bin", binary] + fresh, 3600)]
     if cfg["wan"]:
         jobs.append(("wan", [sys.executable, os.path.join(HERE, "wan.py"), "--congestion", "bbr",
                              "--bin", binary], 3600))
@@ -945,7 +950,8 @@ def main():
     cfg = {"quick": a.quick, "size": (16 if a.quick else 1024) * MIB, "files": 300 if a.quick else 10000,
            "trials": 2 if a.quick else 50, "trials_b2b": 3 if a.quick else 50, "idle": 2.5, "races": 1 if a.quick else 3, "settle": 3 if a.quick else 6,
            "timeout": 120 if a.quick else 900,
-           "first_sync_files": 1000 if a.quick else 100_000, "wan": not a.quick}
+           "first_sync_files": 1000 if a.quick else 100_000,
+           "first_sync_fresh_fs_gib": None if a.quick else 16, "wan": not a.quick}
     tools = [t.strip() for t in a.tools.split(",") if t.strip()]
     known = {"rsyncfs", "rsync", "lsyncd", "unison", "syncthing"}
     if set(tools) - known:

@@ -66,6 +66,8 @@ pub struct RedbStore {
     cache: std::cell::RefCell<std::collections::HashMap<RelPath, Option<Entry>>>,
     /// Writes since the last commit.
     uncommitted: usize,
+    /// The sequence reservation as the database holds it (asked twice for every record).
+    reserved: u64,
     /// Where the database file is.
     path: std::path::PathBuf,
 }
@@ -91,9 +93,11 @@ impl RedbStore {
             txn: None,
             cache: Default::default(),
             uncommitted: 0,
+            reserved: 0,
             path: path.to_path_buf(),
         };
         store.begin()?;
+        store.reserved = store.try_reserved()?;
         Ok(store)
     }
 
@@ -284,7 +288,9 @@ impl RedbStore {
 
     fn try_reserve(&mut self, upto: u64) -> Result<(), StoreError> {
         self.txn().open_table(COUNTERS)?.insert(RESERVED, upto)?;
-        self.commit()
+        self.commit()?;
+        self.reserved = upto;
+        Ok(())
     }
 }
 
@@ -382,7 +388,7 @@ impl Store for RedbStore {
     }
 
     fn seq_reserved(&self) -> u64 {
-        self.try_reserved().unwrap_or_else(|e| fatal(e))
+        self.reserved
     }
 
     fn reserve_seq(&mut self, upto: u64) {

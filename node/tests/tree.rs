@@ -127,7 +127,8 @@ fn a_new_file_has_no_name_until_its_commit_links_it() {
             p
         })
         .collect();
-    tree.make_durable(&prepared.iter().collect::<Vec<_>>()).unwrap();
+    tree.make_durable(&prepared.iter().collect::<Vec<_>>())
+        .unwrap();
     // Nothing shows yet, in the directory or in the state folder.
     assert!(names(&tree.root().join("d")).is_empty());
     assert!(names(&tmp).is_empty(), "{:?}", names(&tmp));
@@ -149,7 +150,10 @@ fn a_new_file_has_no_name_until_its_commit_links_it() {
             Some(file_meta(data.as_bytes(), 0o640))
         );
     }
-    assert_eq!(names(&tree.root().join("d")), ["f0", "f1", "f2", "f3", "f4"]);
+    assert_eq!(
+        names(&tree.root().join("d")),
+        ["f0", "f1", "f2", "f3", "f4"]
+    );
     assert!(names(&tmp).is_empty());
 }
 
