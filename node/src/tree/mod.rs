@@ -589,8 +589,8 @@ impl Tree {
     /// For a write to a path that holds nothing and whose directory exists: a file with no
     /// name in that directory (`O_TMPFILE`), which the commit links at the path. Nothing shows
     /// in the tree before the link, a crash leaves nothing behind, and the inode is allocated
-    /// near its directory: creating small files this way took 7-8 s for 40,000, against 16-19
-    /// s through the state folder and a rename (bench notes in docs/BENCHMARKS.md). `None`
+    /// near its directory: 40,000 small files took 6.9-10.8 s this way, against 15.8-21.1 s
+    /// through the state folder and a rename (docs/BENCHMARKS.md, "First syncs again"). `None`
     /// where the filesystem or the path does not allow it: the state folder serves then.
     fn anonymous_file(&self, apply: &Apply) -> Option<File> {
         if apply.expect.is_some() || self.no_tmpfile.load(Ordering::Relaxed) {
@@ -722,9 +722,8 @@ impl Tree {
         let _ = std::fs::remove_file(self.tmp_path.join(format!("{PARTIAL}{}", hex(hash))));
     }
 
-    /// Makes the directories above `path` that are missing; a non-directory above it is a
-    /// local change the engine has not seen.
-    /// Makes the directories above `path` that are missing; gives the parent, opened as
+    /// Makes the directories above `path` that are missing (a non-directory above it is a
+    /// local change the engine has not seen: `Stale`); gives the parent, opened as
     /// [`Tree::parent_of`] opens it, when it was there already (the usual case: one lookup).
     fn make_parents(&self, path: &RelPath) -> Result<Option<OwnedFd>, ApplyError> {
         // The nearest directory above that exists: usually the parent, found with one lookup
