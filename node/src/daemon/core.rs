@@ -213,6 +213,11 @@ impl Core {
                 let now = self.now();
                 self.engine.handle(now, input);
             }
+            Event::Inputs(inputs) => {
+                for input in inputs {
+                    self.on_event(Event::Input(input));
+                }
+            }
             Event::Rescan => self.rescan(),
             Event::Net(NetEvent::Dial(id)) => self.net.dial_new(id),
             Event::Net(NetEvent::Engine(input)) => self.on_event(Event::Input(input)),

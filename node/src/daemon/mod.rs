@@ -39,8 +39,11 @@ const EVENTS_QUEUED_MAX: usize = 4096;
 
 /// Something for the engine thread.
 pub enum Event {
-    /// From a worker: an observation, a writer's close, an apply's result.
+    /// From the network: an input for the engine.
     Input(Input),
+    /// From a worker, in the order it did them: observations, writers' closes, applies'
+    /// results (at most `INPUTS_PER_EVENT_MAX`).
+    Inputs(Vec<Input>),
     /// Everything the store knows at or below this path is to be observed again (a directory
     /// moved away).
     Gone(RelPath),

@@ -27,6 +27,10 @@ const WORKERS: usize = 4;
 /// Jobs a worker takes at once (the applies among them share one sync: in a first sync of
 /// small files, a fourth as many `syncfs` calls as with 128).
 const JOBS_PER_TURN_MAX: usize = 512;
+/// Results a worker sends to the engine thread in one event. Under a stream of jobs (a scan,
+/// a first sync) one event per result cost a wake-up of the engine thread each: 18% of a
+/// worker's time in a restart's profile. A turn of one job still sends at once.
+const INPUTS_PER_EVENT_MAX: usize = 64;
 /// One job for a worker.
 pub(super) enum Job {
     /// Observe a path; `true` when the logger bridge queued it (and counts it), `false` when
@@ -107,6 +111,7 @@ impl Workers {
                             tree.make_durable(&ok)
                         };
                         let mut stop = false;
+                        let mut results = Vec::new();
                         for (job, prep) in jobs.into_iter().zip(prepared.iter_mut()) {
                             let input = match job {
                                 Job::Observe(path, counted) => {
@@ -157,10 +162,19 @@ impl Workers {
                                     }
                                 }
                             };
-                            if events.blocking_send(Event::Input(input)).is_err() {
-                                stop = true;
-                                break;
+                            results.push(input);
+                            if results.len() >= INPUTS_PER_EVENT_MAX {
+                                let batch = std::mem::take(&mut results);
+                                if events.blocking_send(Event::Inputs(batch)).is_err() {
+                                    stop = true;
+                                    break;
+                                }
                             }
+                        }
+                        if !results.is_empty()
+                            && events.blocking_send(Event::Inputs(results)).is_err()
+                        {
+                            stop = true;
                         }
                         if stop {
                             break;

@@ -62,6 +62,14 @@ impl Stamp {
     }
 }
 
+/// What was seen of a file in one stamp: its content's hash, and whether it had no extended
+/// attributes (`false`: it had some, or that is not known).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Seen {
+    hash: Hash,
+    bare: bool,
+}
+
 fn mtime_ns(st: &rustix::fs::Stat) -> i64 {
     st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64
 }
@@ -72,7 +80,7 @@ pub struct Tree {
     root_fd: OwnedFd,
     tmp_fd: OwnedFd,
     tmp_path: PathBuf,
-    hashes: Mutex<HashMap<Stamp, Hash>>,
+    hashes: Mutex<HashMap<Stamp, Seen>>,
     /// The same, by path and on disk, for restarts (`None` if it could not be opened).
     stamps: Option<stamps::Stamps>,
     /// The segments' CVs of large contents seen here (read, fetched or written).
@@ -453,13 +461,13 @@ impl Tree {
             }
             FileType::RegularFile => {
                 let stamp = Stamp::of(&st);
-                let known = self.cached_hash(&stamp).or_else(|| {
-                    let h = self.stamps.as_ref()?.get(path, &stamp)?;
-                    self.remember_hash(stamp, h);
-                    Some(h)
+                let known = self.cached(&stamp).or_else(|| {
+                    let seen = self.stamps.as_ref()?.get(path, &stamp)?;
+                    self.remember(stamp, seen);
+                    Some(seen)
                 });
                 let hash = match known {
-                    Some(h) => h,
+                    Some(seen) => seen.hash,
                     None => {
                         let fd = rustix::fs::openat(
                             dir,
@@ -511,30 +519,45 @@ impl Tree {
                             // Written while we read: look again.
                             return Ok(None);
                         }
-                        self.remember_hash(stamp, hash);
-                        if let Some(s) = &self.stamps {
-                            s.put(path, stamp, hash);
-                        }
                         hash
                     }
                 };
-                Some(attrs(Meta::file(stamp.size, hash, mode, stamp.mtime_ns))?)
+                let meta = Meta::file(stamp.size, hash, mode, stamp.mtime_ns)
+                    .with_owner(st.st_uid, st.st_gid);
+                // A file seen without attributes in this stamp has none now: setting or
+                // removing one moves the ctime. Not opened at all (in a restart's profile,
+                // the open, list and close were a fifth of a worker's time).
+                if known.is_some_and(|seen| seen.bare) {
+                    return Ok(Some(Some(meta)));
+                }
+                let xattrs = read_xattrs(dir, name, path).map_err(io)?;
+                let seen = Seen {
+                    hash,
+                    bare: xattrs.is_empty(),
+                };
+                if known != Some(seen) {
+                    self.remember(stamp, seen);
+                    if let Some(s) = &self.stamps {
+                        s.put(path, stamp, seen);
+                    }
+                }
+                Some(meta.with_xattrs(xattrs))
             }
             _ => None,
         };
         Ok(Some(meta))
     }
 
-    fn cached_hash(&self, stamp: &Stamp) -> Option<Hash> {
+    fn cached(&self, stamp: &Stamp) -> Option<Seen> {
         self.hashes.lock().get(stamp).copied()
     }
 
-    fn remember_hash(&self, stamp: Stamp, hash: Hash) {
+    fn remember(&self, stamp: Stamp, seen: Seen) {
         let mut hashes = self.hashes.lock();
         if hashes.len() >= HASH_CACHE_MAX {
             hashes.clear();
         }
-        hashes.insert(stamp, hash);
+        hashes.insert(stamp, seen);
     }
 
     /// The segments' CVs of the content `hash`, if it has more than one segment and was hashed,
@@ -550,7 +573,8 @@ impl Tree {
     /// Whether `file` is in the state in which it was last seen to hold content `hash` (its
     /// identity, size and times unchanged since).
     pub fn still_holds(&self, file: &File, hash: &Hash) -> bool {
-        rustix::fs::fstat(file).is_ok_and(|st| self.cached_hash(&Stamp::of(&st)) == Some(*hash))
+        rustix::fs::fstat(file)
+            .is_ok_and(|st| self.cached(&Stamp::of(&st)).map(|seen| seen.hash) == Some(*hash))
     }
 
     /// Opens the file at `path` for reading if it holds content `hash` of `size` bytes.
@@ -1045,9 +1069,12 @@ impl Tree {
                     rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
                     meta.file_hash(),
                 ) {
-                    self.remember_hash(Stamp::of(&st), hash);
+                    // Its attributes are not known as read here (a default ACL of the
+                    // directory, say): the next observation reads them.
+                    let seen = Seen { hash, bare: false };
+                    self.remember(Stamp::of(&st), seen);
                     if let Some(s) = &self.stamps {
-                        s.put(path, Stamp::of(&st), hash);
+                        s.put(path, Stamp::of(&st), seen);
                     }
                 }
             }

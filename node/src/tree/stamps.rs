@@ -1,5 +1,7 @@
 //! The content hash of each file as last seen, with the stamp it had then, kept on disk so that
-//! a restart over an unchanged tree stats every file and reads none.
+//! a restart over an unchanged tree stats every file and reads none. With it, whether the file
+//! had no extended attributes then: such a file is not opened at all (a change of attributes
+//! moves the ctime, so the stamp tells that too).
 //!
 //! A cache, not a record: a lookup answers only when the file's stamp (device, inode, size,
 //! mtime and ctime, which no program can set back) is the one stored. Writes are gathered and
@@ -7,10 +9,9 @@
 //! clean stop; a crash loses only what was committed since, and those files are read again. A
 //! database that does not open is started anew.
 
-use super::Stamp;
+use super::{Seen, Stamp};
 use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, TableDefinition};
-use rsyncfs_conflict::Hash;
 use rsyncfs_mesh::path::RelPath;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -26,11 +27,12 @@ const CACHE_BYTES: usize = 16 << 20;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Most time between two durable commits while there are writes.
 const DURABLE_EVERY: Duration = Duration::from_secs(10);
-/// A stamp's five numbers and a hash.
-const VALUE_LEN: usize = 5 * 8 + 32;
+/// A stamp's five numbers, a hash and a flag (no extended attributes). A value without the
+/// flag (written before it existed) reads as "attributes not known".
+const VALUE_LEN: usize = 5 * 8 + 32 + 1;
 
-/// A path's stamp and hash to store, or `None` to forget the path.
-type Gathered = (RelPath, Option<(Stamp, Hash)>);
+/// A path's stamp and what was seen in it to store, or `None` to forget the path.
+type Gathered = (RelPath, Option<(Stamp, Seen)>);
 
 pub struct Stamps {
     db: Database,
@@ -40,7 +42,7 @@ pub struct Stamps {
     flushed_at: Mutex<Instant>,
 }
 
-fn encode(stamp: &Stamp, hash: &Hash) -> [u8; VALUE_LEN] {
+fn encode(stamp: &Stamp, seen: &Seen) -> [u8; VALUE_LEN] {
     let mut v = [0u8; VALUE_LEN];
     let nums = [
         stamp.dev,
@@ -52,12 +54,13 @@ fn encode(stamp: &Stamp, hash: &Hash) -> [u8; VALUE_LEN] {
     for (i, n) in nums.iter().enumerate() {
         v[i * 8..i * 8 + 8].copy_from_slice(&n.to_le_bytes());
     }
-    v[40..].copy_from_slice(hash);
+    v[40..72].copy_from_slice(&seen.hash);
+    v[72] = u8::from(seen.bare);
     v
 }
 
-fn decode(v: &[u8]) -> Option<(Stamp, Hash)> {
-    if v.len() != VALUE_LEN {
+fn decode(v: &[u8]) -> Option<(Stamp, Seen)> {
+    if v.len() != VALUE_LEN && v.len() != VALUE_LEN - 1 {
         return None;
     }
     let n = |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
@@ -68,7 +71,11 @@ fn decode(v: &[u8]) -> Option<(Stamp, Hash)> {
         mtime_ns: n(3) as i64,
         ctime_ns: n(4) as i64,
     };
-    Some((stamp, v[40..].try_into().expect("32 bytes")))
+    let seen = Seen {
+        hash: v[40..72].try_into().expect("32 bytes"),
+        bare: v.get(72) == Some(&1),
+    };
+    Some((stamp, seen))
 }
 
 impl Stamps {
@@ -105,24 +112,24 @@ impl Stamps {
         })
     }
 
-    /// The hash stored for `path`, if its stamp then was `stamp`.
-    pub fn get(&self, path: &RelPath, stamp: &Stamp) -> Option<Hash> {
+    /// What was stored for `path`, if its stamp then was `stamp`.
+    pub fn get(&self, path: &RelPath, stamp: &Stamp) -> Option<Seen> {
         let txn = self.db.begin_read().ok()?;
         let table = txn.open_table(TABLE).ok()?;
         let v = table.get(path.as_str()).ok()??;
-        let (was, hash) = decode(v.value())?;
-        (was == *stamp).then_some(hash)
+        let (was, seen) = decode(v.value())?;
+        (was == *stamp).then_some(seen)
     }
 
-    pub fn put(&self, path: &RelPath, stamp: Stamp, hash: Hash) {
-        self.gather(path.clone(), Some((stamp, hash)));
+    pub fn put(&self, path: &RelPath, stamp: Stamp, seen: Seen) {
+        self.gather(path.clone(), Some((stamp, seen)));
     }
 
     pub fn forget(&self, path: &RelPath) {
         self.gather(path.clone(), None);
     }
 
-    fn gather(&self, path: RelPath, what: Option<(Stamp, Hash)>) {
+    fn gather(&self, path: RelPath, what: Option<(Stamp, Seen)>) {
         let full = {
             let mut pending = self.pending.lock();
             pending.push((path, what));
@@ -166,8 +173,8 @@ impl Stamps {
                 let mut table = txn.open_table(TABLE)?;
                 for (path, what) in &pending {
                     match what {
-                        Some((stamp, hash)) => {
-                            table.insert(path.as_str(), encode(stamp, hash).as_slice())?;
+                        Some((stamp, seen)) => {
+                            table.insert(path.as_str(), encode(stamp, seen).as_slice())?;
                         }
                         None => {
                             table.remove(path.as_str())?;
@@ -202,15 +209,19 @@ mod tests {
             mtime_ns: -4,
             ctime_ns: 5,
         };
+        let seen = Seen {
+            hash: [7; 32],
+            bare: true,
+        };
         {
             let s = Stamps::open(&path).unwrap();
-            s.put(&p, stamp, [7; 32]);
+            s.put(&p, stamp, seen);
             assert_eq!(s.get(&p, &stamp), None, "gathered, not yet committed");
             s.flush(true);
-            assert_eq!(s.get(&p, &stamp), Some([7; 32]));
+            assert_eq!(s.get(&p, &stamp), Some(seen));
         }
         let s = Stamps::open(&path).unwrap();
-        assert_eq!(s.get(&p, &stamp), Some([7; 32]));
+        assert_eq!(s.get(&p, &stamp), Some(seen));
         let touched = Stamp {
             ctime_ns: 6,
             ..stamp
@@ -219,6 +230,28 @@ mod tests {
         s.forget(&p);
         s.flush(true);
         assert_eq!(s.get(&p, &stamp), None);
+    }
+
+    #[test]
+    fn a_value_written_before_the_attribute_flag_reads_as_attributes_not_known() {
+        let stamp = Stamp {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+        };
+        let seen = Seen {
+            hash: [9; 32],
+            bare: true,
+        };
+        let v = encode(&stamp, &seen);
+        assert_eq!(decode(&v), Some((stamp, seen)));
+        let old = decode(&v[..VALUE_LEN - 1]).unwrap();
+        assert_eq!(old.0, stamp);
+        assert_eq!(old.1.hash, [9; 32]);
+        assert!(!old.1.bare);
+        assert_eq!(decode(&v[..40]), None);
     }
 
     #[test]
