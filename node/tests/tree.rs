@@ -388,3 +388,40 @@ fn a_patch_of_another_content_or_of_a_hard_linked_file_is_not_used() {
     );
     assert_eq!(fs::read(&target).unwrap(), old);
 }
+
+/// The extended attributes a file is observed with.
+fn observed_xattrs(tree: &Tree, p: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    tree.observe(&path(p)).unwrap().expect("a file").xattrs
+}
+
+#[test]
+fn an_attribute_set_after_a_file_was_seen_without_any_is_observed_also_after_a_restart() {
+    let (dir, tree) = open();
+    let file = dir.path().join("f");
+    fs::write(&file, b"data").unwrap();
+    // The first observation reads the attributes; the second answers from the hash cache.
+    assert!(observed_xattrs(&tree, "f").is_empty());
+    assert!(observed_xattrs(&tree, "f").is_empty());
+    match rustix::fs::setxattr(&file, "user.k", b"v1", rustix::fs::XattrFlags::empty()) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::NOTSUP) => {
+            eprintln!("not run: the temporary directory's filesystem has no user attributes");
+            return;
+        }
+        Err(e) => panic!("setxattr: {e}"),
+    }
+    let with = vec![(b"user.k".to_vec(), b"v1".to_vec())];
+    assert_eq!(observed_xattrs(&tree, "f"), with);
+    rustix::fs::removexattr(&file, "user.k").unwrap();
+    assert!(observed_xattrs(&tree, "f").is_empty());
+    // A restart answers from the cache on disk, which now says "no attributes".
+    tree.flush_stamps(true);
+    drop(tree);
+    let tree = Tree::open(dir.path()).unwrap();
+    assert!(observed_xattrs(&tree, "f").is_empty());
+    rustix::fs::setxattr(&file, "user.k", b"v2", rustix::fs::XattrFlags::empty()).unwrap();
+    assert_eq!(
+        observed_xattrs(&tree, "f"),
+        vec![(b"user.k".to_vec(), b"v2".to_vec())]
+    );
+}
