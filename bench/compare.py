@@ -883,7 +883,10 @@ def extra_rows(x):
             (f"restart over {n:,} unchanged files, s", {"rsyncfs": fs.get("restart_s")}, LOWER,
              "until idle"),
             ("RSS per tracked file, bytes", {"rsyncfs": fs.get("rss_bytes_per_file")}, LOWER,
-             "beyond an empty node's; target 200"),
+             "beyond an empty node's, caches included"),
+            ("RSS per tracked file beyond the caches, bytes",
+             {"rsyncfs": fs.get("rss_beyond_caches_bytes_per_file")}, LOWER,
+             f"target 200; caches' budget {(fs.get('caches_budget_bytes') or 0) / 2**20:.0f} MiB"),
         ]
     wan = x.get("wan")
     if wan:

@@ -189,9 +189,17 @@ def run(a, work):
         r["restart_s"] = time.perf_counter() - t
         time.sleep(1)
         member_kib = rss_kib(member.proc.pid)
+        caches = (member.try_status() or {}).get("caches") or []
         r["empty_rss_kib"] = empty_kib
         r["member_rss_kib"] = member_kib
         r["rss_bytes_per_file"] = max(0, member_kib - empty_kib) * 1024 / a.files
+        # What the caches hold counts against their fixed budget, not against the tree.
+        r["caches"] = {c["name"]: [c["bytes"], c["budget_bytes"]] for c in caches}
+        held = sum(c["bytes"] for c in caches)
+        r["caches_held_bytes"] = held
+        r["caches_budget_bytes"] = sum(c["budget_bytes"] for c in caches)
+        r["rss_beyond_caches_bytes_per_file"] = (
+            max(0, member_kib * 1024 - empty_kib * 1024 - held) / a.files)
         if not a.member_only:
             r["one_receiver_s"] = receivers(a.bin, work, member, ["r1"], a.files)
             r["two_receivers_s"] = receivers(a.bin, work, member, ["r2", "r3"], a.files)
@@ -225,6 +233,10 @@ def report(r, a):
     print(f"  member's first start {r['first_start_s']:.1f} s, restart {r['restart_s']:.1f} s; "
           f"RSS {r['member_rss_kib'] / 1024:.0f} MiB (empty node {r['empty_rss_kib'] / 1024:.0f} MiB): "
           f"{r['rss_bytes_per_file']:.0f} bytes per file; peak {r['member_peak_rss_kib'] / 1024:.0f} MiB")
+    print(f"  caches hold {r['caches_held_bytes'] / 2**20:.1f} MiB of their fixed {r['caches_budget_bytes'] / 2**20:.1f} MiB; "
+          f"beyond them {r['rss_beyond_caches_bytes_per_file']:.0f} bytes per file")
+    for name, (held, budget) in r["caches"].items():
+        print(f"    {name}: {held / 2**20:.1f} of {budget / 2**20:.1f} MiB")
     if a.member_only:
         if a.json:
             with open(a.json, "w") as f:

@@ -87,7 +87,8 @@ class Table(unittest.TestCase):
     def test_first_sync_and_wan_rows_compare_rsyncfs_with_rsync(self):
         more = {"first_sync": {"files": 1000, "one_receiver_s": 3.0, "rsync_daemon_one_s": 2.0,
                                "two_receivers_s": 4.0, "rsync_daemon_two_s": 5.0, "restart_s": 0.5,
-                               "rss_bytes_per_file": 150.0},
+                               "rss_bytes_per_file": 150.0, "rss_beyond_caches_bytes_per_file": 90.0,
+                               "caches_budget_bytes": 177 << 20},
                 "wan": {"link": {"delay_ms_each_way": 50, "loss_each_way": 0.01},
                         "rsyncfs-bbr": {"big": {"bytes": 100 << 20, "s": 8.0},
                                         "latency_4k": {"p50_ms": 105.0, "p99_ms": 110.0}, "rtt_ms": 101.0},
@@ -96,7 +97,10 @@ class Table(unittest.TestCase):
         text = compare.table({"rsyncfs": result(2.0, 100.0, True), "rsync": None}, self.CFG, more)
         self.assertIn("1.5 (**behind**)", self.row(text, "first sync of 1,000 files, one joining, s"))
         self.assertIn("0.8 (leads)", self.row(text, "first sync of 1,000 files, two joining at once, s"))
-        self.assertIn("target 200", self.row(text, "RSS per tracked file, bytes"))
+        self.assertIn("caches included", self.row(text, "RSS per tracked file, bytes"))
+        beyond = self.row(text, "RSS per tracked file beyond the caches, bytes")
+        self.assertIn("90", beyond)
+        self.assertIn("target 200; caches' budget 177 MiB", beyond)
         self.assertIn("0.5 (leads)", self.row(text, "WAN (50 ms each way, 1% loss): 100 MiB, s"))
         self.assertIn("round trip 101 ms", self.row(text, "WAN: 4 KiB, p50 ms"))
         # Without the extras, the table has none of their rows.

@@ -11,7 +11,7 @@
 //! asks. A failed commit is fatal to the daemon: the engine assumes its writes hold, so the
 //! daemon stops, and the next start repairs from the last commit like after a crash.
 
-use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use rsyncfs_conflict::{Hash, NodeId};
 use rsyncfs_mesh::path::RelPath;
 use rsyncfs_mesh::store::{Entry, Store};
@@ -72,6 +72,15 @@ pub struct RedbStore {
     path: std::path::PathBuf,
 }
 
+/// What a `HashMap` able to hold `capacity` items of `slot` bytes allocates (hashbrown: a
+/// power of two of buckets, at most 7/8 of them full, a control byte each).
+pub fn map_bytes(capacity: usize, slot: usize) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    (capacity * 8).div_ceil(7).next_power_of_two() * (slot + 1)
+}
+
 impl RedbStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
@@ -102,6 +111,24 @@ impl RedbStore {
     }
 
     /// The database file.
+    /// The store's caches: the database's pages, and the decoded entries (their slots: what
+    /// an entry holds on the heap is not counted).
+    pub fn caches(&self) -> [(&'static str, usize, usize); 2] {
+        let slot = size_of::<(RelPath, Option<Entry>)>();
+        [
+            (
+                "store's database pages",
+                self.db.cache_stats().used_bytes(),
+                CACHE_BYTES,
+            ),
+            (
+                "store's decoded entries",
+                map_bytes(self.cache.borrow().capacity(), slot),
+                map_bytes(ENTRY_CACHE_MAX, slot),
+            ),
+        ]
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -1,7 +1,7 @@
 //! `status` tells the truth: latency only for writes made while the link was up (what was
 //! caught up is counted apart), conflicts counted as `conflicts` lists them, work that waits
 //! for a peer that is down kept apart from work here (and not "busy" forever), the tree's files
-//! and bytes; and changes made directly in the backing directory are found, by `rescan` and by
+//! and bytes, its caches within their budgets; and changes made directly in the backing directory are found, by `rescan` and by
 //! the periodic scan. Real `up` processes; needs /dev/fuse and root (elsewhere each test prints
 //! why it did not run).
 
@@ -58,6 +58,28 @@ fn counts_and_waiting_work_are_what_they_say() {
         let s = b.status();
         s["files"] == 2 && s["bytes"] == 1234 && s["other_entries"] == 1
     });
+    // Each cache within its fixed budget; the store's pages hold what b just wrote, and the
+    // person's view sums them.
+    for n in [&a, &b] {
+        let s = n.status();
+        let caches = s["caches"].as_array().expect("a list of caches");
+        assert!(caches.len() >= 6, "{s}");
+        for c in caches {
+            let (held, budget) = (
+                c["bytes"].as_u64().unwrap(),
+                c["budget_bytes"].as_u64().unwrap(),
+            );
+            assert!(budget > 0 && held <= budget, "{c}");
+        }
+        let pages = caches
+            .iter()
+            .find(|c| c["name"] == "store's database pages")
+            .expect("the store's pages");
+        assert!(pages["bytes"].as_u64().unwrap() > 0, "{pages}");
+        let out = n.cmd(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("\ncaches    "), "{text}");
+    }
     // A race: both write one file while apart (b into its bare mount point while it is down,
     // which `up` takes in as a local write before it links); each lists and counts the same
     // copies.

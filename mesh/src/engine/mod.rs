@@ -644,6 +644,11 @@ impl<S: Store> Engine<S> {
         self.store
     }
 
+    /// The bytes of small contents kept in memory now, and the most that may be kept.
+    pub fn cache_bytes(&self) -> (usize, usize) {
+        (self.cache_bytes, self.cfg.cache_bytes_max)
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.stats
     }

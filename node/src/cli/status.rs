@@ -141,6 +141,15 @@ pub(super) fn print(s: &Status) {
             j.id, j.addr, j.waiting_s, j.id
         );
     }
+    if !s.caches.is_empty() {
+        let held: u64 = s.caches.iter().map(|c| c.bytes).sum();
+        let budget: u64 = s.caches.iter().map(|c| c.budget_bytes).sum();
+        println!(
+            "caches    {} of their fixed {} (`status --json` lists each)",
+            bytes(held),
+            bytes(budget)
+        );
+    }
     for b in &s.bugs {
         println!("BUG       {b} (please report it)");
     }

@@ -128,6 +128,20 @@ pub struct Status {
     pub latency_ms: Latency,
     /// Broken invariants the engine noticed (a bug: please report it).
     pub bugs: Vec<String>,
+    /// The daemon's caches: what each holds now, and its fixed budget.
+    #[serde(default)]
+    pub caches: Vec<CacheStatus>,
+}
+
+/// One of the daemon's caches. Its budget is fixed whatever the tree's size; the memory a
+/// node needs beyond these grows with the tree.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub name: String,
+    /// What it holds now: the cached bytes, and for the maps of decoded values their slots
+    /// (an estimate: what a decoded value holds on the heap is not counted).
+    pub bytes: u64,
+    pub budget_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

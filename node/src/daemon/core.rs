@@ -420,6 +420,25 @@ impl Core {
         let _ = reply.send(response);
     }
 
+    fn caches(&self) -> Vec<control::CacheStatus> {
+        let cache = |name: &str, bytes: usize, budget: usize| control::CacheStatus {
+            name: name.to_string(),
+            bytes: bytes as u64,
+            budget_bytes: budget as u64,
+        };
+        let (inline, inline_max) = self.engine.cache_bytes();
+        let mut caches = vec![cache("engine's small contents", inline, inline_max)];
+        caches.extend(
+            self.engine
+                .store()
+                .caches()
+                .into_iter()
+                .map(|(name, bytes, budget)| cache(name, bytes, budget)),
+        );
+        caches.extend(self.tree.caches());
+        caches
+    }
+
     fn status(&self) -> Status {
         let engine_peers: HashMap<NodeId, rsyncfs_mesh::engine::PeerStatus> = self
             .engine
@@ -535,6 +554,7 @@ impl Core {
                 max: sorted.last().copied(),
             },
             bugs: self.engine.bugs().to_vec(),
+            caches: self.caches(),
         }
     }
 

@@ -39,6 +39,11 @@ impl<V: Clone> ByHash<V> {
         }
     }
 
+    /// The weight kept now, and the most that may be kept.
+    pub fn weight(&self) -> (usize, usize) {
+        (self.weight, self.max)
+    }
+
     pub fn get(&self, hash: &Hash) -> Option<V> {
         self.by_hash.get(hash).map(|(v, _)| v.clone())
     }

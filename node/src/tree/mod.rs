@@ -548,6 +548,29 @@ impl Tree {
         Ok(Some(meta))
     }
 
+    /// The tree's caches: what each holds now, and its budget.
+    pub fn caches(&self) -> Vec<crate::control::CacheStatus> {
+        let cache = |name: &str, (bytes, budget): (usize, usize)| crate::control::CacheStatus {
+            name: name.to_string(),
+            bytes: bytes as u64,
+            budget_bytes: budget as u64,
+        };
+        let slot = size_of::<(Stamp, Seen)>();
+        let hashes = crate::store::map_bytes(self.hashes.lock().capacity(), slot);
+        let mut caches = vec![
+            cache(
+                "hashes by stamp",
+                (hashes, crate::store::map_bytes(HASH_CACHE_MAX, slot)),
+            ),
+            cache("large contents' CVs", self.cvs.lock().bytes()),
+            cache("small contents", self.small.lock().weight()),
+        ];
+        if let Some(s) = &self.stamps {
+            caches.push(cache("hash cache's database pages", s.cache_bytes()));
+        }
+        caches
+    }
+
     fn cached(&self, stamp: &Stamp) -> Option<Seen> {
         self.hashes.lock().get(stamp).copied()
     }

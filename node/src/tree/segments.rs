@@ -170,6 +170,12 @@ impl CvCache {
     pub fn get(&self, hash: &Hash) -> Option<Arc<[Cv]>> {
         self.0.get(hash)
     }
+
+    /// The bytes of the CVs kept now, and the most that may be kept.
+    pub fn bytes(&self) -> (usize, usize) {
+        let (n, max) = self.0.weight();
+        (n * size_of::<Cv>(), max * size_of::<Cv>())
+    }
 }
 
 /// Copies `len` bytes at `at` from `src` to the same place in `dst` inside the kernel (the

@@ -112,6 +112,11 @@ impl Stamps {
         })
     }
 
+    /// The bytes in the database's page cache now, and its budget.
+    pub fn cache_bytes(&self) -> (usize, usize) {
+        (self.db.cache_stats().used_bytes(), CACHE_BYTES)
+    }
+
     /// What was stored for `path`, if its stamp then was `stamp`.
     pub fn get(&self, path: &RelPath, stamp: &Stamp) -> Option<Seen> {
         let txn = self.db.begin_read().ok()?;
