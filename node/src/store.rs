@@ -167,27 +167,37 @@ impl RedbStore {
 
     /// Paths strictly below `dir` (every path when `dir` is `None`) that have an entry.
     pub fn paths_under(&self, dir: Option<&RelPath>) -> Result<Vec<RelPath>, StoreError> {
-        let table = self.txn().open_table(ENTRIES)?;
         let mut out = Vec::new();
-        let mut push = |k: &str| {
+        self.each_path_under(dir, |k| {
             if let Ok(p) = RelPath::new(k.to_string()) {
                 out.push(p);
             }
-        };
+        })?;
+        Ok(out)
+    }
+
+    /// Visits the paths below `dir` (the whole tree for `None`) that have an entry, in path
+    /// order, without collecting them.
+    pub fn each_path_under(
+        &self,
+        dir: Option<&RelPath>,
+        mut visit: impl FnMut(&str),
+    ) -> Result<(), StoreError> {
+        let table = self.txn().open_table(ENTRIES)?;
         match dir {
             Some(dir) => {
                 let (lo, hi) = dir.under_bounds();
                 for item in table.range(lo.as_str()..hi.as_str())? {
-                    push(item?.0.value());
+                    visit(item?.0.value());
                 }
             }
             None => {
                 for item in table.iter()? {
-                    push(item?.0.value());
+                    visit(item?.0.value());
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn try_get(&self, path: &RelPath) -> Result<Option<Entry>, StoreError> {

@@ -194,4 +194,30 @@ fn the_start_up_scan_is_shown_as_such_until_it_is_done() {
     let s = a.status();
     assert_eq!(s["files"], FILES as u64, "{s}");
     assert_eq!(s["other_entries"], 30, "{s}");
+    // While it is down: a folder and part of another removed, and a file whose name sorts
+    // between a folder and what is inside it ("d7" < "d7.txt" < "d7/f0"). The restart's scan
+    // finds exactly those gone, though its paths reach the workers a part at a time.
+    a.stop();
+    fs::remove_dir_all(a.b("d3")).unwrap();
+    for f in 0..100 {
+        fs::remove_file(a.b(&format!("d7/f{f}"))).unwrap();
+    }
+    fs::write(a.b("d7.txt"), b"new").unwrap();
+    a.run();
+    wait_for("the restart's scan to end", common::CONVERGE, || {
+        let s = a.status();
+        s["idle"] == true && s["scanning"].is_null()
+    });
+    let s = a.status();
+    let files = FILES - FILES / 30 - 100 + 1;
+    assert_eq!(s["files"], files as u64, "{s}");
+    assert_eq!(s["other_entries"], 29, "{s}");
+    let log = a.log_text();
+    let last = log.lines().rfind(|l| l.contains("rescan: ")).unwrap();
+    let said = format!(
+        "rescan: {} paths in the tree, {} gone",
+        files + 29,
+        FILES / 30 + 1 + 100
+    );
+    assert!(last.contains(&said), "{last}");
 }

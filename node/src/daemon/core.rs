@@ -12,7 +12,7 @@ use rsyncfs_mesh::engine::{
 use rsyncfs_mesh::path::RelPath;
 use rsyncfs_mesh::wire;
 use rsyncfs_mesh::wire::Message;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -25,6 +25,10 @@ const FAILING_SHOWN_MAX: usize = 10;
 
 /// Events the engine thread takes before it carries outputs out.
 const EVENTS_PER_TURN_MAX: usize = 512;
+
+/// A scan's observations queued to the workers at once; the rest wait in the scan, so that
+/// the queues hold no second copy of a big tree's paths.
+const SCAN_QUEUED_MAX: usize = 16_384;
 
 /// The engine thread's state.
 pub(super) struct Core {
@@ -64,6 +68,8 @@ pub(super) struct Scanning {
     pub(super) started: Instant,
     /// The memory it took handed back (see [`Core::trim_after_scan`]).
     pub(super) trimmed: bool,
+    /// Its paths not yet queued to the workers (see [`SCAN_QUEUED_MAX`]).
+    pub(super) unqueued: VecDeque<RelPath>,
 }
 
 impl Core {
@@ -78,9 +84,7 @@ impl Core {
                 .scan_every
                 .zip(self.scan.as_ref())
                 .map(|(every, scan)| scan.started + every);
-            if next_scan.is_some_and(|at| at <= Instant::now())
-                && self.workers.queued_observations() == 0
-            {
+            if next_scan.is_some_and(|at| at <= Instant::now()) && self.observing() == 0 {
                 tracing::info!("periodic scan of the backing directory");
                 self.rescan();
                 self.dispatch()?;
@@ -114,7 +118,27 @@ impl Core {
             let now = self.now();
             self.engine.handle_timeout(now);
             self.dispatch()?;
+            self.feed_scan();
             self.trim_after_scan();
+        }
+    }
+
+    /// Paths queued for observation, a scan's not yet queued included.
+    fn observing(&self) -> usize {
+        self.workers.queued_observations() + self.scan.as_ref().map_or(0, |s| s.unqueued.len())
+    }
+
+    /// Queues the scan's next paths as the workers take them.
+    fn feed_scan(&mut self) {
+        let Some(scan) = self.scan.as_mut() else {
+            return;
+        };
+        let room = SCAN_QUEUED_MAX.saturating_sub(self.workers.scan_queued());
+        for p in scan.unqueued.drain(..room.min(scan.unqueued.len())) {
+            self.workers.observe(p);
+        }
+        if scan.unqueued.is_empty() && scan.unqueued.capacity() > 0 {
+            scan.unqueued = VecDeque::new();
         }
     }
 
@@ -125,7 +149,7 @@ impl Core {
         let Some(scan) = self.scan.as_mut().filter(|s| !s.trimmed) else {
             return;
         };
-        if self.workers.queued_observations() > 0 {
+        if !scan.unqueued.is_empty() || self.workers.queued_observations() > 0 {
             return;
         }
         scan.trimmed = true;
@@ -253,25 +277,45 @@ impl Core {
         let started = Instant::now();
         let mut paths = Vec::new();
         walk(self.tree.root(), None, &mut paths);
-        let known = self.engine.store().paths_under(None).unwrap_or_default();
-        let seen: HashSet<&RelPath> = paths.iter().collect();
-        let gone: Vec<RelPath> = known.into_iter().filter(|p| !seen.contains(p)).collect();
+        let gone = self.gone(&paths);
         tracing::info!(
             "rescan: {} paths in the tree, {} gone",
             paths.len(),
             gone.len()
         );
+        let mut unqueued = VecDeque::from(paths);
+        // Deepest first, as the filesystem lost them.
+        unqueued.extend(gone.into_iter().rev());
         self.scan = Some(Scanning {
-            paths: paths.len() + gone.len(),
+            paths: unqueued.len(),
             started,
             trimmed: false,
+            unqueued,
         });
-        for p in paths {
-            self.workers.observe(p);
+        self.feed_scan();
+    }
+
+    /// The paths the store knows that are not among `found`, in path order: a merge of the
+    /// two in order, so that neither list is copied into a set.
+    fn gone(&self, found: &[RelPath]) -> Vec<RelPath> {
+        let mut sorted: Vec<&str> = found.iter().map(|p| p.as_str()).collect();
+        sorted.sort_unstable();
+        let mut at = 0;
+        let mut gone = Vec::new();
+        let visited = self.engine.store().each_path_under(None, |known| {
+            while sorted.get(at).is_some_and(|f| *f < known) {
+                at += 1;
+            }
+            if sorted.get(at) != Some(&known) {
+                if let Ok(p) = RelPath::new(known.to_string()) {
+                    gone.push(p);
+                }
+            }
+        });
+        if let Err(e) = visited {
+            tracing::warn!("rescan: the store's paths could not be read ({e}); none is seen gone");
         }
-        for p in gone.into_iter().rev() {
-            self.workers.observe(p);
-        }
+        gone
     }
 
     /// Carries the engine's outputs out.
@@ -504,7 +548,7 @@ impl Core {
         let (udp_rx, udp_tx) = self.net.udp_bytes();
         let work = self.engine.pending_work();
         let counts = self.engine.tree_counts();
-        let observing = self.workers.queued_observations();
+        let observing = self.observing();
         let scanning = self
             .scan
             .as_ref()

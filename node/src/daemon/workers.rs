@@ -207,6 +207,11 @@ impl Workers {
         let _ = self.queues[Self::shard(&path)].send(Job::Observe(path, false));
     }
 
+    /// A scan's observations (queued by [`Workers::observe`]) not done yet.
+    pub(super) fn scan_queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// Observations queued and not done yet.
     pub(super) fn queued_observations(&self) -> usize {
         self.observes.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
