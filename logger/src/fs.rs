@@ -108,6 +108,8 @@ struct Handle {
     /// ctime and size when opened or last reported, to tell whether the file changed since.
     before: Mutex<Fingerprint>,
     opened: std::time::Instant,
+    /// The file's size when this handle was opened (0 for a file it made or truncated).
+    opened_size: u64,
     /// Keeps the kernel's passthrough mapping of the inode alive until release.
     _backing: Option<Arc<BackingId>>,
 }
@@ -273,6 +275,40 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Files open for writing now (each once, at most `max`).
+    pub(crate) fn being_written(&self, max: usize) -> Vec<crate::BeingWritten> {
+        if self.writers.lock().is_empty() {
+            return Vec::new();
+        }
+        let handles: Vec<Arc<Handle>> = self
+            .handles
+            .lock()
+            .values()
+            .filter(|h| h.writable)
+            .cloned()
+            .collect();
+        let mut out: Vec<crate::BeingWritten> = Vec::new();
+        for h in handles {
+            if let Some(w) = out.iter_mut().find(|w| w.id == h.id) {
+                w.size_at_open = w.size_at_open.min(h.opened_size);
+                continue;
+            }
+            if out.len() >= max {
+                continue;
+            }
+            let (Ok(st), Some(path)) = (stat_fd(h.file.as_fd()), self.path_of(h.id)) else {
+                continue;
+            };
+            out.push(crate::BeingWritten {
+                id: h.id,
+                path,
+                size: st.st_size as u64,
+                size_at_open: h.opened_size,
+            });
+        }
+        out
     }
 
     pub(crate) fn inode_descriptors(&self) -> usize {
@@ -452,6 +488,7 @@ impl LoggerFs {
             writable,
             before: Mutex::new(fingerprint(&st)),
             opened: std::time::Instant::now(),
+            opened_size: st.st_size as u64,
             _backing: None,
         })
     }

@@ -66,6 +66,19 @@ pub enum ChangeKind {
     Overflow,
 }
 
+/// A file open for writing, as [`Mounted::being_written`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BeingWritten {
+    /// An id of the file, stable while it stays open (also across renames).
+    pub id: u64,
+    /// Relative to the mount point.
+    pub path: PathBuf,
+    pub size: u64,
+    /// Its size when its writers opened it (the least of them): 0 for a file they made or
+    /// truncated. What lies below was there before.
+    pub size_at_open: u64,
+}
+
 /// One reported change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -129,6 +142,11 @@ impl Mounted {
     /// True while a local process has `path` (relative) open for writing.
     pub fn is_open_for_writing(&self, path: &Path) -> bool {
         self.fs.is_open_for_writing(path)
+    }
+
+    /// Files open for writing now, each once and at most `max`.
+    pub fn being_written(&self, max: usize) -> Vec<BeingWritten> {
+        self.fs.being_written(max)
     }
 
     /// Whether the kernel's FUSE passthrough mode is in use.

@@ -358,7 +358,9 @@ fn a_one_mib_change_in_a_one_gib_file_moves_about_one_mib() {
         before["udp_rx_bytes"].as_u64().unwrap(),
         before["fetched_bytes"].as_u64().unwrap(),
     );
-    assert!(fetched0 >= GIB as u64, "{before}");
+    // All of it crossed: while it was written (a preseed) or fetched after its close.
+    let preseeded0 = before["preseeded_bytes"].as_u64().unwrap();
+    assert!(fetched0 + preseeded0 >= GIB as u64, "{before}");
 
     // 1 MiB in the middle, written in place.
     let ino = fs::metadata(b.m("huge.bin")).unwrap().ino();
@@ -370,6 +372,8 @@ fn a_one_mib_change_in_a_one_gib_file_moves_about_one_mib() {
             .unwrap();
         f.seek(SeekFrom::Start((GIB / 2 + 12345) as u64)).unwrap();
         f.write_all(&vec![0xA5; MIB]).unwrap();
+        // Held open a while: a file opened to change inside is not pushed whole meanwhile.
+        std::thread::sleep(Duration::from_millis(400));
     }
     let want = file_hash(&a.m("huge.bin")).unwrap();
     wait_for("the change on b", Duration::from_secs(120), || {
@@ -379,6 +383,10 @@ fn a_one_mib_change_in_a_one_gib_file_moves_about_one_mib() {
     let rx = after["udp_rx_bytes"].as_u64().unwrap() - rx0;
     let fetched = after["fetched_bytes"].as_u64().unwrap() - fetched0;
     println!("1 MiB change: {fetched} content bytes, {rx} UDP bytes received by b");
+    assert_eq!(
+        after["preseeded_bytes"], before["preseeded_bytes"],
+        "the changed file was pushed while open"
+    );
     // Where the filesystem would copy the unchanged gigabyte, b wrote the change in place
     // (under its journal) instead of making a new copy.
     if rsyncfs_node::tree::in_place::overwrites_in_place(fs::File::open(b.b("")).unwrap()) {
@@ -393,6 +401,84 @@ fn a_one_mib_change_in_a_one_gib_file_moves_about_one_mib() {
         "{fetched} content bytes crossed"
     );
     assert!(rx < 2 * MIB as u64, "{rx} UDP bytes crossed");
+}
+
+/// Pseudo-random bytes (xorshift), different for each `seed`.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = 0x9e3779b97f4a7c15u64 ^ seed.wrapping_mul(0x2545F4914F6CDD1D);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn a_large_file_travels_while_it_is_written_and_what_its_writer_changed_after_is_fetched() {
+    let Some(dir) = root() else { return };
+    let (a, b) = joined_pair(dir.path());
+    const MIB: usize = 1 << 20;
+    const SEGMENT: usize = 4 * MIB;
+    let preseeded = |n: &common::Node| n.status()["preseeded_bytes"].as_u64().unwrap();
+    let fetched = |n: &common::Node| n.status()["fetched_bytes"].as_u64().unwrap();
+    let (fetched0, preseeded0) = (fetched(&b), preseeded(&b));
+    let mut f = fs::File::create(a.m("grow.bin")).unwrap();
+    // Twelve segments, written slowly enough for the pusher to follow.
+    for i in 0..12 {
+        f.write_all(&noise(i, SEGMENT)).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    wait_for(
+        "b to hold part of the file being written",
+        Duration::from_secs(30),
+        || preseeded(&b) - preseeded0 >= 8 * SEGMENT as u64,
+    );
+    // Nothing of it shows on b before the close: a preseed is no file of the tree.
+    assert!(
+        !b.m("grow.bin").exists(),
+        "b shows a file still being written"
+    );
+    assert!(
+        !b.b("grow.bin").exists(),
+        "b's tree holds a file still being written"
+    );
+    // The writer goes back into segment 1 (pushed already), then writes a short last segment.
+    {
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start((SEGMENT + 100) as u64)).unwrap();
+        f.write_all(&noise(99, MIB)).unwrap();
+        f.seek(SeekFrom::End(0)).unwrap();
+        f.write_all(&noise(100, 2 * MIB + 17)).unwrap();
+    }
+    drop(f);
+    let want = file_hash(&a.m("grow.bin")).unwrap();
+    wait_for("the written file on b", Duration::from_secs(60), || {
+        file_hash(&b.m("grow.bin")) == Some(want)
+    });
+    let (kept, after_close) = (preseeded(&b) - preseeded0, fetched(&b) - fetched0);
+    println!("{kept} bytes came while the file was written, {after_close} after its close");
+    assert!(a.status()["preseed_pushed_bytes"].as_u64().unwrap() >= kept);
+    // After the close only the changed segment, the last ones and what the pusher had not
+    // sent yet crossed, not the 50 MiB.
+    assert!(
+        after_close <= (12 * SEGMENT + 3 * MIB) as u64 - kept + 2 * SEGMENT as u64,
+        "{after_close} bytes fetched after the close, {kept} before"
+    );
+    assert!(
+        after_close >= MIB as u64,
+        "the rewritten segment was fetched again"
+    );
+    // The preseed became b's copy: none is left in its state folder.
+    let left: Vec<String> = fs::read_dir(b.b(".rsyncfs/tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("e-"))
+        .collect();
+    assert!(left.is_empty(), "preseeds left: {left:?}");
 }
 
 #[test]

@@ -122,6 +122,12 @@ pub struct Status {
     /// that broke off.
     pub fetched_bytes: u64,
     pub served_bytes: u64,
+    /// Bytes of peers' files kept here while their writers were still writing them (a
+    /// preseed), and of this node's files pushed so.
+    #[serde(default)]
+    pub preseeded_bytes: u64,
+    #[serde(default)]
+    pub preseed_pushed_bytes: u64,
     pub frames_dropped: u64,
     pub udp_rx_bytes: u64,
     pub udp_tx_bytes: u64,

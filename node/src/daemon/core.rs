@@ -611,6 +611,8 @@ impl Core {
             records_received: stats.records_received,
             fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
             served_bytes: c.served_bytes.load(Ordering::Relaxed),
+            preseeded_bytes: c.preseeded_bytes.load(Ordering::Relaxed),
+            preseed_pushed_bytes: c.preseed_pushed_bytes.load(Ordering::Relaxed),
             frames_dropped: c.frames_dropped.load(Ordering::Relaxed),
             udp_rx_bytes: udp_rx,
             udp_tx_bytes: udp_tx,

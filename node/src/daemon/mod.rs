@@ -192,6 +192,14 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         })?
     };
     let listen = net.local_addr().map_err(start("the listening address"))?;
+    // Large files are pushed to peers while they are written (see `net::preseed`).
+    net.accept_preseeds(opts.mode != Mode::SendOnly);
+    let pusher = rt.spawn(crate::net::preseed::run(
+        Arc::clone(&net),
+        Arc::downgrade(&mounted),
+        Arc::clone(&tree),
+        opts.mode != Mode::ReceiveOnly,
+    ));
     let workers = Workers::start(
         Arc::clone(&tree),
         Arc::clone(&mounted),
@@ -272,6 +280,9 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
     rt.block_on(net.shutdown());
     drop(events_tx);
     let _ = std::fs::remove_file(&control_path);
+    // The pusher holds the mount only between two awaits: once aborted, it holds nothing.
+    pusher.abort();
+    let _ = rt.block_on(pusher);
     // The bridge ends when the mount's change stream does.
     let unmounted = match Arc::try_unwrap(mounted) {
         Ok(m) => m.unmount().map_err(|e| DaemonError::Unmount(e.to_string())),

@@ -98,7 +98,7 @@ pub enum ServeError {
 use segments::{count as segments, len as segment_len};
 
 /// Reads segment `i` into a new buffer, without zeroing it first.
-fn read_segment(file: &File, size: u64, i: u64) -> std::io::Result<Vec<u8>> {
+pub(super) fn read_segment(file: &File, size: u64, i: u64) -> std::io::Result<Vec<u8>> {
     let want = segment_len(size, i);
     let mut buf = Vec::with_capacity(want);
     while buf.len() < want {
@@ -248,11 +248,27 @@ pub async fn fetch(
     recv: &mut quinn::RecvStream,
     received: &AtomicU64,
 ) -> Result<PathBuf, FetchError> {
-    // The basis: what an earlier fetch of this content left (its whole segments), else a
-    // local file that may share segments with it.
+    // The basis: what an earlier fetch of this content left (its whole segments), else what
+    // the sender pushed while its writer wrote the file (a preseed, taken over as the staging
+    // file), else a local file that may share segments with it.
     let mut basis: Option<Basis> = None;
+    let mut adopted: Option<(File, PathBuf)> = None;
     if f.size >= DELTA_MIN {
         basis = tokio::task::block_in_place(|| resume_basis(tree, &f.hash));
+        let preseed = || {
+            let t = tree.take_preseed(&f.from, &f.path, f.size, &f.hash)?;
+            let cvs: Vec<Cv> = t.cvs.into_iter().take(SEGMENTS_MAX).collect();
+            let file = t.file.try_clone().ok()?;
+            Some((
+                Basis {
+                    file,
+                    size: cvs.len() as u64 * SEGMENT,
+                    cvs: cvs.into(),
+                    holds: None,
+                },
+                (t.file, t.staged),
+            ))
+        };
         if let Some(b) = &basis {
             tracing::info!(
                 "resuming {}: {} of {} bytes are here from an earlier fetch",
@@ -260,6 +276,18 @@ pub async fn fetch(
                 b.size,
                 f.size
             );
+        } else if let Some((b, a)) = (f.size >= super::preseed::PRESEED_MIN)
+            .then(|| tokio::task::block_in_place(preseed))
+            .flatten()
+        {
+            tracing::debug!(
+                "fetching {} onto its preseed: {} of {} bytes are here",
+                f.path,
+                b.size,
+                f.size
+            );
+            basis = Some(b);
+            adopted = Some(a);
         } else if let Some(p) = &f.basis {
             basis = tokio::task::block_in_place(|| prepare_basis(tree, p));
         }
@@ -288,22 +316,34 @@ pub async fn fetch(
         }
         _ => None,
     };
-    let (out, staged) = match patch_of {
-        Some(_) => tree.patch_staging_file(),
-        None => tree.fetch_staging_file(&f.hash),
-    }
-    .map_err(|e| local("making a staging file", e))?;
-    let result = receive(
+    let onto_preseed = adopted.is_some();
+    let (out, staged) = match (adopted, patch_of) {
+        (Some(a), _) => a,
+        (None, Some(_)) => tree
+            .patch_staging_file()
+            .map_err(|e| local("making a staging file", e))?,
+        (None, None) => tree
+            .fetch_staging_file(&f.hash)
+            .map_err(|e| local("making a staging file", e))?,
+    };
+    // Onto a preseed, a segment the basis holds is where it belongs already: like a patch's.
+    let mut result = receive(
         tree,
         f,
         &out,
         basis,
-        patch_of.is_some(),
+        patch_of.is_some() || onto_preseed,
         send,
         recv,
         received,
     )
     .await;
+    if onto_preseed && result.is_ok() {
+        // The preseed may hold segments beyond the content's end.
+        if let Err(e) = out.set_len(f.size) {
+            result = Err(local("cutting the preseed to the content's size", e));
+        }
+    }
     match (result, patch_of) {
         (Ok((cvs, patched)), patch_of) => {
             tree.drop_partial(&f.hash);

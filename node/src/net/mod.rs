@@ -10,6 +10,7 @@
 pub mod content;
 pub mod framing;
 mod join;
+pub mod preseed;
 pub mod tls;
 
 pub use join::{PendingJoin, INVITE_VALID, JOIN_WAIT};
@@ -102,6 +103,7 @@ const TAG_ENGINE: u8 = 1;
 const TAG_MEMBERS: u8 = 2;
 const TAG_FETCH: u8 = 3;
 const TAG_JOIN: u8 = 4;
+const TAG_PRESEED: u8 = 5;
 
 /// Engine frames queued for one peer; beyond this a frame is dropped (the engine resends).
 const SEND_QUEUE_FRAMES: usize = 8;
@@ -148,6 +150,9 @@ pub struct Counters {
     /// Content bytes received by fetches / sent when serving them.
     pub fetched_bytes: AtomicU64,
     pub served_bytes: AtomicU64,
+    /// Bytes of preseeds (segments of files still being written) kept here / pushed to peers.
+    pub preseeded_bytes: AtomicU64,
+    pub preseed_pushed_bytes: AtomicU64,
     pub frames_sent: AtomicU64,
     pub frames_dropped: AtomicU64,
     /// UDP bytes of connections that have closed (live ones are counted from their stats).
@@ -192,6 +197,8 @@ pub struct Net {
     /// Whether members introduced by trusted peers are trusted.
     introductions: bool,
     congestion: tls::Congestion,
+    /// Whether peers' preseeds are kept (a node that applies nothing refuses them).
+    accepts_preseeds: std::sync::atomic::AtomicBool,
 }
 
 impl Net {
@@ -255,6 +262,7 @@ impl Net {
             counters: Counters::default(),
             introductions,
             congestion,
+            accepts_preseeds: std::sync::atomic::AtomicBool::new(true),
         });
         tokio::spawn(Arc::clone(&net).accept_loop());
         for (id, addr) in net.book.lock().list() {
@@ -271,6 +279,39 @@ impl Net {
 
     pub fn id(&self) -> NodeId {
         self.me
+    }
+
+    /// The peers connected now.
+    pub fn connected(&self) -> Vec<NodeId> {
+        self.links.lock().keys().copied().collect()
+    }
+
+    /// Whether peers' preseeds are kept here (see [`preseed`]).
+    pub fn accept_preseeds(&self, accept: bool) {
+        self.accepts_preseeds.store(accept, Ordering::Relaxed);
+    }
+
+    /// Sends one push of a preseed (see [`preseed::push`]).
+    pub async fn push_preseed(&self, push: &preseed::Push) -> Result<u64, preseed::PushError> {
+        let conn = self
+            .links
+            .lock()
+            .get(&push.to)
+            .map(|l| l.conn.clone())
+            .ok_or_else(|| preseed::PushError::Lost("not connected".into()))?;
+        let mut stream = conn
+            .open_uni()
+            .await
+            .map_err(|e| preseed::PushError::Lost(e.to_string()))?;
+        stream
+            .write_all(&[TAG_PRESEED])
+            .await
+            .map_err(|e| preseed::PushError::Lost(e.to_string()))?;
+        let sent = preseed::push(&self.tree, &push.header, &mut stream).await?;
+        self.counters
+            .preseed_pushed_bytes
+            .fetch_add(sent, Ordering::Relaxed);
+        Ok(sent)
     }
 
     /// Closes every connection and the endpoint.
@@ -548,6 +589,16 @@ impl Net {
                 let result = match tag[0] {
                     TAG_ENGINE => net.read_engine(&mut stream, id).await,
                     TAG_MEMBERS => net.read_members(&mut stream, id).await,
+                    TAG_PRESEED => {
+                        preseed::receive(
+                            &net.tree,
+                            id,
+                            net.accepts_preseeds.load(Ordering::Relaxed),
+                            &mut stream,
+                            &net.counters.preseeded_bytes,
+                        )
+                        .await
+                    }
                     other => Err(FrameError::Bad(format!("unknown stream tag {other}"))),
                 };
                 match result {

@@ -9,6 +9,7 @@
 mod attrs;
 mod by_hash;
 pub mod in_place;
+pub mod preseed;
 pub mod segments;
 mod stamps;
 
@@ -101,6 +102,8 @@ pub struct Tree {
     journal: Option<Mutex<Journal>>,
     /// Patches staged by fetches, by staging file name, until applied or released.
     patches: Mutex<HashMap<std::ffi::OsString, Patch>>,
+    /// Segments peers sent of files their writers still had open.
+    preseeds: preseed::Preseeds,
 }
 
 /// An apply's content, ready under a temporary name in the state folder (or, for a new
@@ -176,6 +179,8 @@ impl ObserveError {
 const FETCHING: &str = "f-";
 /// Partial copies of content kept for a fetch to resume from: this, then the content's hash.
 const PARTIAL: &str = "p-";
+/// Preseeds (see [`preseed`]) start with this; a start removes them.
+const PRESEED: &str = "e-";
 /// Partial copies kept at most (the newest); each is at most one file's size.
 const PARTIALS_MAX: usize = 32;
 
@@ -289,6 +294,7 @@ impl Tree {
             touched: Mutex::new(HashSet::new()),
             journal,
             patches: Mutex::new(HashMap::new()),
+            preseeds: preseed::Preseeds::default(),
         };
         // An update in place that a crash cut short is finished before anything reads the
         // tree, and before the temporary folder (which holds its patch) is emptied.
@@ -744,6 +750,57 @@ impl Tree {
             Mode::from_raw_mode(0o600),
         )?;
         Ok((File::from(fd), self.tmp_path.join(name)))
+    }
+
+    /// The preseed of file `id` of peer `from`, now at `path` there (made if there is none).
+    pub fn preseed(
+        &self,
+        from: rsyncfs_conflict::NodeId,
+        id: u64,
+        path: &RelPath,
+    ) -> std::io::Result<Arc<parking_lot::Mutex<preseed::Preseed>>> {
+        self.preseeds
+            .entry(from, id, path, || self.new_tmp(PRESEED))
+    }
+
+    /// Takes over the preseed `from` sent of `path` (see [`preseed::Preseeds::take`]) as the
+    /// staging file of a fetch of content `hash`.
+    pub fn take_preseed(
+        &self,
+        from: &rsyncfs_conflict::NodeId,
+        path: &RelPath,
+        size: u64,
+        hash: &Hash,
+    ) -> Option<preseed::Taken> {
+        let staged = self.tmp_path.join(format!(
+            "{FETCHING}{}-{}-{}",
+            hex(hash),
+            process_id(),
+            self.next_tmp.fetch_add(1, Ordering::Relaxed)
+        ));
+        self.preseeds.take(from, path, size, staged)
+    }
+
+    /// Removes preseeds left unused (see [`preseed::PRESEED_IDLE`]); how many are kept, and
+    /// their bytes.
+    pub fn sweep_preseeds(&self) -> (usize, u64) {
+        self.preseeds.sweep();
+        self.preseeds.held()
+    }
+
+    /// Opens the regular file at `path` for reading, whatever it holds.
+    pub fn open_regular(&self, path: &RelPath) -> Option<File> {
+        let (dir, name) = self.parent_of(path).ok()?;
+        let fd = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .ok()?;
+        let file = File::from(fd);
+        file.metadata().ok().filter(|m| m.is_file())?;
+        Some(file)
     }
 
     /// The partial copy of the content `hash` an earlier fetch left, and its length.
