@@ -240,13 +240,15 @@ struct Basis {
 }
 
 /// Fetches `f` into a staging file; returns its path. The content bytes that cross (literal
-/// segments and deltas) are added to `received` as they arrive, also when the fetch fails.
+/// segments and deltas) are added to `received` as they arrive, also when the fetch fails. A
+/// notification on `stop` ends it as if the sender were gone.
 pub async fn fetch(
     tree: &Tree,
     f: &Fetch,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     received: &AtomicU64,
+    stop: &tokio::sync::Notify,
 ) -> Result<PathBuf, FetchError> {
     // The basis: what an earlier fetch of this content left (its whole segments), else what
     // the sender pushed while its writer wrote the file (a preseed, taken over as the staging
@@ -327,17 +329,21 @@ pub async fn fetch(
             .map_err(|e| local("making a staging file", e))?,
     };
     // Onto a preseed, a segment the basis holds is where it belongs already: like a patch's.
-    let mut result = receive(
-        tree,
-        f,
-        &out,
-        basis,
-        patch_of.is_some() || onto_preseed,
-        send,
-        recv,
-        received,
-    )
-    .await;
+    // A newer fetch of this content stops this one: what arrived is then kept below, for the
+    // newer one to resume from (see `fetching`).
+    let mut result = tokio::select! {
+        r = receive(
+            tree,
+            f,
+            &out,
+            basis,
+            patch_of.is_some() || onto_preseed,
+            send,
+            recv,
+            received,
+        ) => r,
+        () = stop.notified() => Err(FetchError::Unreachable),
+    };
     if onto_preseed && result.is_ok() {
         // The preseed may hold segments beyond the content's end.
         if let Err(e) = out.set_len(f.size) {

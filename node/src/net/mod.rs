@@ -8,6 +8,7 @@
 //! log; the node goes on serving the others.
 
 pub mod content;
+mod fetching;
 pub mod framing;
 mod join;
 pub mod preseed;
@@ -199,6 +200,10 @@ pub struct Net {
     congestion: tls::Congestion,
     /// Whether peers' preseeds are kept (a node that applies nothing refuses them).
     accepts_preseeds: std::sync::atomic::AtomicBool,
+    /// Pushes received at once (each holds a segment's buffer); more are refused.
+    preseeding: tokio::sync::Semaphore,
+    /// The fetches running, one per content (a newer one stops the older).
+    fetching: fetching::Fetching,
 }
 
 impl Net {
@@ -263,6 +268,8 @@ impl Net {
             introductions,
             congestion,
             accepts_preseeds: std::sync::atomic::AtomicBool::new(true),
+            preseeding: tokio::sync::Semaphore::new(preseed::RECEIVING_MAX),
+            fetching: fetching::Fetching::default(),
         });
         tokio::spawn(Arc::clone(&net).accept_loop());
         for (id, addr) in net.book.lock().list() {
@@ -590,10 +597,11 @@ impl Net {
                     TAG_ENGINE => net.read_engine(&mut stream, id).await,
                     TAG_MEMBERS => net.read_members(&mut stream, id).await,
                     TAG_PRESEED => {
+                        let permit = net.preseeding.try_acquire();
                         preseed::receive(
                             &net.tree,
                             id,
-                            net.accepts_preseeds.load(Ordering::Relaxed),
+                            net.accepts_preseeds.load(Ordering::Relaxed) && permit.is_ok(),
                             &mut stream,
                             &net.counters.preseeded_bytes,
                         )
@@ -769,8 +777,10 @@ impl Net {
         }
     }
 
-    /// Fetches content from a peer into a staging file, checked against its hash.
+    /// Fetches content from a peer into a staging file, checked against its hash, once a fetch
+    /// of the same content that still runs has stopped (see `fetching`).
     pub async fn fetch(&self, f: &Fetch) -> Result<PathBuf, FetchError> {
+        let turn = self.fetching.begin(f.hash).await;
         let conn = self
             .links
             .lock()
@@ -788,6 +798,7 @@ impl Net {
             &mut send,
             &mut recv,
             &self.counters.fetched_bytes,
+            &turn.stop,
         )
         .await;
         if tracing::enabled!(tracing::Level::DEBUG) {

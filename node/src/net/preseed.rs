@@ -28,6 +28,9 @@ pub const PRESEED_MIN: u64 = 8 * SEGMENT;
 pub const WRITING_MAX: usize = 16;
 /// Segments in one push (64 MiB).
 pub const PUSH_SEGMENTS_MAX: u64 = 16;
+/// Pushes a node receives at once, from all its peers (each holds a segment's buffer); one
+/// beyond is refused.
+pub const RECEIVING_MAX: usize = 8;
 /// Stream error code of a receiver that does not want (more of) a preseed.
 pub const REFUSED: u32 = 1;
 
