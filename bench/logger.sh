@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The change logger against the same backing filesystem used natively (and bindfs, an ordinary
 # FUSE passthrough, where it can be installed), in one run. Run as root.
-#   bench/logger.sh            1 GiB file, 10,000 files (the figures in docs/BENCHMARKS.md)
-#   bench/logger.sh --quick    64 MiB, 2,000 files
+#   bench/logger.sh            1 GiB file, 10,000 files, 3 rounds of the real programs (the
+#                              figures in docs/BENCHMARKS.md)
+#   bench/logger.sh --quick    64 MiB, 2,000 files, one round of the real programs
 #   bench/logger.sh --pin CPU  daemon and benchmark on one CPU (shows the cost of cross-CPU
 #                              wake-ups in each FUSE round trip); combines with --quick
+# RSYNCFS_FUSE_URING=off in the environment measures the mount over /dev/fuse reads even where
+# the kernel offers FUSE over io_uring (the first line printed says which transport is in use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=1024 files=10000 pin=()
+size=1024 files=10000 rounds=3 pin=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) size=64 files=2000 ;;
+    --quick) size=64 files=2000 rounds=1 ;;
     --pin) pin=(taskset -c "${2:?--pin needs a CPU number}"); shift ;;
     *) echo "usage: $0 [--quick] [--pin CPU]" >&2; exit 2 ;;
   esac
@@ -45,3 +48,6 @@ if command -v bindfs >/dev/null && "${pin[@]}" bindfs "$work/bbacking" "$work/bm
 fi
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r), $(df -T "$work" | awk 'NR==2{print $2}') on $(df "$work" | awk 'NR==2{print $1}')"
 "${pin[@]}" python3 bench/fsbench.py --size-mib "$size" --files "$files" "${targets[@]}"
+# Real programs: tar x of /usr/include, git checkout between this repository's first and last
+# commits (fewer rounds in quick mode).
+"${pin[@]}" python3 bench/programs.py --rounds "$rounds" "${targets[@]}"

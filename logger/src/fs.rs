@@ -61,8 +61,15 @@ impl Owner {
     }
 
     fn give(self, dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
-        let (euid, egid) = (rustix::process::geteuid(), rustix::process::getegid());
-        if self.uid == euid.as_raw() && self.gid == egid.as_raw() {
+        // The daemon's own ids do not change while it runs: asked once, not per create.
+        static OURS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+        let (euid, egid) = *OURS.get_or_init(|| {
+            (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            )
+        });
+        if self.uid == euid && self.gid == egid {
             return Ok(());
         }
         let dir_st = rustix::fs::statat(dir, c"", AtFlags::EMPTY_PATH)?;
@@ -141,6 +148,8 @@ pub(crate) struct Shared {
 /// The filesystem fuser runs.
 pub struct LoggerFs {
     shared: Arc<Shared>,
+    /// Whether to ask the kernel for FUSE over io_uring in the handshake.
+    uring: bool,
 }
 
 /// Answers getxattr and listxattr: with a size of zero the caller asks how big the value is.
@@ -424,6 +433,7 @@ impl LoggerFs {
         backing: &Path,
         mode: Mode,
         changes: SyncSender<Change>,
+        uring: bool,
     ) -> std::io::Result<(LoggerFs, Arc<Shared>)> {
         let root_fd = rustix::fs::open(
             backing,
@@ -451,6 +461,7 @@ impl LoggerFs {
         Ok((
             LoggerFs {
                 shared: Arc::clone(&shared),
+                uring,
             },
             shared,
         ))
@@ -566,6 +577,12 @@ impl Filesystem for LoggerFs {
         self.shared
             .passthrough
             .store(passthrough, Ordering::Relaxed);
+        if self.uring {
+            // Requests served on the CPU that made them (Linux 6.14+, where the `fuse` module's
+            // `enable_uring` is on); fuser falls back to /dev/fuse reads when it cannot set up
+            // the rings.
+            let _ = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING);
+        }
         Ok(())
     }
 

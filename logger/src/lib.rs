@@ -154,6 +154,23 @@ impl Mounted {
         self.fs.passthrough()
     }
 
+    /// Whether requests come through FUSE over io_uring (a queue per CPU) rather than reads
+    /// of `/dev/fuse`.
+    pub fn io_uring(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.io_uring())
+    }
+
+    /// How the mount talks to the kernel, for the daemon's first line: passthrough of file
+    /// I/O or not, and the transport of the remaining requests.
+    pub fn transport(&self) -> &'static str {
+        match (self.passthrough(), self.io_uring()) {
+            (true, true) => "kernel FUSE passthrough, requests over io_uring",
+            (true, false) => "kernel FUSE passthrough, requests over /dev/fuse",
+            (false, true) => "ordinary FUSE I/O over io_uring (no passthrough in this kernel)",
+            (false, false) => "ordinary FUSE I/O (no passthrough in this kernel)",
+        }
+    }
+
     /// Descriptors the logger holds for inodes the kernel knows (at most
     /// [`FDS_CACHED_MAX`] beyond those open files, the root and inodes without file handles
     /// need).
@@ -233,6 +250,42 @@ pub fn fuse_tests_can_run() -> bool {
     false
 }
 
+/// Ring workers (threads, each with one ring entry) per CPU queue with FUSE over io_uring: a
+/// worker busy on a slow request holds only its own entry, so this many requests of one CPU can
+/// be in progress at once before the next waits.
+pub const URING_WORKERS_PER_CPU: usize = 4;
+
+/// The environment variable that turns FUSE over io_uring off (`RSYNCFS_FUSE_URING=off`): the
+/// mount then reads requests from `/dev/fuse` even where the kernel offers the rings.
+pub const URING_ENV: &str = "RSYNCFS_FUSE_URING";
+
+/// How the mount receives the kernel's requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// FUSE over io_uring where the kernel offers it (unless [`URING_ENV`] turns it off),
+    /// else reads of `/dev/fuse`.
+    Auto,
+    /// Reads of `/dev/fuse` only.
+    DevFuse,
+}
+
+impl Transport {
+    fn wants_uring(self) -> bool {
+        self == Transport::Auto
+            && !std::env::var(URING_ENV)
+                .is_ok_and(|v| matches!(v.as_str(), "off" | "0" | "no" | "false"))
+    }
+}
+
+/// Whether this kernel offers FUSE over io_uring now: `Some(true)` when the `fuse` module's
+/// `enable_uring` parameter is on, `Some(false)` when it is off, `None` when the kernel has no
+/// such parameter (before Linux 6.14, or built without it).
+pub fn kernel_offers_uring() -> Option<bool> {
+    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .ok()
+        .map(|v| v.trim() == "Y")
+}
+
 /// Mounts `backing` at `mount_point`, which must be an empty directory.
 pub fn mount(backing: &Path, mount_point: &Path, mode: Mode) -> Result<Mounted, MountError> {
     mount_with(backing, mount_point, mode, false)
@@ -245,6 +298,17 @@ pub fn mount_with(
     mount_point: &Path,
     mode: Mode,
     allow_not_empty: bool,
+) -> Result<Mounted, MountError> {
+    mount_over(backing, mount_point, mode, allow_not_empty, Transport::Auto)
+}
+
+/// As [`mount_with`], with the transport of the kernel's requests chosen.
+pub fn mount_over(
+    backing: &Path,
+    mount_point: &Path,
+    mode: Mode,
+    allow_not_empty: bool,
+    transport: Transport,
 ) -> Result<Mounted, MountError> {
     std::fs::OpenOptions::new()
         .read(true)
@@ -283,8 +347,8 @@ pub fn mount_with(
     raise_open_file_limit();
     let (tx, rx): (SyncSender<Change>, Receiver<Change>) =
         std::sync::mpsc::sync_channel(CHANGES_QUEUED_MAX);
-    let (filesystem, shared) =
-        LoggerFs::new(&backing, mode, tx).map_err(|e| MountError::Backing(backing.clone(), e))?;
+    let (filesystem, shared) = LoggerFs::new(&backing, mode, tx, transport.wants_uring())
+        .map_err(|e| MountError::Backing(backing.clone(), e))?;
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(format!("{FS_NAME_PREFIX}{}", backing.display())),
@@ -296,6 +360,7 @@ pub fn mount_with(
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(4);
     config.clone_fd = true;
+    config.uring_workers_per_cpu = Some(URING_WORKERS_PER_CPU);
     let session = fuser::Session::new(filesystem, &mount_abs, &config)
         .and_then(fuser::Session::spawn)
         .map_err(MountError::Mount)?;

@@ -1,7 +1,7 @@
 //! Real mounts: the logger over a temporary backing directory. These need /dev/fuse and root;
 //! elsewhere each test prints why it did not run.
 
-use rsyncfs_logger::{mount, Change, ChangeKind, Mode, Mounted};
+use rsyncfs_logger::{mount, mount_over, Change, ChangeKind, Mode, Mounted, Transport};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
@@ -27,12 +27,20 @@ struct Fixture {
 
 impl Fixture {
     fn new(mode: Mode) -> Fixture {
+        Fixture::over(mode, Transport::Auto)
+    }
+
+    fn over(mode: Mode, transport: Transport) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let backing = dir.path().join("backing");
         let mnt = dir.path().join("mnt");
         fs::create_dir(&backing).unwrap();
         fs::create_dir(&mnt).unwrap();
-        let mounted = mount(&backing, &mnt, mode).expect("mount");
+        let mounted = if transport == Transport::Auto {
+            mount(&backing, &mnt, mode).expect("mount")
+        } else {
+            mount_over(&backing, &mnt, mode, false, transport).expect("mount")
+        };
         Fixture {
             _dir: dir,
             backing,
@@ -320,6 +328,63 @@ fn operations_behave_as_on_the_backing_filesystem() {
     assert_eq!(expected.len(), got.len());
     assert_eq!(describe(native.path()), describe(&f.backing));
     assert_eq!(describe(&f.mnt), describe(&f.backing));
+}
+
+/// The same script over both transports: FUSE over io_uring (where this kernel offers it; CI
+/// turns it on) and reads of /dev/fuse. Each must behave as the backing filesystem does, and
+/// the mount must say which one it uses.
+#[test]
+fn both_transports_behave_as_the_backing_filesystem() {
+    need_fuse!();
+    let offered = rsyncfs_logger::kernel_offers_uring();
+    let off_by_env = std::env::var(rsyncfs_logger::URING_ENV).is_ok();
+    match offered {
+        None => println!("SKIPPED (io_uring half): this kernel has no FUSE over io_uring"),
+        Some(false) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true and /sys/module/fuse/parameters/enable_uring is N: .ci/run turns it on")
+        }
+        Some(false) => println!(
+            "SKIPPED (io_uring half): /sys/module/fuse/parameters/enable_uring is N (echo Y > it)"
+        ),
+        Some(true) => {}
+    }
+    for transport in [Transport::Auto, Transport::DevFuse] {
+        let f = Fixture::over(Mode::ReadWrite, transport);
+        let m = f.mounted.as_ref().unwrap();
+        let want_ring = transport == Transport::Auto && offered == Some(true) && !off_by_env;
+        assert_eq!(m.io_uring(), want_ring, "{transport:?}: {}", m.transport());
+        // After the mount, which sets this process's umask (the kernel applies the caller's).
+        let native = tempfile::tempdir().unwrap();
+        let expected = script(native.path());
+        let got = script(&f.mnt);
+        assert_eq!(expected, got, "{transport:?}");
+        assert_eq!(
+            describe(native.path()),
+            describe(&f.backing),
+            "{transport:?}"
+        );
+        assert_eq!(describe(&f.mnt), describe(&f.backing), "{transport:?}");
+        // A listing bigger than one reply and a value of some kilobytes travel whole.
+        let big = f.mnt.join("big-dir");
+        fs::create_dir(&big).unwrap();
+        for i in 0..3000 {
+            fs::write(big.join(format!("entry-with-a-long-name-{i:05}")), b"").unwrap();
+        }
+        assert_eq!(fs::read_dir(&big).unwrap().count(), 3000, "{transport:?}");
+        let value = vec![7u8; 3_500];
+        let file = f.mnt.join("with-xattr");
+        fs::write(&file, b"x").unwrap();
+        match rustix::fs::setxattr(&file, "user.big", &value, rustix::fs::XattrFlags::empty()) {
+            Ok(()) => {
+                let mut back = vec![0u8; 65536];
+                let n = rustix::fs::getxattr(&file, "user.big", &mut back).unwrap();
+                assert_eq!(&back[..n], &value[..], "{transport:?}");
+            }
+            Err(e) => {
+                println!("note: the backing filesystem refuses a 3.5 kB extended attribute: {e}")
+            }
+        }
+    }
 }
 
 #[test]

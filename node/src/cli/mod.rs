@@ -407,11 +407,7 @@ fn logger(backing: PathBuf, mount: PathBuf, from0: bool, receive_only: bool) -> 
         "rsyncfs-node: {} mounted at {} ({}); Ctrl-C unmounts",
         backing.display(),
         mounted.mount_point().display(),
-        if mounted.passthrough() {
-            "kernel FUSE passthrough for file I/O"
-        } else {
-            "ordinary FUSE I/O: this kernel offers no passthrough"
-        }
+        mounted.transport()
     );
     let separator: &[u8] = if from0 { b"\0" } else { b"\n" };
     let mut out = std::io::stdout().lock();

@@ -219,11 +219,7 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         mode_name(opts.mode),
         opts.backing.display(),
         opts.mount.display(),
-        if mounted.passthrough() {
-            "kernel FUSE passthrough"
-        } else {
-            "ordinary FUSE I/O"
-        }
+        mounted.transport()
     );
     tracing::info!("node id {}", identity.id.long());
 
