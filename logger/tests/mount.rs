@@ -440,7 +440,13 @@ fn every_change_is_reported() {
     };
     // A file made by a writer is reported once, when it is whole (see below).
     assert!(!has("f", ChangeKind::Created), "{changes:?}");
-    assert!(has("f", ChangeKind::Written), "{changes:?}");
+    // The kernel sends a close's RELEASE without waiting for it, so the rename that follows may
+    // be served first (another worker, or another CPU's queue over io_uring): the content is
+    // then reported under the name the file has when its writer's release is served.
+    assert!(
+        has("f", ChangeKind::Written) || has("d/g", ChangeKind::Written),
+        "{changes:?}"
+    );
     assert!(has("d", ChangeKind::DirMade), "{changes:?}");
     assert!(
         has(

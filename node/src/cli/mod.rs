@@ -22,7 +22,12 @@ use std::time::Duration;
 #[command(
     name = "rsyncfs-node",
     version,
-    about = "rsyncfs: N read-write copies of a tree, kept in sync"
+    about = "rsyncfs: N read-write copies of a tree, kept in sync",
+    after_help = "Environment:\n  \
+        RUST_LOG            what is logged to standard error (default: warnings), e.g. \
+        RUST_LOG=info or RUST_LOG=rsyncfs_node::net=debug\n  \
+        RSYNCFS_FUSE_URING  off: the mount reads requests from /dev/fuse even where the \
+        kernel offers FUSE over io_uring (Linux 6.14+, /sys/module/fuse/parameters/enable_uring)"
 )]
 struct Cli {
     #[command(subcommand)]
