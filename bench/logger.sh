@@ -48,6 +48,6 @@ if command -v bindfs >/dev/null && "${pin[@]}" bindfs "$work/bbacking" "$work/bm
 fi
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r), $(df -T "$work" | awk 'NR==2{print $2}') on $(df "$work" | awk 'NR==2{print $1}')"
 "${pin[@]}" python3 bench/fsbench.py --size-mib "$size" --files "$files" "${targets[@]}"
-# Real programs: tar x of /usr/include, git checkout between this repository's first and last
-# commits (fewer rounds in quick mode).
+# Real programs: tar x of /usr/include, git checkout between two commits of real trees
+# (/usr/include, /usr/share/doc); fewer rounds in quick mode.
 "${pin[@]}" python3 bench/programs.py --rounds "$rounds" "${targets[@]}"

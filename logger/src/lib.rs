@@ -271,10 +271,14 @@ pub enum Transport {
 
 impl Transport {
     fn wants_uring(self) -> bool {
-        self == Transport::Auto
-            && !std::env::var(URING_ENV)
-                .is_ok_and(|v| matches!(v.as_str(), "off" | "0" | "no" | "false"))
+        self == Transport::Auto && !uring_turned_off()
     }
+}
+
+/// Whether [`URING_ENV`] turns FUSE over io_uring off in this process (`off`, `0`, `no`,
+/// `false`).
+pub fn uring_turned_off() -> bool {
+    std::env::var(URING_ENV).is_ok_and(|v| matches!(v.as_str(), "off" | "0" | "no" | "false"))
 }
 
 /// Whether this kernel offers FUSE over io_uring now: `Some(true)` when the `fuse` module's

@@ -1,7 +1,7 @@
 //! Real mounts: the logger over a temporary backing directory. These need /dev/fuse and root;
 //! elsewhere each test prints why it did not run.
 
-use rsyncfs_logger::{mount, mount_over, Change, ChangeKind, Mode, Mounted, Transport};
+use rsyncfs_logger::{mount_over, Change, ChangeKind, Mode, Mounted, Transport};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
@@ -36,11 +36,7 @@ impl Fixture {
         let mnt = dir.path().join("mnt");
         fs::create_dir(&backing).unwrap();
         fs::create_dir(&mnt).unwrap();
-        let mounted = if transport == Transport::Auto {
-            mount(&backing, &mnt, mode).expect("mount")
-        } else {
-            mount_over(&backing, &mnt, mode, false, transport).expect("mount")
-        };
+        let mounted = mount_over(&backing, &mnt, mode, false, transport).expect("mount");
         Fixture {
             _dir: dir,
             backing,
@@ -337,7 +333,7 @@ fn operations_behave_as_on_the_backing_filesystem() {
 fn both_transports_behave_as_the_backing_filesystem() {
     need_fuse!();
     let offered = rsyncfs_logger::kernel_offers_uring();
-    let off_by_env = std::env::var(rsyncfs_logger::URING_ENV).is_ok();
+    let off_by_env = rsyncfs_logger::uring_turned_off();
     match offered {
         None => println!("SKIPPED (io_uring half): this kernel has no FUSE over io_uring"),
         Some(false) if std::env::var("CI").is_ok_and(|v| v == "true") => {

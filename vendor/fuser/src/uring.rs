@@ -32,7 +32,6 @@ use log::warn;
 use parking_lot::Mutex;
 
 use crate::Filesystem;
-use crate::channel::ChannelSender;
 use crate::dev_fuse::DevFuse;
 use crate::ll::Operation;
 use crate::passthrough::BackingId;
@@ -334,7 +333,6 @@ impl Drop for Worker {
 pub(crate) struct RingReply {
     worker: Arc<Worker>,
     commit_id: u64,
-    dev: ChannelSender,
 }
 
 impl RingReply {
@@ -343,13 +341,13 @@ impl RingReply {
     }
 
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> io::Result<BackingId> {
-        self.dev.open_backing(fd)
+        BackingId::create(&self.worker.dev, fd)
     }
 
     /// # Safety
     /// As `ChannelSender::wrap_backing`.
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
-        unsafe { self.dev.wrap_backing(id) }
+        unsafe { BackingId::wrap_raw(&self.worker.dev, id) }
     }
 }
 
@@ -384,11 +382,14 @@ pub(crate) fn serve<FS: Filesystem>(
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(e),
         }
-        // SAFETY: only this thread (the owner) reads the completion queue.
-        let results: Vec<i32> = unsafe { worker.ring.completion_shared() }
-            .map(|c| c.result())
-            .collect();
-        for res in results {
+        // One entry, so at most one completion at a time, taken (and the queue's head moved)
+        // before the request is served.
+        loop {
+            // SAFETY: only this thread (the owner) reads the completion queue.
+            let next = unsafe { worker.ring.completion_shared() }
+                .next()
+                .map(|c| c.result());
+            let Some(res) = next else { break };
             if res < 0 {
                 // The connection ended (or the kernel refused the entry): the command is
                 // complete, so the kernel no longer holds the buffers.
@@ -413,7 +414,6 @@ pub(crate) fn serve<FS: Filesystem>(
             let reply = RingReply {
                 worker: Arc::clone(&worker),
                 commit_id,
-                dev: se.ch.sender(),
             };
             match RequestWithSender::new_ring(se.ch.sender(), reply, &buf[..len]) {
                 Some(req) => {
