@@ -133,6 +133,10 @@ pub(crate) struct Shared {
     dirs: Mutex<HashMap<u64, Arc<DirEntries>>>,
     next_fh: AtomicU64,
     writers: Mutex<HashMap<u64, u32>>,
+    /// An open handle of each inode that has one (the last opened): its descriptor answers
+    /// getxattr directly, where the inode's own `O_PATH` descriptor needs a walk through /proc
+    /// (the kernel asks for security.capability before the first write of every new file).
+    open_files: Mutex<HashMap<u64, std::sync::Weak<Handle>>>,
     /// Inodes created or truncated through a handle still open for writing: reported when their
     /// last writer closes them (or by the periodic report of dirty files), not before, so that
     /// peers never see a half-made file.
@@ -409,7 +413,11 @@ impl Shared {
             *self.writers.lock().entry(handle.id).or_insert(0) += 1;
         }
         self.inodes.opened(handle.id);
-        self.handles.lock().insert(fh, Arc::new(handle));
+        let handle = Arc::new(handle);
+        self.open_files
+            .lock()
+            .insert(handle.id, Arc::downgrade(&handle));
+        self.handles.lock().insert(fh, handle);
         fh
     }
 
@@ -453,6 +461,7 @@ impl LoggerFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(0),
             writers: Mutex::new(HashMap::new()),
+            open_files: Mutex::new(HashMap::new()),
             unreported: Mutex::new(std::collections::HashSet::new()),
             changes,
             overflowed: AtomicBool::new(false),
@@ -987,6 +996,13 @@ impl Filesystem for LoggerFs {
         let handle = self.shared.handles.lock().remove(&fh.0);
         if let Some(h) = &handle {
             self.shared.inodes.closed(h.id);
+            let mut open_files = self.shared.open_files.lock();
+            if open_files
+                .get(&h.id)
+                .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(h)))
+            {
+                open_files.remove(&h.id);
+            }
         }
         if let Some(h) = handle {
             if h.writable {
@@ -1253,6 +1269,24 @@ impl Filesystem for LoggerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let open = self
+            .shared
+            .open_files
+            .lock()
+            .get(&ino.0)
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(h) = open {
+            // A handle is a regular file's (or a directory's) own descriptor: no symlink.
+            let mut buf = vec![0u8; size as usize];
+            let result = rustix::fs::fgetxattr(&h.file, name, &mut buf[..])
+                .map(|n| {
+                    buf.truncate(n);
+                    (n, buf)
+                })
+                .map_err(errno);
+            reply_xattr(result, size, reply);
+            return;
+        }
         let result = self.inode(ino).and_then(|inode| {
             if self.is_symlink(&inode) {
                 return Err(Errno::NO_XATTR);

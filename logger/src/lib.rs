@@ -103,6 +103,71 @@ pub enum MountError {
     Mount(std::io::Error),
 }
 
+/// How long a reader of the change stream keeps looking for the next change before it sleeps
+/// until one comes, and how often it looks meanwhile. A sleeping reader must be woken by the
+/// request that reports a change, a futex wake that costs that request about 9 us here (the
+/// other CPU is halted and has to be sent an interrupt: `bench/logger.sh`'s creates spent more
+/// time waking the reader than making the file). A reader that looks every 200 us while changes
+/// keep coming is never asleep then: a report costs a queue push, and a change waits at most
+/// one look for its reader.
+pub const CHANGE_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+/// See [`CHANGE_LINGER`].
+pub const CHANGE_POLL: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The stream of changes a mount reports, in the order they happened (bounded: past
+/// [`CHANGES_QUEUED_MAX`] unread changes an [`ChangeKind::Overflow`] marks the loss).
+pub struct ChangeStream {
+    rx: Receiver<Change>,
+}
+
+impl ChangeStream {
+    /// The next change, waiting at most `timeout` for it (see [`CHANGE_LINGER`]).
+    pub fn recv_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<Change, std::sync::mpsc::RecvTimeoutError> {
+        use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+        let start = std::time::Instant::now();
+        let linger = CHANGE_LINGER.min(timeout);
+        loop {
+            match self.rx.try_recv() {
+                Ok(c) => return Ok(c),
+                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+            let waited = start.elapsed();
+            if waited >= linger {
+                return self.rx.recv_timeout(timeout.saturating_sub(waited));
+            }
+            std::thread::sleep(CHANGE_POLL.min(linger - waited));
+        }
+    }
+
+    /// The next change, waiting as long as it takes; None once the mount is gone.
+    pub fn recv(&self) -> Option<Change> {
+        loop {
+            match self.recv_timeout(std::time::Duration::from_secs(3600)) {
+                Ok(c) => return Some(c),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// The changes reported so far, without waiting.
+    pub fn try_iter(&self) -> std::sync::mpsc::TryIter<'_, Change> {
+        self.rx.try_iter()
+    }
+}
+
+impl Iterator for ChangeStream {
+    type Item = Change;
+
+    fn next(&mut self) -> Option<Change> {
+        self.recv()
+    }
+}
+
 /// A mounted logger.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
@@ -112,7 +177,7 @@ pub struct Mounted {
         Vec<std::thread::JoinHandle<()>>,
     )>,
     fs: Arc<fs::Shared>,
-    changes: parking_lot::Mutex<Option<Receiver<Change>>>,
+    changes: parking_lot::Mutex<Option<ChangeStream>>,
     mount_point: PathBuf,
 }
 
@@ -121,14 +186,14 @@ impl Mounted {
     ///
     /// # Panics
     /// When the stream was taken with [`Mounted::take_changes`].
-    pub fn changes(&self) -> parking_lot::MappedMutexGuard<'_, Receiver<Change>> {
+    pub fn changes(&self) -> parking_lot::MappedMutexGuard<'_, ChangeStream> {
         parking_lot::MutexGuard::map(self.changes.lock(), |c| {
             c.as_mut().expect("the change stream was taken")
         })
     }
 
     /// Takes the stream of changes, for a consumer on another thread.
-    pub fn take_changes(&self) -> Option<Receiver<Change>> {
+    pub fn take_changes(&self) -> Option<ChangeStream> {
         self.changes.lock().take()
     }
 
@@ -408,7 +473,7 @@ pub fn mount_over(
         session: Some(session),
         reporter: Some((stop, vec![reporter, reaper])),
         fs: shared,
-        changes: parking_lot::Mutex::new(Some(rx)),
+        changes: parking_lot::Mutex::new(Some(ChangeStream { rx })),
         mount_point: mount_abs,
     })
 }

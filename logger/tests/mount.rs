@@ -216,6 +216,33 @@ fn script(root: &Path) -> Vec<String> {
             .map(|_| String::new())
             .map_err(std::io::Error::from),
     );
+    // While a file is open its extended attributes are read through the open descriptor.
+    let held = fs::OpenOptions::new().append(true).open(p("a.txt"));
+    note(
+        "getxattr while open",
+        rustix::fs::getxattr(p("a.txt").as_path(), "user.colour", &mut buf[..])
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+            .map_err(std::io::Error::from),
+    );
+    note(
+        "getxattr size while open",
+        rustix::fs::getxattr(p("a.txt").as_path(), "user.colour", &mut [0u8; 0][..])
+            .map(|n| n.to_string())
+            .map_err(std::io::Error::from),
+    );
+    note(
+        "getxattr too small while open",
+        rustix::fs::getxattr(p("a.txt").as_path(), "user.colour", &mut buf[..2])
+            .map(|n| n.to_string())
+            .map_err(std::io::Error::from),
+    );
+    note(
+        "getxattr missing while open",
+        rustix::fs::getxattr(p("a.txt").as_path(), "user.none", &mut buf[..])
+            .map(|_| String::new())
+            .map_err(std::io::Error::from),
+    );
+    drop(held);
     note(
         "sparse file",
         (|| {
@@ -314,6 +341,10 @@ fn describe(root: &Path) -> BTreeMap<String, String> {
 #[test]
 fn operations_behave_as_on_the_backing_filesystem() {
     need_fuse!();
+    // The mount clears this process's umask (the kernel applied the caller's already), and the
+    // caller here is this process: the native run must see the same umask, whichever test
+    // mounted first.
+    rustix::process::umask(rustix::fs::Mode::empty());
     let native = tempfile::tempdir().unwrap();
     let expected = script(native.path());
     let f = Fixture::new(Mode::ReadWrite);

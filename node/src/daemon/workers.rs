@@ -1,6 +1,6 @@
 use super::Event;
 use crate::tree::{rel_path, Mount, ObserveError, Prepared, Tree};
-use rsyncfs_logger::{Change, ChangeKind, Mounted};
+use rsyncfs_logger::{ChangeKind, ChangeStream, Mounted};
 use rsyncfs_mesh::engine::{Apply, ApplyError, Input};
 use rsyncfs_mesh::path::RelPath;
 use std::path::{Path, PathBuf};
@@ -295,7 +295,7 @@ pub(super) fn walk(root: &Path, dir: Option<&RelPath>, out: &mut Vec<RelPath>) {
 
 /// Turns the mount's changes into observations (and, for what the store must expand, events).
 pub(super) fn bridge(
-    changes: std::sync::mpsc::Receiver<Change>,
+    changes: ChangeStream,
     workers: WorkersHandle,
     events: mpsc::Sender<Event>,
     root: PathBuf,
