@@ -983,6 +983,23 @@ impl Filesystem for LoggerFs {
         reply.error(Errno::ENOSYS);
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No device-specific requests on these files: ENOTTY, as a local filesystem answers
+        // them (every Python `open()` asks TCGETS to learn whether the file is a terminal; the
+        // default answer logged a warning each time).
+        reply.error(Errno::ENOTTY);
+    }
+
     fn release(
         &self,
         _req: &Request,

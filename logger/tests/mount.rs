@@ -242,6 +242,16 @@ fn script(root: &Path) -> Vec<String> {
             .map(|_| String::new())
             .map_err(std::io::Error::from),
     );
+    note(
+        "terminal attributes of a file",
+        held.as_ref()
+            .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)))
+            .and_then(|f| {
+                rustix::termios::tcgetattr(f)
+                    .map(|_| String::new())
+                    .map_err(std::io::Error::from)
+            }),
+    );
     drop(held);
     note(
         "sparse file",
