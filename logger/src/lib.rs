@@ -115,7 +115,7 @@ pub const CHANGE_LINGER: std::time::Duration = std::time::Duration::from_millis(
 pub const CHANGE_POLL: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// The stream of changes a mount reports, in the order they happened (bounded: past
-/// [`CHANGES_QUEUED_MAX`] unread changes an [`ChangeKind::Overflow`] marks the loss).
+/// [`CHANGES_QUEUED_MAX`] unread changes a [`ChangeKind::Overflow`] marks the loss).
 pub struct ChangeStream {
     rx: Receiver<Change>,
 }
