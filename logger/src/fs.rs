@@ -165,6 +165,18 @@ fn reply_xattr(result: Result<(usize, Vec<u8>), Errno>, size: u32, reply: ReplyX
     }
 }
 
+/// Reads an extended attribute's value (or a list of names) into a buffer of the size the
+/// caller asked for (zero: only the size is wanted).
+fn read_xattr(
+    size: u32,
+    read: impl FnOnce(&mut [u8]) -> rustix::io::Result<usize>,
+) -> Result<(usize, Vec<u8>), Errno> {
+    let mut buf = vec![0u8; size as usize];
+    let n = read(&mut buf[..]).map_err(errno)?;
+    buf.truncate(n);
+    Ok((n, buf))
+}
+
 fn errno(e: impl Into<std::io::Error>) -> Errno {
     Errno::from(e.into())
 }
@@ -1293,14 +1305,8 @@ impl Filesystem for LoggerFs {
             .get(&ino.0)
             .and_then(std::sync::Weak::upgrade);
         if let Some(h) = open {
-            // A handle is a regular file's (or a directory's) own descriptor: no symlink.
-            let mut buf = vec![0u8; size as usize];
-            let result = rustix::fs::fgetxattr(&h.file, name, &mut buf[..])
-                .map(|n| {
-                    buf.truncate(n);
-                    (n, buf)
-                })
-                .map_err(errno);
+            // A handle is a regular file's own descriptor: no symlink.
+            let result = read_xattr(size, |buf| rustix::fs::fgetxattr(&h.file, name, buf));
             reply_xattr(result, size, reply);
             return;
         }
@@ -1309,17 +1315,7 @@ impl Filesystem for LoggerFs {
                 return Err(Errno::NO_XATTR);
             }
             let path = proc_path(inode.fd());
-            if size == 0 {
-                let empty: &mut [u8] = &mut [];
-                rustix::fs::getxattr(path.as_c_str(), name, empty)
-                    .map(|n| (n, Vec::new()))
-                    .map_err(errno)
-            } else {
-                let mut buf = vec![0u8; size as usize];
-                let n = rustix::fs::getxattr(path.as_c_str(), name, &mut buf[..]).map_err(errno)?;
-                buf.truncate(n);
-                Ok((n, buf))
-            }
+            read_xattr(size, |buf| rustix::fs::getxattr(path.as_c_str(), name, buf))
         });
         reply_xattr(result, size, reply);
     }
@@ -1330,10 +1326,7 @@ impl Filesystem for LoggerFs {
                 return Ok((0, Vec::new()));
             }
             let path = proc_path(inode.fd());
-            let mut buf = vec![0u8; size as usize];
-            let n = rustix::fs::listxattr(path.as_c_str(), &mut buf[..]).map_err(errno)?;
-            buf.truncate(n);
-            Ok((n, buf))
+            read_xattr(size, |buf| rustix::fs::listxattr(path.as_c_str(), buf))
         });
         reply_xattr(result, size, reply);
     }

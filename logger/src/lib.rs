@@ -105,11 +105,11 @@ pub enum MountError {
 
 /// How long a reader of the change stream keeps looking for the next change before it sleeps
 /// until one comes, and how often it looks meanwhile. A sleeping reader must be woken by the
-/// request that reports a change, a futex wake that costs that request about 9 us here (the
+/// request that reports a change, a futex wake that costs that request 9-19 us here (the
 /// other CPU is halted and has to be sent an interrupt: `bench/logger.sh`'s creates spent more
 /// time waking the reader than making the file). A reader that looks every 200 us while changes
 /// keep coming is never asleep then: a report costs a queue push, and a change waits at most
-/// one look for its reader.
+/// one look for its reader. An idle reader (no change for this long) sleeps at once.
 pub const CHANGE_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// See [`CHANGE_LINGER`].
 pub const CHANGE_POLL: std::time::Duration = std::time::Duration::from_micros(200);
@@ -118,6 +118,8 @@ pub const CHANGE_POLL: std::time::Duration = std::time::Duration::from_micros(20
 /// [`CHANGES_QUEUED_MAX`] unread changes a [`ChangeKind::Overflow`] marks the loss).
 pub struct ChangeStream {
     rx: Receiver<Change>,
+    /// When the last change was received: the reader lingers only within [`CHANGE_LINGER`] of it.
+    last: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 impl ChangeStream {
@@ -128,19 +130,29 @@ impl ChangeStream {
     ) -> Result<Change, std::sync::mpsc::RecvTimeoutError> {
         use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
         let start = std::time::Instant::now();
-        let linger = CHANGE_LINGER.min(timeout);
-        loop {
+        let deadline = start + timeout;
+        let linger_until = self
+            .last
+            .get()
+            .map_or(start, |t| (t + CHANGE_LINGER).min(deadline));
+        let got = loop {
             match self.rx.try_recv() {
-                Ok(c) => return Ok(c),
+                Ok(c) => break Ok(c),
                 Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
                 Err(TryRecvError::Empty) => {}
             }
-            let waited = start.elapsed();
-            if waited >= linger {
-                return self.rx.recv_timeout(timeout.saturating_sub(waited));
+            let now = std::time::Instant::now();
+            if now >= linger_until {
+                break self
+                    .rx
+                    .recv_timeout(deadline.saturating_duration_since(now));
             }
-            std::thread::sleep(CHANGE_POLL.min(linger - waited));
+            std::thread::sleep(CHANGE_POLL.min(linger_until - now));
+        };
+        if got.is_ok() {
+            self.last.set(Some(std::time::Instant::now()));
         }
+        got
     }
 
     /// The next change, waiting as long as it takes; None once the mount is gone.
@@ -473,7 +485,10 @@ pub fn mount_over(
         session: Some(session),
         reporter: Some((stop, vec![reporter, reaper])),
         fs: shared,
-        changes: parking_lot::Mutex::new(Some(ChangeStream { rx })),
+        changes: parking_lot::Mutex::new(Some(ChangeStream {
+            rx,
+            last: std::cell::Cell::new(None),
+        })),
         mount_point: mount_abs,
     })
 }
