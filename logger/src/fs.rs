@@ -104,8 +104,39 @@ fn fingerprint(st: &Stat) -> Fingerprint {
     (st.st_ctime, st.st_ctime_nsec as i64, st.st_size as u64)
 }
 
-/// A directory's entries as read at opendir: (backing inode, kind, name).
-type DirEntries = Vec<(u64, FileType, OsString)>;
+/// An open directory.
+struct DirHandle {
+    ino: u64,
+    /// Opened with FOPEN_CACHE_DIR: the kernel adds what this handle reads to its cache.
+    cache: bool,
+    /// Read at the handle's first readdir.
+    listing: Option<Arc<Listing>>,
+}
+
+/// What the daemon knows of a directory's listing cache in the kernel (see [`Shared::listing`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Listed {
+    /// Every listing served since the record was made had this fingerprint.
+    before: Fingerprint,
+    /// One of them was read, from the start, by the only caching handle then open: the
+    /// kernel's cache holds that listing, or part of it, and nothing else.
+    cached: bool,
+}
+
+/// A directory as read at a handle's first readdir.
+struct Listing {
+    /// The directory's fingerprint just before it was read.
+    before: Fingerprint,
+    /// (backing inode, kind, name); readdir offsets index them.
+    entries: Vec<(u64, FileType, OsString)>,
+}
+
+/// Directories whose last listing is remembered (see [`Shared::listed`]); past this the record
+/// starts again, which costs listings served from the kernel's cache, never a stale one.
+const LISTED_MAX: usize = 65_536;
+/// A directory changed less than this long before it was read is not trusted to show its next
+/// change in its ctime: a filesystem with coarse timestamps could give that change the same one.
+const LISTED_SETTLED: Duration = Duration::from_millis(50);
 
 /// An open file.
 struct Handle {
@@ -130,7 +161,14 @@ pub(crate) struct Shared {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     /// The kernel maps one backing file per inode: every open of the inode shares it.
     backings: Mutex<HashMap<u64, std::sync::Weak<BackingId>>>,
-    dirs: Mutex<HashMap<u64, Arc<DirEntries>>>,
+    /// Open directory handles, with their entries once the kernel asked for them.
+    dirs: Mutex<HashMap<u64, DirHandle>>,
+    /// Directories listed since they last changed, and whether the kernel caches that listing:
+    /// an opendir that finds the directory unchanged lets the kernel fill its cache
+    /// (FOPEN_CACHE_DIR), or keep and serve it (FOPEN_KEEP_CACHE). See [`Shared::listing`].
+    listed: Mutex<HashMap<u64, Listed>>,
+    /// Backing directories read for the kernel, counted.
+    dir_reads: AtomicU64,
     next_fh: AtomicU64,
     writers: Mutex<HashMap<u64, u32>>,
     /// An open handle of each inode that has one (the last opened): its descriptor answers
@@ -436,9 +474,113 @@ impl Shared {
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
         self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
+
+    /// The listing of directory `ino` for its open handle `fh`, read at the handle's first
+    /// readdir (at `offset`) and kept for the rest.
+    ///
+    /// The kernel appends every readdir reply that continues its cache to it, whichever caching
+    /// handle it came from, so a directory's record ([`Shared::listed`]) stands only while every
+    /// reply agrees with it: a reply from a listing with another fingerprint drops it, and so does
+    /// a fresh listing that continues a cached part (offset > 0) unless it has the recorded
+    /// fingerprint. Only a listing read from the start, once the directory has settled, makes a
+    /// record, and it says the kernel caches it only when its handle was the one caching handle
+    /// open (two caching readers of a directory that changed between them could interleave their
+    /// replies in the cache).
+    fn listing(&self, ino: u64, fh: u64, offset: u64) -> Result<Arc<Listing>, Errno> {
+        let (cache, known) = match self.dirs.lock().get(&fh) {
+            None => return Err(Errno::EBADF),
+            Some(d) => (d.cache, d.listing.clone()),
+        };
+        let (listing, fresh) = match known {
+            Some(listing) => (listing, false),
+            None => (Arc::new(self.read_dir(ino)?), true),
+        };
+        let mut listed = self.listed.lock();
+        let agrees = listed
+            .get(&ino)
+            .copied()
+            .filter(|r| r.before == listing.before);
+        if fresh && offset == 0 && settled(&listing.before) {
+            let alone = || {
+                let dirs = self.dirs.lock();
+                dirs.values().filter(|d| d.ino == ino && d.cache).count() == 1
+            };
+            let cached = (cache && alone()) || agrees.is_some_and(|r| r.cached);
+            if listed.len() >= LISTED_MAX {
+                listed.clear();
+            }
+            listed.insert(
+                ino,
+                Listed {
+                    before: listing.before,
+                    cached,
+                },
+            );
+        } else if agrees.is_none() {
+            listed.remove(&ino);
+        }
+        drop(listed);
+        if fresh {
+            if let Some(d) = self.dirs.lock().get_mut(&fh) {
+                d.listing = Some(Arc::clone(&listing));
+            }
+        }
+        Ok(listing)
+    }
+
+    pub(crate) fn directory_reads(&self) -> u64 {
+        self.dir_reads.load(Ordering::Relaxed)
+    }
+
+    /// Reads a backing directory whole, with its fingerprint just before.
+    fn read_dir(&self, ino: u64) -> Result<Listing, Errno> {
+        self.dir_reads.fetch_add(1, Ordering::Relaxed);
+        let inode = self.inodes.get(ino).map_err(errno)?;
+        let fd = rustix::fs::openat(
+            inode.fd(),
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            FileMode::empty(),
+        )
+        .map_err(errno)?;
+        let before = stat_fd(fd.as_fd()).map_err(errno)?;
+        // One large buffer: a directory of 10,000 entries in a dozen system calls.
+        let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); READDIR_BUFFER_BYTES];
+        let mut dir = rustix::fs::RawDir::new(&fd, &mut buf);
+        let mut entries = Vec::new();
+        while let Some(entry) = dir.next() {
+            let entry = entry.map_err(errno)?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
+            if ino == ROOT && name.as_bytes() == STATE_DIR_NAME.as_bytes() {
+                continue;
+            }
+            let kind = match entry.file_type() {
+                rustix::fs::FileType::Directory => FileType::Directory,
+                rustix::fs::FileType::Symlink => FileType::Symlink,
+                rustix::fs::FileType::Fifo => FileType::NamedPipe,
+                rustix::fs::FileType::Socket => FileType::Socket,
+                rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
+                rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
+                _ => FileType::RegularFile,
+            };
+            entries.push((entry.ino(), kind, name));
+        }
+        Ok(Listing {
+            before: fingerprint(&before),
+            entries,
+        })
+    }
 }
 
-/// Bytes read from a backing directory per system call when a directory is opened.
+/// Whether a fingerprint's ctime lies at least [`LISTED_SETTLED`] in the past.
+fn settled(f: &Fingerprint) -> bool {
+    let changed = UNIX_EPOCH + Duration::new(f.0.max(0) as u64, f.1.clamp(0, 999_999_999) as u32);
+    SystemTime::now()
+        .duration_since(changed)
+        .is_ok_and(|age| age >= LISTED_SETTLED)
+}
+
+/// Bytes read from a backing directory per system call when a directory is read.
 const READDIR_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Open flags the reopen through /proc must not see: the kernel resolved the path and handled
@@ -471,6 +613,8 @@ impl LoggerFs {
             handles: Mutex::new(HashMap::new()),
             backings: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            listed: Mutex::new(HashMap::new()),
+            dir_reads: AtomicU64::new(0),
             next_fh: AtomicU64::new(0),
             writers: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
@@ -613,6 +757,11 @@ impl Filesystem for LoggerFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.shared.inodes.forget([(ino.0, nlookup)]);
+        // A directory the kernel forgot took its listing cache with it.
+        let mut listed = self.shared.listed.lock();
+        if listed.contains_key(&ino.0) && !self.shared.inodes.knows(ino.0) {
+            listed.remove(&ino.0);
+        }
     }
 
     // fuser's batch_forget (the default calls forget for each node) cannot be overridden: its
@@ -1081,45 +1230,38 @@ impl Filesystem for LoggerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let result = (|| {
-            let inode = self.inode(ino)?;
-            let fd = rustix::fs::openat(
-                inode.fd(),
-                c".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                FileMode::empty(),
-            )
-            .map_err(errno)?;
-            // One large buffer: a directory of 10,000 entries in a dozen system calls.
-            let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); READDIR_BUFFER_BYTES];
-            let mut dir = rustix::fs::RawDir::new(&fd, &mut buf);
-            let mut entries = Vec::new();
-            while let Some(entry) = dir.next() {
-                let entry = entry.map_err(errno)?;
-                let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
-                if ino.0 == ROOT && name.as_bytes() == STATE_DIR_NAME.as_bytes() {
-                    continue;
-                }
-                let kind = match entry.file_type() {
-                    rustix::fs::FileType::Directory => FileType::Directory,
-                    rustix::fs::FileType::Symlink => FileType::Symlink,
-                    rustix::fs::FileType::Fifo => FileType::NamedPipe,
-                    rustix::fs::FileType::Socket => FileType::Socket,
-                    rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
-                    rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
-                    _ => FileType::RegularFile,
-                };
-                entries.push((entry.ino(), kind, name));
-            }
+        // The entries are read at the first readdir: when the kernel's cache still holds the
+        // listing it sends none, and the open costs one fstat.
+        let result = self.inode(ino).and_then(|inode| {
+            let now = fingerprint(&stat_fd(inode.fd()).map_err(errno)?);
+            let record = self.shared.listed.lock().get(&ino.0).copied();
+            let unchanged = record.filter(|r| r.before == now);
             let fh = self.shared.next_fh.fetch_add(1, Ordering::Relaxed) + 1;
-            self.shared.dirs.lock().insert(fh, Arc::new(entries));
-            Ok(fh)
-        })();
+            let cache = unchanged.is_some();
+            let handle = DirHandle {
+                ino: ino.0,
+                cache,
+                listing: None,
+            };
+            self.shared.dirs.lock().insert(fh, handle);
+            Ok((fh, cache, unchanged.is_some_and(|r| r.cached)))
+        });
         match result {
-            // No FOPEN_CACHE_DIR: filling the kernel's listing cache made a cold listing of
-            // 10,000 entries take twice as long as native (0.34-0.47 of native, against 0.63-0.67
-            // without it), for warm listings at 0.7-0.9 instead of 0.67 (docs/BENCHMARKS.md).
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // A directory listed once is read as before; listed again unchanged (its ctime moves
+            // with every change, made through the mount, by the node underneath or by anyone
+            // else), the kernel caches the listing as it reads it, and from then on serves it
+            // from that cache while the directory stays so. Filling the cache made a listing of
+            // 10,000 entries about a quarter slower, which a directory listed once need not pay.
+            Ok((fh, cache, keep)) => {
+                let mut flags = FopenFlags::empty();
+                if cache {
+                    flags |= FopenFlags::FOPEN_CACHE_DIR;
+                }
+                if keep {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(fh), flags)
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1127,16 +1269,19 @@ impl Filesystem for LoggerFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(entries) = self.shared.dirs.lock().get(&fh.0).cloned() else {
-            reply.error(Errno::EBADF);
-            return;
+        let listing = match self.shared.listing(ino.0, fh.0, offset) {
+            Ok(l) => l,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
         };
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, (ino, kind, name)) in listing.entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
                 break;
             }
@@ -1154,11 +1299,14 @@ impl Filesystem for LoggerFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        let Some(entries) = self.shared.dirs.lock().get(&fh.0).cloned() else {
-            reply.error(Errno::EBADF);
-            return;
+        let listing = match self.shared.listing(ino.0, fh.0, offset) {
+            Ok(l) => l,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
         };
-        for (i, (_, _, name)) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, (_, _, name)) in listing.entries.iter().enumerate().skip(offset as usize) {
             let dot = name.as_bytes() == b"." || name.as_bytes() == b"..";
             // The kernel does not link "." and "..": they take no lookup reference.
             let attr = if dot {

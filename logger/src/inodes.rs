@@ -188,6 +188,11 @@ impl Inodes {
         }
     }
 
+    /// Whether the kernel holds a lookup of `id` (or it is the root).
+    pub fn knows(&self, id: u64) -> bool {
+        self.table.lock().by_id.contains_key(&id)
+    }
+
     /// The inode numbered `id`, opened again from its handle if its descriptor was dropped.
     /// `ESTALE` if the kernel forgot it or it no longer exists.
     pub fn get(&self, id: u64) -> Result<Inode, Errno> {

@@ -259,6 +259,12 @@ impl Mounted {
         &self.mount_point
     }
 
+    /// How many times the daemon has read a backing directory for the kernel; a listing the
+    /// kernel serves from its cache reads none.
+    pub fn directory_reads(&self) -> u64 {
+        self.fs.directory_reads()
+    }
+
     /// Drops the kernel's cached entry, attributes and data for `path` (relative), after the
     /// node changed it in the backing directory.
     pub fn invalidate(&self, path: &Path) {

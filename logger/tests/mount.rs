@@ -462,6 +462,18 @@ fn every_change_is_reported() {
     need_fuse!();
     let f = Fixture::new(Mode::ReadWrite);
     fs::write(f.mnt.join("f"), b"data").unwrap();
+    // The kernel sends a close's RELEASE without waiting for it, so the steps below may be
+    // served before it: wait for the write's report, or a release served after the unlink
+    // below would find no file left to report (rightly: there is nothing to ship).
+    let mut changes = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !changes
+        .iter()
+        .any(|c: &Change| c.kind == ChangeKind::Written)
+    {
+        assert!(std::time::Instant::now() < deadline, "{changes:?}");
+        changes.extend(f.changes());
+    }
     fs::create_dir(f.mnt.join("d")).unwrap();
     fs::rename(f.mnt.join("f"), f.mnt.join("d/g")).unwrap();
     std::os::unix::fs::symlink("g", f.mnt.join("d/s")).unwrap();
@@ -469,21 +481,15 @@ fn every_change_is_reported() {
     fs::remove_file(f.mnt.join("d/s")).unwrap();
     fs::remove_file(f.mnt.join("d/g")).unwrap();
     fs::remove_dir(f.mnt.join("d")).unwrap();
-    let changes = f.changes();
+    changes.extend(f.changes());
     let has = |path: &str, kind: ChangeKind| {
         changes
             .iter()
             .any(|c| c.path == Path::new(path) && c.kind == kind)
     };
-    // A file made by a writer is reported once, when it is whole (see below).
+    // A file made by a writer is reported once, when it is whole.
     assert!(!has("f", ChangeKind::Created), "{changes:?}");
-    // The kernel sends a close's RELEASE without waiting for it, so the rename that follows may
-    // be served first (another worker, or another CPU's queue over io_uring): the content is
-    // then reported under the name the file has when its writer's release is served.
-    assert!(
-        has("f", ChangeKind::Written) || has("d/g", ChangeKind::Written),
-        "{changes:?}"
-    );
+    assert!(has("f", ChangeKind::Written), "{changes:?}");
     assert!(has("d", ChangeKind::DirMade), "{changes:?}");
     assert!(
         has(
@@ -626,6 +632,86 @@ fn invalidation_shows_changes_made_underneath() {
         vec![std::ffi::OsString::from("arrived")]
     );
     assert_eq!(fs::read(f.mnt.join("d/arrived")).unwrap(), b"from a peer");
+}
+
+#[test]
+fn a_listing_the_kernel_caches_follows_every_change() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    let m = f.mounted.as_ref().unwrap();
+    let (dir, under) = (f.mnt.join("d"), f.backing.join("d"));
+    fs::create_dir(&dir).unwrap();
+    // Enough entries that a listing takes several getdents calls (and readdir requests).
+    for i in 0..3000 {
+        fs::write(dir.join(format!("f{i:04}")), b"").unwrap();
+    }
+    let names = |d: &Path| -> std::collections::BTreeSet<String> {
+        fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    // The mount lists what the backing directory holds (the difference, where it does not).
+    let same = |step: &str| {
+        let (seen, there) = (names(&dir), names(&under));
+        let extra: Vec<_> = seen.difference(&there).collect();
+        let missing: Vec<_> = there.difference(&seen).collect();
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "{step}: listed but gone {extra:?}, there but not listed {missing:?}"
+        );
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(120));
+    settle();
+    // Listed once it is read; listed again unchanged the kernel caches it; then serves it.
+    same("listed once");
+    same("listed twice");
+    let reads = m.directory_reads();
+    for _ in 0..3 {
+        assert_eq!(names(&dir).len(), 3000);
+    }
+    assert_eq!(
+        m.directory_reads(),
+        reads,
+        "listings were not served from the cache"
+    );
+
+    // Changes underneath, with no invalidation (a program writing to the backing directory):
+    // a new entry, a removed one, a renamed one.
+    fs::write(under.join("new"), b"").unwrap();
+    fs::remove_file(under.join("f0001")).unwrap();
+    fs::rename(under.join("f0002"), under.join("moved")).unwrap();
+    same("changed underneath");
+    assert!(names(&dir).contains("new"));
+    // Changes through the mount, at once and after the directory settled.
+    fs::write(dir.join("made"), b"").unwrap();
+    same("made through the mount");
+    settle();
+    for _ in 0..3 {
+        same("settled");
+    }
+    fs::remove_file(dir.join("made")).unwrap();
+    same("removed through the mount");
+
+    // A listing half read while the directory changes and another reader lists it: the
+    // cache must not keep the first reader's older entries beside the second's.
+    settle();
+    for _ in 0..3 {
+        same("cached again");
+    }
+    let mut first = fs::read_dir(&dir).unwrap();
+    let early: Vec<_> = first.by_ref().take(10).map(|e| e.unwrap()).collect();
+    assert_eq!(early.len(), 10);
+    for i in 0..50 {
+        fs::remove_file(under.join(format!("f{:04}", 2000 + i))).unwrap();
+        fs::write(under.join(format!("late{i}")), b"").unwrap();
+    }
+    same("listed while another listing was half read");
+    assert!(first.count() > 0);
+    settle();
+    for _ in 0..3 {
+        same("after the half-read listing ended");
+    }
 }
 
 #[test]
