@@ -635,6 +635,45 @@ fn invalidation_shows_changes_made_underneath() {
 }
 
 #[test]
+fn a_name_found_missing_appears_once_made() {
+    need_fuse!();
+    let f = Fixture::new(Mode::ReadWrite);
+    let m = f.mounted.as_ref().unwrap();
+    // A lookup that misses must not hide the name once it is made: through the mount, by the
+    // node underneath (which invalidates it), or by another program (docs/BENCHMARKS.md,
+    // "Negative entries", on why the kernel is not asked to remember misses).
+    // Made through the mount after a lookup missed.
+    assert!(fs::metadata(f.mnt.join("a")).is_err());
+    fs::write(f.mnt.join("a"), b"here").unwrap();
+    assert_eq!(fs::read(f.mnt.join("a")).unwrap(), b"here");
+    fs::create_dir(f.mnt.join("d")).unwrap();
+    assert!(fs::metadata(f.mnt.join("d/b")).is_err());
+    fs::rename(f.mnt.join("a"), f.mnt.join("d/b")).unwrap();
+    assert_eq!(fs::read(f.mnt.join("d/b")).unwrap(), b"here");
+    // Made underneath by the node, which invalidates the name: seen at once.
+    assert!(fs::metadata(f.mnt.join("d/c")).is_err());
+    fs::write(f.backing.join("d/c"), b"from a peer").unwrap();
+    m.invalidate(Path::new("d/c"));
+    assert_eq!(fs::read(f.mnt.join("d/c")).unwrap(), b"from a peer");
+    assert!(fs::metadata(f.mnt.join("e")).is_err());
+    fs::create_dir(f.backing.join("e")).unwrap();
+    m.invalidate(Path::new("e"));
+    assert!(fs::metadata(f.mnt.join("e")).unwrap().is_dir());
+    // Made underneath by another program, with no invalidation.
+    assert!(fs::metadata(f.mnt.join("late")).is_err());
+    fs::write(f.backing.join("late"), b"").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(fs::metadata(f.mnt.join("late")).is_ok());
+    // Removed underneath and invalidated: gone at once, and made again: back at once.
+    fs::remove_file(f.backing.join("d/c")).unwrap();
+    m.invalidate(Path::new("d/c"));
+    assert!(fs::metadata(f.mnt.join("d/c")).is_err());
+    fs::write(f.backing.join("d/c"), b"again").unwrap();
+    m.invalidate(Path::new("d/c"));
+    assert_eq!(fs::read(f.mnt.join("d/c")).unwrap(), b"again");
+}
+
+#[test]
 fn a_listing_the_kernel_caches_follows_every_change() {
     need_fuse!();
     let f = Fixture::new(Mode::ReadWrite);
