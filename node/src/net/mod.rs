@@ -401,6 +401,13 @@ impl Net {
                 backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
             }
             net.dialing.lock().insert(id, false);
+            // The link this dial made may have closed already (the peer refused it as the
+            // duplicate of a crossed dial) while the dial was still marked: its watcher then
+            // found a dial under way and did not dial again, and nothing would have.
+            if !net.links.lock().contains_key(&id) && net.book.lock().addr(&id).is_some() {
+                let wait = net.redial_wait(id, Duration::ZERO);
+                net.dial_after(id, wait);
+            }
         });
     }
 
