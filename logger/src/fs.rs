@@ -574,9 +574,8 @@ impl Shared {
 
 /// Whether a fingerprint's ctime lies at least [`LISTED_SETTLED`] in the past.
 fn settled(f: &Fingerprint) -> bool {
-    let changed = UNIX_EPOCH + Duration::new(f.0.max(0) as u64, f.1.clamp(0, 999_999_999) as u32);
     SystemTime::now()
-        .duration_since(changed)
+        .duration_since(time(f.0, f.1))
         .is_ok_and(|age| age >= LISTED_SETTLED)
 }
 
@@ -1276,10 +1275,7 @@ impl Filesystem for LoggerFs {
     ) {
         let listing = match self.shared.listing(ino.0, fh.0, offset) {
             Ok(l) => l,
-            Err(e) => {
-                reply.error(e);
-                return;
-            }
+            Err(e) => return reply.error(e),
         };
         for (i, (ino, kind, name)) in listing.entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
@@ -1301,10 +1297,7 @@ impl Filesystem for LoggerFs {
     ) {
         let listing = match self.shared.listing(ino.0, fh.0, offset) {
             Ok(l) => l,
-            Err(e) => {
-                reply.error(e);
-                return;
-            }
+            Err(e) => return reply.error(e),
         };
         for (i, (_, _, name)) in listing.entries.iter().enumerate().skip(offset as usize) {
             let dot = name.as_bytes() == b"." || name.as_bytes() == b"..";
