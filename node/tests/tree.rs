@@ -425,3 +425,112 @@ fn an_attribute_set_after_a_file_was_seen_without_any_is_observed_also_after_a_r
         vec![(b"user.k".to_vec(), b"v2".to_vec())]
     );
 }
+
+/// The way an apply makes a file: a new one with no name in its directory, one through the
+/// state folder (its directory is missing), and one from a staged fetch over an older file.
+#[derive(Debug, Clone, Copy)]
+enum Made {
+    Anonymous,
+    StateFolder,
+    Staged,
+}
+
+#[test]
+fn a_file_gets_exactly_its_mode_owner_and_attributes_however_it_is_made() {
+    let (dir, tree) = open();
+    let mount = Writers::default();
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        eprintln!("owners not checked: changing a file's owner needs root");
+    }
+    let xattrs = match rustix::fs::setxattr(
+        dir.path(),
+        "user.probe",
+        b"",
+        rustix::fs::XattrFlags::empty(),
+    ) {
+        Ok(()) => {
+            rustix::fs::removexattr(dir.path(), "user.probe").unwrap();
+            vec![(b"user.k".to_vec(), b"v".to_vec())]
+        }
+        Err(_) => {
+            eprintln!("attributes not checked: the temporary directory's filesystem has no user attributes");
+            Vec::new()
+        }
+    };
+    // A set-group-id directory gives new files its group, which the record may not want.
+    fs::create_dir(dir.path().join("sgid")).unwrap();
+    if root {
+        rustix::fs::chown(
+            dir.path().join("sgid"),
+            None,
+            Some(rustix::fs::Gid::from_raw(4321)),
+        )
+        .unwrap();
+    }
+    rustix::fs::chmod(
+        dir.path().join("sgid"),
+        rustix::fs::Mode::from_raw_mode(0o2777),
+    )
+    .unwrap();
+    let modes = [0o640, 0o000, 0o777, 0o4755, 0o2750, 0o1644, 0o6711];
+    let owners: &[Option<(u32, u32)>] = if root {
+        &[None, Some((0, 0)), Some((1234, 5678))]
+    } else {
+        &[None]
+    };
+    let mut n = 0;
+    for made in [Made::Anonymous, Made::StateFolder, Made::Staged] {
+        for &mode in &modes {
+            for &owner in owners {
+                for with_xattrs in [false, true] {
+                    n += 1;
+                    let data = format!("content {n}\n").into_bytes();
+                    let mut meta = file_meta(&data, mode);
+                    if let Some((uid, gid)) = owner {
+                        meta = meta.with_owner(uid, gid);
+                    }
+                    if with_xattrs {
+                        meta = meta.with_xattrs(xattrs.clone());
+                    }
+                    let (p, expect, staged_at) = match made {
+                        Made::Anonymous => (format!("sgid/f{n}"), None, None),
+                        Made::StateFolder => (format!("missing{n}/f"), None, None),
+                        Made::Staged => {
+                            let p = format!("sgid/s{n}");
+                            let old = b"older".to_vec();
+                            fs::write(tree.root().join(&p), &old).unwrap();
+                            let expect = tree.observe(&path(&p)).unwrap();
+                            (p, expect, Some(staged(&tree, &data)))
+                        }
+                    };
+                    let source = match &staged_at {
+                        Some(_) => Source::Staged(n),
+                        None => Source::Inline(data.clone().into()),
+                    };
+                    let apply = Apply {
+                        op: n,
+                        path: path(&p),
+                        expect,
+                        action: Action::Write {
+                            meta: meta.clone(),
+                            source,
+                        },
+                    };
+                    tree.apply(&apply, staged_at.as_deref(), &mount).unwrap();
+                    let what = format!("{made:?} {mode:o} {owner:?} attributes {with_xattrs}");
+                    let st = rustix::fs::stat(tree.root().join(&p)).unwrap();
+                    assert_eq!(st.st_mode & 0o7777, mode, "{what}");
+                    if let Some((uid, gid)) = owner {
+                        assert_eq!((st.st_uid, st.st_gid), (uid, gid), "{what}");
+                    }
+                    let seen = tree.observe(&path(&p)).unwrap().expect("a file");
+                    assert_eq!(seen.mode, mode, "{what}");
+                    assert_eq!(seen.mtime_ns, meta.mtime_ns, "{what}");
+                    assert_eq!(seen.xattrs, meta.xattrs, "{what}");
+                    assert_eq!(fs::read(tree.root().join(&p)).unwrap(), data, "{what}");
+                }
+            }
+        }
+    }
+}

@@ -31,6 +31,9 @@ const JOBS_PER_TURN_MAX: usize = 512;
 /// a first sync) one event per result cost a wake-up of the engine thread each: 18% of a
 /// worker's time in a restart's profile. A turn of one job still sends at once.
 const INPUTS_PER_EVENT_MAX: usize = 64;
+/// Turns a worker prepares ahead of the one being finished (each holds at most
+/// [`JOBS_PER_TURN_MAX`] jobs and, for new files, as many open descriptors).
+const TURNS_AHEAD_MAX: usize = 1;
 /// One job for a worker.
 pub(super) enum Job {
     /// Observe a path; `true` when the logger bridge queued it (and counts it), `false` when
@@ -53,6 +56,207 @@ pub(super) struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// A turn: jobs a worker took from its queue at once (in order), with their applies prepared.
+struct Turn {
+    jobs: Vec<Job>,
+    prepared: Vec<Option<Result<Prepared, ApplyError>>>,
+}
+
+impl Turn {
+    /// Takes what is queued after `first` (in order, at most [`JOBS_PER_TURN_MAX`]) and
+    /// prepares its applies, so that they share one sync of their contents.
+    fn take(first: Job, rx: &std::sync::mpsc::Receiver<Job>, tree: &Tree) -> Turn {
+        let mut jobs = vec![first];
+        while jobs.len() < JOBS_PER_TURN_MAX {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        // More than two applies share one syncfs, which needs no descriptor.
+        let many = Self::applies(&jobs) > 2;
+        let prepared = jobs
+            .iter()
+            .map(|job| match job {
+                Job::Apply(apply, staged) => {
+                    let mut p = tree.prepare(apply, staged.as_deref());
+                    if let (true, Ok(p)) = (many, &mut p) {
+                        p.close_file();
+                    }
+                    Some(p)
+                }
+                _ => None,
+            })
+            .collect();
+        Turn { jobs, prepared }
+    }
+
+    fn applies(jobs: &[Job]) -> usize {
+        jobs.iter().filter(|j| matches!(j, Job::Apply(..))).count()
+    }
+
+    fn stops(&self) -> bool {
+        self.jobs.iter().any(|j| matches!(j, Job::Stop))
+    }
+}
+
+/// What finishing a turn needs: the tree, the mount, the way to the engine thread and the
+/// counters of queued observations.
+struct Finisher {
+    tree: Arc<Tree>,
+    mounted: Arc<Mounted>,
+    events: mpsc::Sender<Event>,
+    observes: Arc<AtomicUsize>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Finisher {
+    /// Makes a turn's prepared contents durable, then does its jobs in order (observations,
+    /// writers' closes, the applies' commits) and sends the results to the engine thread.
+    /// False once the worker is to stop (a `Stop` job, or the engine thread is gone).
+    fn finish(&self, turn: Turn) -> bool {
+        let Turn { jobs, mut prepared } = turn;
+        let tree = &self.tree;
+        let durable = {
+            let ok: Vec<&Prepared> = prepared
+                .iter()
+                .filter_map(|p| p.as_ref().and_then(|r| r.as_ref().ok()))
+                .collect();
+            tree.make_durable(&ok)
+        };
+        let mut results = Vec::new();
+        for (job, prep) in jobs.into_iter().zip(prepared.iter_mut()) {
+            let input = match job {
+                Job::Observe(path, counted) => {
+                    if counted {
+                        self.observes.fetch_sub(1, Ordering::Relaxed);
+                    } else {
+                        self.queued.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    match tree.observe(&path) {
+                        Ok(observed) => Input::LocalChange { path, observed },
+                        Err(e) => {
+                            // The engine asks again after a backoff. A file being written is
+                            // no failure: its close (or the next report of a file held open)
+                            // brings it back, and status shows it meanwhile.
+                            if matches!(e, ObserveError::Changing(_)) {
+                                tracing::debug!("{e}; looking again later");
+                            } else {
+                                tracing::warn!("{e}; looking again later");
+                            }
+                            Input::ObserveFailed { path }
+                        }
+                    }
+                }
+                Job::WriterClosed(path) => Input::WriterClosed { path },
+                Job::Stop => {
+                    self.send(results);
+                    return false;
+                }
+                Job::Apply(apply, _) => {
+                    let result = match (prep.take().expect("prepared"), &durable) {
+                        (Ok(p), Ok(())) => tree.commit(&apply, p, &*self.mounted),
+                        (Ok(p), Err(e)) => {
+                            tree.discard(&apply, p);
+                            Err(ApplyError::Io(crate::tree::io_failure(
+                                apply.path.as_str(),
+                                e,
+                            )))
+                        }
+                        (Err(e), _) => Err(e),
+                    };
+                    if result.is_ok() {
+                        self.mounted.invalidate(Path::new(apply.path.as_str()));
+                    }
+                    Input::ApplyDone {
+                        op: apply.op,
+                        result,
+                    }
+                }
+            };
+            results.push(input);
+            if results.len() >= INPUTS_PER_EVENT_MAX && !self.send(std::mem::take(&mut results)) {
+                return false;
+            }
+        }
+        self.send(results)
+    }
+
+    /// False when the engine thread is gone.
+    fn send(&self, results: Vec<Input>) -> bool {
+        results.is_empty() || self.events.blocking_send(Event::Inputs(results)).is_ok()
+    }
+}
+
+/// One worker: a thread that takes turns from the queue and prepares their applies, and a
+/// thread that finishes them (sync, commits, results), so that the next turn is prepared while
+/// the last one's `syncfs` waits for the disk (a first sync of small files spent about a third
+/// of a worker's time waiting there). A turn of at most two applies, with none in flight, is
+/// finished by the first thread at once: a single write pays no hand-over.
+fn work(
+    i: usize,
+    rx: std::sync::mpsc::Receiver<Job>,
+    finisher: Finisher,
+    rt: tokio::runtime::Handle,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let tree = Arc::clone(&finisher.tree);
+    let finisher = Arc::new(finisher);
+    // Turns prepared and not finished: at most TURNS_AHEAD_MAX queued, one being finished.
+    let (turns, taken) = std::sync::mpsc::sync_channel::<Turn>(TURNS_AHEAD_MAX);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finishing = {
+        let (finisher, in_flight, stopped, rt) = (
+            Arc::clone(&finisher),
+            Arc::clone(&in_flight),
+            Arc::clone(&stopped),
+            rt.clone(),
+        );
+        std::thread::Builder::new()
+            .name(format!("rsyncfs-commit-{i}"))
+            .spawn(move || {
+                let _guard = rt.enter();
+                while let Ok(turn) = taken.recv() {
+                    let go_on = finisher.finish(turn);
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    if !go_on {
+                        stopped.store(true, Ordering::Release);
+                        break;
+                    }
+                }
+            })?
+    };
+    std::thread::Builder::new()
+        .name(format!("rsyncfs-worker-{i}"))
+        .spawn(move || {
+            let _guard = rt.enter();
+            while let Ok(first) = rx.recv() {
+                if stopped.load(Ordering::Acquire) {
+                    break;
+                }
+                let turn = Turn::take(first, &rx, &tree);
+                let stop = turn.stops();
+                // Only this thread adds to `in_flight`: zero means the finishing thread has
+                // nothing of an earlier turn, so finishing here keeps the order.
+                if in_flight.load(Ordering::Acquire) == 0 && Turn::applies(&turn.jobs) <= 2 {
+                    if !finisher.finish(turn) {
+                        break;
+                    }
+                } else {
+                    in_flight.fetch_add(1, Ordering::AcqRel);
+                    if turns.send(turn).is_err() {
+                        break;
+                    }
+                }
+                if stop {
+                    break;
+                }
+            }
+            drop(turns);
+            let _ = finishing.join();
+        })
+}
+
 impl Workers {
     pub(super) fn start(
         tree: Arc<Tree>,
@@ -66,123 +270,15 @@ impl Workers {
         let queued = Arc::new(AtomicUsize::new(0));
         for i in 0..WORKERS {
             let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            let (tree, mounted, events, observes2, queued2, rt) = (
-                Arc::clone(&tree),
-                Arc::clone(&mounted),
-                events.clone(),
-                Arc::clone(&observes),
-                Arc::clone(&queued),
-                rt.clone(),
-            );
-            let thread = std::thread::Builder::new()
-                .name(format!("rsyncfs-worker-{i}"))
-                .spawn(move || {
-                    let _guard = rt.enter();
-                    while let Ok(first) = rx.recv() {
-                        // Take what is queued (in order), so that the applies among it share
-                        // one sync of their contents.
-                        let mut jobs = vec![first];
-                        while jobs.len() < JOBS_PER_TURN_MAX {
-                            match rx.try_recv() {
-                                Ok(job) => jobs.push(job),
-                                Err(_) => break,
-                            }
-                        }
-                        // More than two applies share one syncfs, which needs no descriptor.
-                        let many = jobs.iter().filter(|j| matches!(j, Job::Apply(..))).count() > 2;
-                        let mut prepared: Vec<Option<Result<Prepared, ApplyError>>> = jobs
-                            .iter()
-                            .map(|job| match job {
-                                Job::Apply(apply, staged) => {
-                                    let mut p = tree.prepare(apply, staged.as_deref());
-                                    if let (true, Ok(p)) = (many, &mut p) {
-                                        p.close_file();
-                                    }
-                                    Some(p)
-                                }
-                                _ => None,
-                            })
-                            .collect();
-                        let durable = {
-                            let ok: Vec<&Prepared> = prepared
-                                .iter()
-                                .filter_map(|p| p.as_ref().and_then(|r| r.as_ref().ok()))
-                                .collect();
-                            tree.make_durable(&ok)
-                        };
-                        let mut stop = false;
-                        let mut results = Vec::new();
-                        for (job, prep) in jobs.into_iter().zip(prepared.iter_mut()) {
-                            let input = match job {
-                                Job::Observe(path, counted) => {
-                                    if counted {
-                                        observes2.fetch_sub(1, Ordering::Relaxed);
-                                    } else {
-                                        queued2.fetch_sub(1, Ordering::Relaxed);
-                                    }
-                                    match tree.observe(&path) {
-                                        Ok(observed) => Input::LocalChange { path, observed },
-                                        Err(e) => {
-                                            // The engine asks again after a backoff. A file
-                                            // being written is no failure: its close (or the
-                                            // next report of a file held open) brings it back,
-                                            // and status shows it meanwhile.
-                                            if matches!(e, ObserveError::Changing(_)) {
-                                                tracing::debug!("{e}; looking again later");
-                                            } else {
-                                                tracing::warn!("{e}; looking again later");
-                                            }
-                                            Input::ObserveFailed { path }
-                                        }
-                                    }
-                                }
-                                Job::WriterClosed(path) => Input::WriterClosed { path },
-                                Job::Stop => {
-                                    stop = true;
-                                    break;
-                                }
-                                Job::Apply(apply, _) => {
-                                    let result = match (prep.take().expect("prepared"), &durable) {
-                                        (Ok(p), Ok(())) => tree.commit(&apply, p, &*mounted),
-                                        (Ok(p), Err(e)) => {
-                                            tree.discard(&apply, p);
-                                            Err(ApplyError::Io(crate::tree::io_failure(
-                                                apply.path.as_str(),
-                                                e,
-                                            )))
-                                        }
-                                        (Err(e), _) => Err(e),
-                                    };
-                                    if result.is_ok() {
-                                        mounted.invalidate(Path::new(apply.path.as_str()));
-                                    }
-                                    Input::ApplyDone {
-                                        op: apply.op,
-                                        result,
-                                    }
-                                }
-                            };
-                            results.push(input);
-                            if results.len() >= INPUTS_PER_EVENT_MAX {
-                                let batch = std::mem::take(&mut results);
-                                if events.blocking_send(Event::Inputs(batch)).is_err() {
-                                    stop = true;
-                                    break;
-                                }
-                            }
-                        }
-                        if !results.is_empty()
-                            && events.blocking_send(Event::Inputs(results)).is_err()
-                        {
-                            stop = true;
-                        }
-                        if stop {
-                            break;
-                        }
-                    }
-                })?;
+            let finisher = Finisher {
+                tree: Arc::clone(&tree),
+                mounted: Arc::clone(&mounted),
+                events: events.clone(),
+                observes: Arc::clone(&observes),
+                queued: Arc::clone(&queued),
+            };
+            threads.push(work(i, rx, finisher, rt.clone())?);
             queues.push(tx);
-            threads.push(thread);
         }
         Ok(Workers {
             queues,

@@ -9,10 +9,17 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 
 /// Owner, extended attributes, mode and mtime of a finished file (its data is made durable by
-/// [`Tree::make_durable`] before it is renamed into place).
+/// [`Tree::make_durable`] before it is renamed into place). The owner and the mode are set only
+/// where they differ: a file made by this process usually has both already, and each is a
+/// system call and an inode update per file (a first sync makes many small files).
 pub(super) fn finish_file(file: &File, meta: &Meta) -> std::io::Result<()> {
-    set_owner_and_xattrs(file.as_fd(), meta)?;
-    rustix::fs::fchmod(file, Mode::from_raw_mode(meta.mode & 0o7777))?;
+    let st = rustix::fs::fstat(file)?;
+    let changed = set_owner_and_xattrs(file.as_fd(), meta, Some((st.st_uid, st.st_gid)))?;
+    // A change of owner clears the set-id bits, and an ACL set or removed moves the group
+    // bits: the mode read above is then no longer what the file has.
+    if changed || st.st_mode & 0o7777 != meta.mode & 0o7777 {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(meta.mode & 0o7777))?;
+    }
     let mtime = timespec(meta.mtime_ns);
     rustix::fs::futimens(
         file,
@@ -32,7 +39,7 @@ pub(super) fn set_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta) -> st
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        set_owner_and_xattrs(fd.as_fd(), meta)?;
+        set_owner_and_xattrs(fd.as_fd(), meta, None)?;
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode & 0o7777))?;
     }
     if let Content::File { .. } = meta.content {
@@ -136,21 +143,28 @@ fn xattr_names(fd: BorrowedFd<'_>) -> rustix::io::Result<Vec<u8>> {
 const XATTR_LIST_BYTES_MAX: usize = 64 * 1024;
 
 /// Gives an open file or directory the owner (when this process may) and exactly the extended
-/// attributes of `meta`.
-fn set_owner_and_xattrs(fd: BorrowedFd<'_>, meta: &Meta) -> std::io::Result<()> {
+/// attributes of `meta`. `owner` is the owner it has, where known: then an equal one is not set
+/// again. True when it changed the owner or an attribute.
+fn set_owner_and_xattrs(
+    fd: BorrowedFd<'_>,
+    meta: &Meta,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<bool> {
+    let mut changed = false;
     if let Some((uid, gid)) = meta.owner {
         static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *ROOT.get_or_init(|| rustix::process::geteuid().is_root()) {
+        if *ROOT.get_or_init(|| rustix::process::geteuid().is_root()) && owner != Some((uid, gid)) {
             rustix::fs::fchown(
                 fd,
                 Some(rustix::fs::Uid::from_raw(uid)),
                 Some(rustix::fs::Gid::from_raw(gid)),
             )?;
+            changed = true;
         }
     }
     let names = match xattr_names(fd) {
         Ok(names) => names,
-        Err(rustix::io::Errno::NOTSUP) if meta.xattrs.is_empty() => return Ok(()),
+        Err(rustix::io::Errno::NOTSUP) if meta.xattrs.is_empty() => return Ok(changed),
         Err(e) => return Err(e.into()),
     };
     for attr in names.split(|&b| b == 0).filter(|a| !a.is_empty()) {
@@ -159,7 +173,8 @@ fn set_owner_and_xattrs(fd: BorrowedFd<'_>, meta: &Meta) -> std::io::Result<()> 
         }
         if let Ok(cname) = std::ffi::CString::new(attr) {
             match rustix::fs::fremovexattr(fd, cname.as_c_str()) {
-                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                Ok(()) => changed = true,
+                Err(rustix::io::Errno::NODATA) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -169,6 +184,7 @@ fn set_owner_and_xattrs(fd: BorrowedFd<'_>, meta: &Meta) -> std::io::Result<()> 
             continue;
         };
         rustix::fs::fsetxattr(fd, cname.as_c_str(), v, rustix::fs::XattrFlags::empty())?;
+        changed = true;
     }
-    Ok(())
+    Ok(changed)
 }

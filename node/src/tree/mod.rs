@@ -649,13 +649,19 @@ impl Tree {
         if apply.expect.is_some() || self.no_tmpfile.load(Ordering::Relaxed) {
             return None;
         }
-        let (dir, _) = self.parent_of(&apply.path).ok()?;
-        match rustix::fs::openat(
-            &dir,
-            c".",
-            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        ) {
+        // Made with the permission bits it is to have, so that finishing it usually needs no
+        // chmod (the umask may still take some away; the finish then sets them).
+        let mode = match &apply.action {
+            Action::Write { meta, .. } => Mode::from_raw_mode(meta.mode & 0o777),
+            _ => Mode::from_raw_mode(0o600),
+        };
+        let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
+        // The directory is named in the same call (one path resolution, no descriptor of it).
+        let made = match apply.path.parent() {
+            Some(dir) => rustix::fs::openat2(&self.root_fd, dir.as_str(), flags, mode, RESOLVE),
+            None => rustix::fs::openat(&self.root_fd, c".", flags, mode),
+        };
+        match made {
             Ok(fd) => Some(File::from(fd)),
             Err(
                 rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL,
@@ -1111,9 +1117,14 @@ impl Tree {
             Some(dir) => (dir, OsStr::new(path.name())),
             None => self.parent_of(path).map_err(|_| ApplyError::Stale)?,
         };
-        let now = self
-            .observe_at(dir.as_fd(), name, path)
-            .map_err(|e| ApplyError::Io(e.failure()))?;
+        // An anonymous file is linked only where nothing is (the link fails with EEXIST,
+        // which is Stale): what the path holds need not be read first.
+        let now = if anon.is_some() {
+            None
+        } else {
+            self.observe_at(dir.as_fd(), name, path)
+                .map_err(|e| ApplyError::Io(e.failure()))?
+        };
         if now != apply.expect {
             return Err(ApplyError::Stale);
         }
@@ -1145,10 +1156,12 @@ impl Tree {
                         )
                         .map_err(io)?,
                 }
-                if let (Ok(st), Some((hash, _))) = (
-                    rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
-                    meta.file_hash(),
-                ) {
+                let placed = match anon {
+                    // The same inode, without a lookup of the name.
+                    Some(file) => rustix::fs::fstat(file),
+                    None => rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
+                };
+                if let (Ok(st), Some((hash, _))) = (placed, meta.file_hash()) {
                     // Its attributes are not known as read here (a default ACL of the
                     // directory, say): the next observation reads them.
                     let seen = Seen { hash, bare: false };
