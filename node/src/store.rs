@@ -12,7 +12,7 @@
 //! daemon stops, and the next start repairs from the last commit like after a crash.
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
-use rsyncfs_conflict::{Hash, NodeId};
+use rsyncfs_conflict::{Hash, Meta, NodeId};
 use rsyncfs_mesh::path::RelPath;
 use rsyncfs_mesh::store::{Entry, Store};
 use std::path::Path;
@@ -210,11 +210,16 @@ impl RedbStore {
             .map(|v| decode(path.as_str(), v.value()).map(|(_, e)| e))
             .transpose()?;
         // A path with no entry is remembered (a first sync reads new paths several times
-        // before it writes them). An entry read is not: in a scan each one is read once, and
-        // copying it into the cache, then dropping the cache when full, was a sixth of the
-        // engine thread's time in a restart's profile. Writes fill the cache.
-        if entry.is_none() {
-            self.remember(path, None);
+        // before it writes them), and so is a directory's: the engine reads the directories
+        // above a path for every path it settles (nine reads of directories from the database
+        // per file of a first sync, before they were kept). Any other entry read is not: in a
+        // scan each one is read once, and copying it into the cache, then dropping the cache
+        // when full, was a sixth of the engine thread's time in a restart's profile. Writes
+        // fill the cache.
+        match &entry {
+            None => self.remember(path, None),
+            Some(e) if is_dir(e) => self.remember(path, entry.clone()),
+            Some(_) => {}
         }
         Ok(entry)
     }
@@ -335,6 +340,12 @@ impl RedbStore {
         self.reserved = upto;
         Ok(())
     }
+}
+
+/// Whether an entry is a directory's: the disk holds one there, or its record shows one.
+fn is_dir(entry: &Entry) -> bool {
+    entry.local.as_ref().is_some_and(Meta::is_dir)
+        || entry.record.as_ref().is_some_and(|r| r.winner().meta.is_dir())
 }
 
 fn hash_key(hash: &Hash, path: &RelPath) -> Vec<u8> {

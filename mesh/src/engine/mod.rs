@@ -132,7 +132,10 @@ pub struct Config {
     pub retry_after: Duration,
     /// How far ahead of local time a peer's clock may be before its timestamps stop moving ours.
     pub hlc_max_delta: Duration,
-    /// Sequences reserved per durable reservation.
+    /// Sequences reserved per durable reservation. Each reservation is a commit of its own
+    /// (two `fdatasync`s in the daemon's store): at 1,024 a first sync of 100,000 files made
+    /// about a hundred of them, as many as its group commits. A crash leaves the rest of the
+    /// block unused, a gap in the log that costs nothing.
     pub seq_block: u64,
     /// Siblings a stored record may have (at most [`rsyncfs_conflict::limits::SIBLINGS_MAX`]);
     /// a record with more concurrent writes is folded ([`rsyncfs_conflict::fold`]) once its
@@ -169,7 +172,7 @@ impl Config {
             cache_bytes_max: 64 * 1024 * 1024,
             retry_after: Duration::from_millis(50),
             hlc_max_delta: Hlc::MAX_DELTA_DEFAULT,
-            seq_block: 1024,
+            seq_block: 65_536,
             siblings_max: rsyncfs_conflict::limits::SIBLINGS_MAX,
             commit_after: Duration::from_millis(20),
             commit_writes_max: 20_000,
