@@ -74,7 +74,6 @@ pub(super) fn read_xattrs(
     name: &OsStr,
     path: &RelPath,
 ) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    use rsyncfs_conflict::limits::{XATTRS_BYTES_MAX, XATTRS_MAX, XATTR_NAME_BYTES_MAX};
     let fd = match rustix::fs::openat(
         dir,
         name,
@@ -85,7 +84,17 @@ pub(super) fn read_xattrs(
         Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
     };
-    let names = match xattr_names(fd.as_fd()) {
+    read_xattrs_of(fd.as_fd(), path)
+}
+
+/// The extended attributes of an open file or directory, sorted, within the record's limits
+/// (see [`read_xattrs`]).
+pub(super) fn read_xattrs_of(
+    fd: BorrowedFd<'_>,
+    path: &RelPath,
+) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use rsyncfs_conflict::limits::{XATTRS_BYTES_MAX, XATTRS_MAX, XATTR_NAME_BYTES_MAX};
+    let names = match xattr_names(fd) {
         Ok(names) => names,
         Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
@@ -103,7 +112,7 @@ pub(super) fn read_xattrs(
         let Ok(cname) = std::ffi::CString::new(attr) else {
             continue;
         };
-        let len = match rustix::fs::fgetxattr(&fd, cname.as_c_str(), &mut value[..]) {
+        let len = match rustix::fs::fgetxattr(fd, cname.as_c_str(), &mut value[..]) {
             Ok(len) => len,
             Err(rustix::io::Errno::NODATA) => continue, // removed meanwhile
             Err(e) => return Err(e.into()),

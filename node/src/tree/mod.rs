@@ -472,6 +472,8 @@ impl Tree {
                     self.remember(stamp, seen);
                     Some(seen)
                 });
+                // The file as opened to hash it: its attributes are read from it too.
+                let mut opened: Option<File> = None;
                 let hash = match known {
                     Some(seen) => seen.hash,
                     None => {
@@ -525,6 +527,7 @@ impl Tree {
                             // Written while we read: look again.
                             return Ok(None);
                         }
+                        opened = Some(file);
                         hash
                     }
                 };
@@ -536,7 +539,11 @@ impl Tree {
                 if known.is_some_and(|seen| seen.bare) {
                     return Ok(Some(Some(meta)));
                 }
-                let xattrs = read_xattrs(dir, name, path).map_err(io)?;
+                let xattrs = match &opened {
+                    Some(file) => attrs::read_xattrs_of(file.as_fd(), path),
+                    None => read_xattrs(dir, name, path),
+                }
+                .map_err(io)?;
                 let seen = Seen {
                     hash,
                     bare: xattrs.is_empty(),
