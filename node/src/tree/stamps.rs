@@ -11,9 +11,10 @@
 
 use super::{Seen, Stamp};
 use parking_lot::Mutex;
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, TableDefinition};
 use rsyncfs_mesh::path::RelPath;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("stamps");
@@ -34,8 +35,16 @@ const VALUE_LEN: usize = 5 * 8 + 32 + 1;
 /// A path's stamp and what was seen in it to store, or `None` to forget the path.
 type Gathered = (RelPath, Option<(Stamp, Seen)>);
 
+/// The table as of one commit, for lookups.
+type Snapshot = Arc<ReadOnlyTable<&'static str, &'static [u8]>>;
+
 pub struct Stamps {
     db: Database,
+    /// The table as of the last commit, shared by the workers' lookups until the next commit:
+    /// a read transaction and an open table for every lookup were a good part of a worker's
+    /// time in a restart, which looks every file up. A lookup in an older snapshot can only miss
+    /// (a stored stamp never comes back: no program can set a ctime back), which costs a read.
+    snapshot: parking_lot::RwLock<Option<Snapshot>>,
     /// Gathered writes: a path's stamp and hash, or its removal.
     pending: Mutex<Vec<Gathered>>,
     durable_at: Mutex<Instant>,
@@ -106,6 +115,7 @@ impl Stamps {
         };
         Ok(Stamps {
             db,
+            snapshot: parking_lot::RwLock::new(None),
             pending: Mutex::new(Vec::new()),
             durable_at: Mutex::new(Instant::now()),
             flushed_at: Mutex::new(Instant::now()),
@@ -119,11 +129,19 @@ impl Stamps {
 
     /// What was stored for `path`, if its stamp then was `stamp`.
     pub fn get(&self, path: &RelPath, stamp: &Stamp) -> Option<Seen> {
-        let txn = self.db.begin_read().ok()?;
-        let table = txn.open_table(TABLE).ok()?;
+        let table = self.snapshot()?;
         let v = table.get(path.as_str()).ok()??;
         let (was, seen) = decode(v.value())?;
         (was == *stamp).then_some(seen)
+    }
+
+    fn snapshot(&self) -> Option<Snapshot> {
+        if let Some(table) = self.snapshot.read().as_ref() {
+            return Some(Arc::clone(table));
+        }
+        let table = Arc::new(self.db.begin_read().ok()?.open_table(TABLE).ok()?);
+        *self.snapshot.write() = Some(Arc::clone(&table));
+        Some(table)
     }
 
     pub fn put(&self, path: &RelPath, stamp: Stamp, seen: Seen) {
@@ -190,7 +208,10 @@ impl Stamps {
             txn.commit()?;
             Ok(())
         };
-        if let Err(e) = write() {
+        let written = write();
+        // Lookups see this commit from now on (and redb may reuse what the old snapshot held).
+        *self.snapshot.write() = None;
+        if let Err(e) = written {
             tracing::warn!(
                 "the hash cache was not written ({e}): those files are read again after a restart"
             );
