@@ -35,8 +35,9 @@ pub struct Node {
     listen: String,
     mode: String,
     extra: Vec<String>,
-    /// The network namespace the node runs in (`/run/netns/NAME`), if not the test's own.
-    netns: Option<String>,
+    /// What the node is started through (`nsenter` into a network namespace, `prlimit`), if
+    /// anything: a command and its arguments, the node's own command line after them.
+    prefix: Vec<String>,
     child: Option<Child>,
 }
 
@@ -68,7 +69,7 @@ impl Node {
             listen: "127.0.0.1:0".into(),
             mode: mode.into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            netns: None,
+            prefix: Vec::new(),
             child: None,
         };
         node
@@ -82,8 +83,14 @@ impl Node {
 
     /// The same node run in the network namespace `netns` (nsenter, so that its mount is
     /// visible to the test).
-    pub fn in_netns(mut self, netns: &str) -> Node {
-        self.netns = Some(netns.into());
+    pub fn in_netns(self, netns: &str) -> Node {
+        self.through(&["nsenter", &format!("--net=/run/netns/{netns}")])
+    }
+
+    /// The same node started through `command` (a program and its arguments that then runs the
+    /// node's command line, as `nsenter` or `prlimit` do).
+    pub fn through(mut self, command: &[&str]) -> Node {
+        self.prefix.extend(command.iter().map(|s| s.to_string()));
         self
     }
 
@@ -93,10 +100,10 @@ impl Node {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg(BIN);
+        let mut command = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
                 c
             }
             None => Command::new(BIN),
