@@ -5,7 +5,7 @@
 use rsyncfs_conflict::Meta;
 use rsyncfs_mesh::engine::{Action, Apply, ApplyError, Source};
 use rsyncfs_mesh::RelPath;
-use rsyncfs_node::tree::{Mount, Tree};
+use rsyncfs_node::tree::{Mount, Parents, Tree};
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
@@ -222,6 +222,64 @@ fn removals_and_replacements_check_what_is_there() {
     let apply = write("f/below", None, b"y", Source::Inline(b"y".to_vec().into()));
     assert_eq!(tree.apply(&apply, None, &mount), Err(ApplyError::Stale));
     assert_eq!(fs::read(tree.root().join("f")).unwrap(), b"x");
+}
+
+/// A worker observes a turn's paths through the directory it opened for the one before
+/// (`observe_in`): it sees what `observe` sees, and a directory removed or replaced meanwhile
+/// is not looked into again.
+#[test]
+fn observations_through_a_kept_directory_see_what_is_there() {
+    let (_dir, tree) = open();
+    let root = tree.root().to_path_buf();
+    fs::create_dir_all(root.join("d/e")).unwrap();
+    for (p, data) in [("top", "t"), ("d/a", "1"), ("d/b", "22"), ("d/e/c", "333")] {
+        fs::write(root.join(p), data).unwrap();
+    }
+    let mut parents = Parents::default();
+    for p in [
+        "top",
+        "d",
+        "d/a",
+        "d/b",
+        "d/missing",
+        "d/b",
+        "d/e",
+        "d/e/c",
+        "top",
+        "d/a",
+    ] {
+        assert_eq!(
+            tree.observe_in(&mut parents, &path(p)).unwrap(),
+            tree.observe(&path(p)).unwrap(),
+            "{p}"
+        );
+    }
+    // The kept directory is removed: nothing is there any more.
+    assert!(tree
+        .observe_in(&mut parents, &path("d/b"))
+        .unwrap()
+        .is_some());
+    fs::rename(root.join("d"), root.join("gone")).unwrap();
+    fs::remove_dir_all(root.join("gone")).unwrap();
+    assert_eq!(tree.observe_in(&mut parents, &path("d/a")).unwrap(), None);
+    // ... and made again: what the new one holds is seen, not the old one's.
+    fs::create_dir(root.join("d")).unwrap();
+    fs::write(root.join("d/a"), "new").unwrap();
+    assert_eq!(
+        tree.observe_in(&mut parents, &path("d/a"))
+            .unwrap()
+            .map(|m| m.content),
+        Some(rsyncfs_conflict::Content::File {
+            size: 3,
+            hash: *blake3::hash(b"new").as_bytes()
+        })
+    );
+    // Through a symlink put where the directory was, nothing is seen, as by `observe`.
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("a"), "secret").unwrap();
+    fs::remove_dir_all(root.join("d")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("d")).unwrap();
+    assert_eq!(tree.observe_in(&mut parents, &path("d/a")).unwrap(), None);
 }
 
 #[test]

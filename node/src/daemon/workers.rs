@@ -1,5 +1,5 @@
 use super::Event;
-use crate::tree::{rel_path, Mount, ObserveError, Prepared, Tree};
+use crate::tree::{rel_path, Mount, ObserveError, Parents, Prepared, Tree};
 use rsyncfs_logger::{ChangeKind, ChangeStream, Mounted};
 use rsyncfs_mesh::engine::{Apply, ApplyError, Input};
 use rsyncfs_mesh::path::RelPath;
@@ -125,7 +125,11 @@ impl Finisher {
             tree.make_durable(&ok)
         };
         let mut results = Vec::new();
+        let mut parents = Parents::default();
         for (job, prep) in jobs.into_iter().zip(prepared.iter_mut()) {
+            if !matches!(job, Job::Observe(..)) {
+                parents = Parents::default();
+            }
             let input = match job {
                 Job::Observe(path, counted) => {
                     if counted {
@@ -133,7 +137,7 @@ impl Finisher {
                     } else {
                         self.queued.fetch_sub(1, Ordering::Relaxed);
                     }
-                    match tree.observe(&path) {
+                    match tree.observe_in(&mut parents, &path) {
                         Ok(observed) => Input::LocalChange { path, observed },
                         Err(e) => {
                             // The engine asks again after a backoff. A file being written is
