@@ -300,13 +300,30 @@ pub async fn fetch(
         size: f.size,
         basis: basis.as_ref().map(|b| (b.size, b.cvs.to_vec())),
     };
-    write_frame(send, &postcard::to_stdvec(&request).expect("encoding"))
-        .await
-        .map_err(|_| FetchError::Unreachable)?;
-    let header = read_control(recv).await?;
-    match postcard::from_bytes::<Header>(&header).map_err(|e| corrupt(e.to_string()))? {
-        Header::NotFound => return Err(FetchError::NotFound),
-        Header::Found => {}
+    let asked = async {
+        write_frame(send, &postcard::to_stdvec(&request).expect("encoding"))
+            .await
+            .map_err(|_| FetchError::Unreachable)?;
+        let header = read_control(recv).await?;
+        match postcard::from_bytes::<Header>(&header).map_err(|e| corrupt(e.to_string()))? {
+            Header::NotFound => Err(FetchError::NotFound),
+            Header::Found => Ok(()),
+        }
+    };
+    if let Err(e) = asked.await {
+        // An adopted preseed is already this fetch's staging file: kept for the next fetch
+        // of the content, as when the transfer breaks later (the sender killed right after
+        // it was asked lost the preseed's segments, and the next fetch moved them again).
+        if let Some((file, staged)) = adopted {
+            drop(file);
+            match e {
+                FetchError::Corrupt(_) => {
+                    let _ = std::fs::remove_file(&staged);
+                }
+                _ => tree.keep_partial(&staged, &f.hash),
+            }
+        }
+        return Err(e);
     }
     // Where the file here is the basis and large, only the segments that differ are staged,
     // to be written into it in place (see `tree::in_place`).
