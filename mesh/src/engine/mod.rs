@@ -573,8 +573,10 @@ impl<S: Store> Engine<S> {
         let next_seq = store.seq_reserved() + 1;
         store.reserve_seq(next_seq + cfg.seq_block);
         let hlc = Hlc::new(cfg.node, cfg.hlc_max_delta);
-        let tally = tally::build(&store);
-        let counts = TreeCounts::of(&store);
+        let mut counts = TreeCounts::default();
+        let tally = tally::build(&store, &mut |path, entry| {
+            counts.add(path, entry.record.as_ref(), 1)
+        });
         Engine {
             cfg,
             store,

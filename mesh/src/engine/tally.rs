@@ -75,11 +75,36 @@ impl Own {
 /// has the kind itself (then its own visit counted it). What a path has itself is kept only
 /// for the paths that can have something below (any but a file or a symlink); for the others
 /// it is asked of the store again, which a consistent store never needs.
-pub(super) fn build<S: Store>(store: &S) -> HashMap<RelPath, Counts> {
+///
+/// `also` sees every entry of that walk too (the engine counts its tree there: a second walk
+/// of the store, each entry read and decoded again, cost as much as this one).
+pub(super) fn build<S: Store>(
+    store: &S,
+    also: &mut dyn FnMut(&RelPath, &Entry),
+) -> HashMap<RelPath, Counts> {
     let mut counts: HashMap<RelPath, Counts> = HashMap::new();
     let mut below: [HashSet<RelPath>; 2] = [HashSet::new(), HashSet::new()];
     let mut dirs_own: HashMap<RelPath, Own> = HashMap::new();
+    // The store's walk meets a directory's children one after the other (in path order, only
+    // the contents of its subdirectories come between), so what they add to their parent is
+    // gathered in a run and added once the parent changes: a map update and a copy of the
+    // parent's path per child was most of a restart's start over a big tree.
+    let mut run: Option<(RelPath, Counts)> = None;
+    let flush = |run: Option<(RelPath, Counts)>,
+                 counts: &mut HashMap<RelPath, Counts>,
+                 below: &mut [HashSet<RelPath>; 2]| {
+        let Some((parent, add)) = run else {
+            return;
+        };
+        for (i, kind) in KINDS.into_iter().enumerate() {
+            if add.get(kind) > 0 {
+                *counts.entry(parent.clone()).or_default().get_mut(kind) += add.get(kind);
+                below[i].insert(parent.clone());
+            }
+        }
+    };
     store.for_each(&mut |path, entry| {
+        also(path, entry);
         let own = own_of(None, Some(entry));
         if !(own.live || own.local) {
             return;
@@ -94,15 +119,21 @@ pub(super) fn build<S: Store>(store: &S) -> HashMap<RelPath, Counts> {
         if !leaf {
             dirs_own.insert(path.clone(), own);
         }
-        if let Some(parent) = path.parent() {
-            for (i, kind) in KINDS.into_iter().enumerate() {
-                if own.get(kind) {
-                    *counts.entry(parent.clone()).or_default().get_mut(kind) += 1;
-                    below[i].insert(parent.clone());
-                }
+        let Some(parent) = path.as_str().rfind('/').map(|i| &path.as_str()[..i]) else {
+            return;
+        };
+        if run.as_ref().is_none_or(|(p, _)| p.as_str() != parent) {
+            flush(run.take(), &mut counts, &mut below);
+            run = Some((path.parent().expect("it has a parent"), Counts::default()));
+        }
+        let (_, add) = run.as_mut().expect("started above");
+        for kind in KINDS {
+            if own.get(kind) {
+                *add.get_mut(kind) += 1;
             }
         }
     });
+    flush(run.take(), &mut counts, &mut below);
     for (i, kind) in KINDS.into_iter().enumerate() {
         let mut todo: Vec<RelPath> = below[i].iter().cloned().collect();
         while let Some(dir) = todo.pop() {
@@ -337,7 +368,7 @@ mod tests {
                 owns.push((path.clone(), own_of(None, Some(&entry))));
                 store.put(&path, entry);
             }
-            prop_assert_eq!(build(&store), count(owns));
+            prop_assert_eq!(build(&store, &mut |_, _| {}), count(owns));
         }
     }
 }

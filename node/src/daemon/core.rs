@@ -277,11 +277,14 @@ impl Core {
         let started = Instant::now();
         let mut paths = Vec::new();
         walk(self.tree.root(), None, &mut paths);
+        let walked = started.elapsed();
         let gone = self.gone(&paths);
         tracing::info!(
-            "rescan: {} paths in the tree, {} gone",
+            "rescan: {} paths in the tree (walked in {:.2} s), {} gone (found in {:.2} s)",
             paths.len(),
-            gone.len()
+            walked.as_secs_f64(),
+            gone.len(),
+            (started.elapsed() - walked).as_secs_f64()
         );
         let mut unqueued = VecDeque::from(paths);
         // Deepest first, as the filesystem lost them.

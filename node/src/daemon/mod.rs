@@ -249,7 +249,12 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
 
     let mut cfg = Config::new(identity.id);
     cfg.mode = opts.mode;
+    let began = Instant::now();
     let engine = Engine::new(cfg, store);
+    tracing::info!(
+        "engine started in {:.2} s (its tally of directories built from the store)",
+        began.elapsed().as_secs_f64()
+    );
     let mut core = Core {
         engine,
         tree: Arc::clone(&tree),
