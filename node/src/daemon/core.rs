@@ -280,10 +280,10 @@ impl Core {
         let walked = started.elapsed();
         let gone = self.gone(&paths);
         tracing::info!(
-            "rescan: {} paths in the tree (walked in {:.2} s), {} gone (found in {:.2} s)",
+            "rescan: {} paths in the tree, {} gone (walked in {:.2} s, merged with the store in {:.2} s)",
             paths.len(),
-            walked.as_secs_f64(),
             gone.len(),
+            walked.as_secs_f64(),
             (started.elapsed() - walked).as_secs_f64()
         );
         let mut unqueued = VecDeque::from(paths);
