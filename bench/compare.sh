@@ -33,6 +33,11 @@ if [ ! -x "$tools/bin/unison-fsmonitor" ]; then
 fi
 cargo build --release --quiet --locked -p rsyncfs-node
 
+# A run killed outright (SIGKILL, a lost session) cannot delete its namespace: delete those
+# whose script is gone.
+for stale in $(ip netns list 2>/dev/null | awk '/^rsyncfs-compare-[0-9]+/ {print $1}'); do
+  kill -0 "${stale#rsyncfs-compare-}" 2>/dev/null || ip netns del "$stale" 2>/dev/null || true
+done
 ns=rsyncfs-compare-$$
 enter=()
 if ip netns add "$ns" 2>/dev/null; then

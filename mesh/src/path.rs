@@ -77,7 +77,12 @@ impl RelPath {
 
     /// The directory holding this path, if it is not at the top.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
+        self.parent_str().map(|p| RelPath(p.to_string()))
+    }
+
+    /// [`RelPath::parent`], borrowed (nothing is copied).
+    pub fn parent_str(&self) -> Option<&str> {
+        self.0.rfind('/').map(|i| &self.0[..i])
     }
 
     /// Every directory above this path, nearest first (made one at a time: a caller that

@@ -119,7 +119,7 @@ pub(super) fn build<S: Store>(
         if !leaf {
             dirs_own.insert(path.clone(), own);
         }
-        let Some(parent) = path.as_str().rfind('/').map(|i| &path.as_str()[..i]) else {
+        let Some(parent) = path.parent_str() else {
             return;
         };
         if run.as_ref().is_none_or(|(p, _)| p.as_str() != parent) {

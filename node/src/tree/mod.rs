@@ -417,7 +417,7 @@ impl Tree {
         path: &RelPath,
     ) -> Result<Option<Meta>, ObserveError> {
         let io = |e: std::io::Error| ObserveError::Io(path.to_string(), e);
-        let parent = path.as_str().rfind('/').map_or("", |i| &path.as_str()[..i]);
+        let parent = path.parent_str().unwrap_or("");
         if !matches!(&parents.last, Some((p, _)) if p == parent) {
             parents.last = None;
             match self.parent_of(path) {
