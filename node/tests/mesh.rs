@@ -261,7 +261,28 @@ fn three_nodes_joined_through_one_member() {
                 .any(|j| j["id"] == c_id.as_str())
         },
     );
-    let out = a.cmd(&["accept", &c_id]);
+    // The hint `join` printed names c by its short id, which `accept` takes; too short a
+    // prefix is refused.
+    let mut hint = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(asking.stderr.take().unwrap()),
+        &mut hint,
+    )
+    .unwrap();
+    let short = hint
+        .split("rsyncfs-node accept ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no accept hint: {hint}"));
+    assert!(
+        c_id.starts_with(short) && short.len() < c_id.len(),
+        "{hint}"
+    );
+    assert!(hint.contains("--state"), "{hint}");
+    let out = a.cmd(&["accept", &short[..3]]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 4"));
+    let out = a.cmd(&["accept", short]);
     assert!(
         out.status.success(),
         "{}",

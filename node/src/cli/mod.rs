@@ -3,6 +3,7 @@
 //! every changed path (the 2005 proposal's change stream, for `rsync --from0 --files-from=-` to
 //! follow).
 
+mod chglog;
 mod demo;
 mod status;
 
@@ -59,6 +60,8 @@ enum CongestionArg {
 enum Command {
     /// Run the node in the foreground: mount, replicate, serve the control socket.
     Up {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         /// The directory that holds this host's copy of the tree.
@@ -67,9 +70,11 @@ enum Command {
         /// An empty directory to mount the tree on; programs use this one.
         #[arg(long)]
         mount: PathBuf,
-        /// Address and UDP port to listen on (default port 7431).
-        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], net::DEFAULT_PORT)))]
+        /// Address and UDP port to listen on: IP, IP:PORT, [IPv6]:PORT, PORT or HOST[:PORT]
+        /// (the port defaults to 7431, the address to every address of this host).
+        #[arg(long, default_value = "0.0.0.0:7431", value_parser = parse_listen)]
         listen: SocketAddr,
+        /// Which way changes go between this node and its peers.
         #[arg(long, value_enum, default_value = "two-way")]
         mode: ModeArg,
         /// Trust only the peers this node joined or accepted, not the members they introduce
@@ -91,6 +96,8 @@ enum Command {
     /// Look at the whole backing directory again now, for changes made there directly (not
     /// through the mount).
     Rescan {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
     },
@@ -100,7 +107,7 @@ enum Command {
         /// How many nodes.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=8))]
         nodes: u8,
-        /// Where to put the nodes' folders (default: a new folder under /var/tmp).
+        /// Where to put the nodes' folders (default: rsyncfs-demo-PID in $TMPDIR, or in /tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Stop after the demonstration instead of waiting for Ctrl-C.
@@ -109,11 +116,15 @@ enum Command {
     },
     /// Print this node's id (making its identity if there is none yet).
     Id {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
     },
     /// Print a token that lets another node join this node's mesh (valid for an hour).
     Invite {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         /// The address other nodes reach this one at, HOST:PORT (default: the listening
@@ -123,6 +134,8 @@ enum Command {
     },
     /// Make the running local node join the mesh of a member.
     Join {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         /// The member: HOST or HOST:PORT.
@@ -138,33 +151,64 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Let in a node that asked to join without a token.
+    /// Let in a node that asked to join without a token (`status` lists the requests).
     Accept {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
+        /// The asking node's id, long or short (its first characters, as `status` shows them).
         node_id: String,
     },
     /// Show the node, its peers, pending joins, conflicts and replication latency.
     Status {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
+        /// Print the daemon's whole answer as JSON, for programs, instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List the conflict copies and the versions they keep.
     Conflicts {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
+        /// Print the daemon's whole answer as JSON, for programs, instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Stream the paths the running node changes (local writes and applied updates).
+    ///
+    /// With --batch, the paths are gathered for that long after the first one and given as one
+    /// list: to COMMAND's standard input, one run per list (a run that fails gets its paths
+    /// again with the next list, after a backoff; rsync's exit status 24, "some files
+    /// vanished", counts as done, since a vanished path comes again as removed), or without a
+    /// command, written out with an empty entry after each list. The 2005 proposal's pipeline,
+    /// a loop of rsync runs:
+    ///
+    ///   rsyncfs-node chglog --from0 --batch 2 -- rsync -ar --from0 --files-from=- --no-implied-dirs --delete-missing-args --force /srv/a/mnt/ host:/copy/
+    ///
+    /// (--delete-missing-args and --force: removed paths are listed too, directories with what
+    /// was in them; --no-implied-dirs: a removed path's parent may be gone as well.) A list
+    /// holding `.` means that some changes were not listed (the reader fell behind): sync the
+    /// whole tree.
     Chglog {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         /// Separate paths with NUL bytes (for rsync --from0).
         #[arg(long)]
         from0: bool,
+        /// Gather changed paths for this many seconds (after the first) into one list.
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        batch: Option<Duration>,
+        /// Run for each list, with the list on its standard input (needs --batch).
+        #[arg(last = true, value_name = "COMMAND", requires = "batch")]
+        command: Vec<String>,
     },
     /// Mount the change logger alone and print each changed path (relative to the mount).
     Logger {
@@ -195,6 +239,9 @@ pub fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    if cli.command.prints_for_a_pipe() {
+        die_quietly_on_a_closed_pipe();
+    }
     match cli.command {
         Command::Logger {
             backing,
@@ -273,8 +320,9 @@ pub fn main() -> ExitCode {
             if token.is_none() {
                 if let Ok(id) = identity::Identity::load_or_create(&state) {
                     eprintln!(
-                        "rsyncfs-node: asking to join; on the member run: rsyncfs-node accept {}",
-                        id.id.long()
+                        "rsyncfs-node: asking to join; on the member run: rsyncfs-node accept {} \
+                         (with --state FOLDER where the member's state folder is not {DEFAULT_STATE})",
+                        id.id.short()
                     );
                 }
             }
@@ -341,19 +389,96 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e.to_string()),
             }
         }
-        Command::Chglog { state, from0 } => {
-            let mut out = std::io::stdout().lock();
-            match client::chglog(&state, if from0 { 0 } else { b'\n' }, &mut out) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e.to_string()),
+        Command::Chglog {
+            state,
+            from0,
+            batch,
+            command,
+        } => {
+            let sep = if from0 { 0 } else { b'\n' };
+            match batch {
+                Some(every) => chglog::batches(&state, sep, every, &command),
+                None => chglog::stream(&state, sep),
             }
         }
+    }
+}
+
+impl Command {
+    /// Whether the command only prints to standard output, so that a reader that goes away
+    /// (`rsyncfs-node status | head -1`) may simply end it, as it ends `ls` or `cat`. The
+    /// daemon, the logger, the demo and chglog's command runs handle a closed pipe themselves.
+    fn prints_for_a_pipe(&self) -> bool {
+        match self {
+            Command::Up { .. } | Command::Logger { .. } | Command::Demo { .. } => false,
+            Command::Chglog { command, .. } => command.is_empty(),
+            _ => true,
+        }
+    }
+}
+
+/// Restores the default action of SIGPIPE (the process ends, silently), which Rust's runtime
+/// replaces with "ignore": a write to a closed pipe then fails, and `println!` panics on it.
+fn die_quietly_on_a_closed_pipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL installs no handler and touches no
+    // memory; no other thread runs yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
 pub(crate) fn fail(message: String) -> ExitCode {
     eprintln!("rsyncfs-node: {message}");
     ExitCode::from(1)
+}
+
+/// `up --listen`: IP, IP:PORT, [IPv6]:PORT, PORT, or a host name with or without a port.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    use std::net::{IpAddr, ToSocketAddrs};
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bare = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, net::DEFAULT_PORT));
+    }
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    let how = format!(
+        "give IP, IP:PORT, [IPv6]:PORT, PORT or HOST[:PORT] (the port defaults to {})",
+        net::DEFAULT_PORT
+    );
+    // A number is a port, never a host (the resolver would read "70000" as 0.1.17.112).
+    let number = text.chars().all(|c| c.is_ascii_digit());
+    if number || text.is_empty() || text.chars().any(char::is_whitespace) {
+        return Err(format!("not an address: {how}"));
+    }
+    let named = if text.contains(':') {
+        text.to_socket_addrs()
+    } else {
+        (text, net::DEFAULT_PORT).to_socket_addrs()
+    };
+    match named.map(|mut a| a.next()) {
+        Ok(Some(addr)) => Ok(addr),
+        Ok(None) => Err(format!("{text} has no address: {how}")),
+        Err(e) => Err(format!("{text}: {e}; {how}")),
+    }
+}
+
+/// `chglog --batch`: seconds, fractions allowed, from a millisecond to a day.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text} is not a number of seconds"))?;
+    if !(0.001..=86_400.0).contains(&seconds) {
+        return Err("between 0.001 and 86400 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// An interval, or none (`off`).
@@ -509,5 +634,57 @@ fn first_sync(state: &std::path::Path) -> ExitCode {
         }
         bar.tick();
         std::thread::sleep(EVERY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn listen_takes_an_address_a_port_or_both() {
+        let port = net::DEFAULT_PORT;
+        let cases = [
+            ("127.0.0.1", format!("127.0.0.1:{port}")),
+            ("48016", "0.0.0.0:48016".to_string()),
+            ("10.0.0.2:7000", "10.0.0.2:7000".to_string()),
+            ("::1", format!("[::1]:{port}")),
+            ("[::1]", format!("[::1]:{port}")),
+            ("[::1]:9", "[::1]:9".to_string()),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                parse_listen(text).map(|a| a.to_string()),
+                Ok(want),
+                "{text}"
+            );
+        }
+        assert!(parse_listen("localhost").is_ok_and(|a| a.ip().is_loopback() && a.port() == port));
+        for bad in ["", "1.2.3.4:99999", "no such host.invalid", "70000"] {
+            let e = parse_listen(bad).expect_err(bad);
+            assert!(e.contains("IP:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_option_of_every_command_says_what_it_is() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for command in cli.get_subcommands() {
+            assert!(command.get_about().is_some(), "{}", command.get_name());
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                assert!(
+                    arg.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "`{} --{id}` has no help text",
+                    command.get_name()
+                );
+            }
+        }
     }
 }

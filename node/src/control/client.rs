@@ -44,8 +44,18 @@ pub fn status(state: &Path) -> Result<super::Status, ControlError> {
     serde_json::from_value(v).map_err(|e| ControlError::BadAnswer(e.to_string()))
 }
 
-/// Streams the daemon's changed paths to `out`, separated by `sep`, until either side stops.
-pub fn chglog(state: &Path, sep: u8, out: &mut dyn Write) -> Result<(), ControlError> {
+/// One item of the daemon's stream of changed paths.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changed<'a> {
+    /// A path relative to the tree's root, as its bytes.
+    Path(&'a [u8]),
+    /// Some paths were not sent: this reader fell behind the daemon's queue.
+    Lost,
+}
+
+/// Reads the daemon's changed paths, giving each to `each`, until the daemon goes away or
+/// `each` says stop (returns `false`).
+pub fn chglog(state: &Path, mut each: impl FnMut(Changed<'_>) -> bool) -> Result<(), ControlError> {
     let path = state.join(SOCKET);
     let mut stream =
         UnixStream::connect(&path).map_err(|e| ControlError::NoDaemon(path.clone(), e))?;
@@ -55,15 +65,17 @@ pub fn chglog(state: &Path, sep: u8, out: &mut dyn Write) -> Result<(), ControlE
     let reader = BufReader::new(stream);
     for line in reader.split(0) {
         let line = line?;
-        let Some(path) = line.strip_prefix(b"/") else {
-            // An error answer instead of the stream.
-            let answer: Answer = serde_json::from_slice(&line)
-                .map_err(|e| ControlError::BadAnswer(e.to_string()))?;
-            return Err(ControlError::Daemon(answer.error.unwrap_or_default()));
+        let item = match line.first() {
+            Some(b'/') => Changed::Path(&line[1..]),
+            Some(b'!') => Changed::Lost,
+            _ => {
+                // An error answer instead of the stream.
+                let answer: Answer = serde_json::from_slice(&line)
+                    .map_err(|e| ControlError::BadAnswer(e.to_string()))?;
+                return Err(ControlError::Daemon(answer.error.unwrap_or_default()));
+            }
         };
-        let mut line = path.to_vec();
-        line.push(sep);
-        if out.write_all(&line).and_then(|_| out.flush()).is_err() {
+        if !each(item) {
             return Ok(());
         }
     }

@@ -35,6 +35,15 @@ pub enum Wire {
     Rescan,
 }
 
+/// What the daemon passes a `chglog` reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// A changed path, relative to the tree's root.
+    Path(String),
+    /// Paths were left out before this point: the reader's queue was full.
+    Lost,
+}
+
 /// A request for the daemon, with where its changed paths go for `chglog`.
 pub enum Request {
     Status,
@@ -50,7 +59,7 @@ pub enum Request {
         id: String,
     },
     Chglog {
-        tx: mpsc::Sender<String>,
+        tx: mpsc::Sender<Changed>,
     },
     /// Look at every path of the backing directory again (changes made there directly).
     Rescan,

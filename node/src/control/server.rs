@@ -82,12 +82,19 @@ async fn connection(
             let (tx, mut rx) = mpsc::channel(CHGLOG_QUEUE);
             match ask(Request::Chglog { tx }).await {
                 Response::Ok(_) => {
-                    // "/path" and a NUL each: paths may hold newlines, never NUL.
-                    while let Some(path) = rx.recv().await {
-                        let mut line = Vec::with_capacity(path.len() + 2);
-                        line.push(b'/');
-                        line.extend_from_slice(path.as_bytes());
-                        line.push(0);
+                    // "/path" and a NUL each (paths may hold newlines, never NUL); "!" and a
+                    // NUL where paths were left out.
+                    while let Some(changed) = rx.recv().await {
+                        let line = match changed {
+                            super::Changed::Path(path) => {
+                                let mut line = Vec::with_capacity(path.len() + 2);
+                                line.push(b'/');
+                                line.extend_from_slice(path.as_bytes());
+                                line.push(0);
+                                line
+                            }
+                            super::Changed::Lost => b"!\0".to_vec(),
+                        };
                         write.write_all(&line).await?;
                     }
                     return Ok(());

@@ -50,7 +50,7 @@ pub(super) struct Core {
     pub(super) listen: SocketAddr,
     pub(super) started: Instant,
     /// Subscribers to the changed-path stream (`chglog`).
-    pub(super) chglog: Vec<mpsc::Sender<String>>,
+    pub(super) chglog: Vec<ChglogReader>,
     /// The path last passed to them (one change often comes as several events).
     pub(super) chglog_last: Option<RelPath>,
     pub(super) rt: tokio::runtime::Handle,
@@ -408,20 +408,15 @@ impl Core {
         }
     }
 
-    /// Passes a changed path to the `chglog` subscribers (a subscriber that falls behind misses
-    /// lines; one that went away is dropped).
+    /// Passes a changed path to the `chglog` subscribers. One whose queue is full misses it and
+    /// is told so (`Lost`) before its next path; one that went away is dropped.
     fn chglog_send(&mut self, path: &RelPath) {
         if self.chglog.is_empty() || self.chglog_last.as_ref() == Some(path) {
             return;
         }
         self.chglog_last = Some(path.clone());
         let line = path.to_string();
-        self.chglog.retain(|tx| {
-            !matches!(
-                tx.try_send(line.clone()),
-                Err(mpsc::error::TrySendError::Closed(_))
-            )
-        });
+        self.chglog.retain_mut(|reader| reader.send(&line));
     }
 
     /// Makes the directories the applies changed durable, then the store.
@@ -453,7 +448,7 @@ impl Core {
                 if self.chglog.len() >= control::CHGLOG_SUBSCRIBERS_MAX {
                     Response::Err("too many chglog readers".into())
                 } else {
-                    self.chglog.push(tx);
+                    self.chglog.push(ChglogReader { tx, lost: false });
                     Response::Ok(serde_json::Value::Null)
                 }
             }
@@ -468,9 +463,9 @@ impl Core {
                     serde_json::json!({ "token": self.net.invite(addr.clone()), "addr": addr }),
                 )
             }
-            Request::Accept { id } => match NodeId::parse(&id) {
-                None => Response::Err(format!("{id} is not a node id")),
-                Some(id) => match self.net.accept(id) {
+            Request::Accept { id } => match self.asking(&id) {
+                Err(e) => Response::Err(e),
+                Ok(id) => match self.net.accept(id) {
                     Ok(()) => Response::Ok(serde_json::json!({ "accepted": id.long() })),
                     Err(e) => Response::Err(e.to_string()),
                 },
@@ -488,6 +483,41 @@ impl Core {
             }
         };
         let _ = reply.send(response);
+    }
+
+    /// The node that asked to join named by `text`: its id, long, or the first characters of it
+    /// (the short id shown by `status` and in logs) where they name one asking node.
+    fn asking(&self, text: &str) -> Result<NodeId, String> {
+        if let Some(id) = NodeId::parse(text) {
+            return Ok(id);
+        }
+        let compact = |t: &str| -> String {
+            t.chars()
+                .filter(|c| *c != '-')
+                .map(|c| c.to_ascii_uppercase())
+                .collect()
+        };
+        let wanted = compact(text);
+        if wanted.len() < 4 {
+            return Err(format!(
+                "{text} is not a node id (give the id `status` shows, at least 4 characters)"
+            ));
+        }
+        let matching: Vec<NodeId> = self
+            .net
+            .pending_joins()
+            .into_iter()
+            .filter(|(long, ..)| compact(long).starts_with(&wanted))
+            .filter_map(|(long, ..)| NodeId::parse(&long))
+            .collect();
+        match matching.as_slice() {
+            [id] => Ok(*id),
+            [] => Err(format!("no node whose id starts with {text} asks to join")),
+            _ => Err(format!(
+                "{} asking nodes' ids start with {text}: give more of it",
+                matching.len()
+            )),
+        }
     }
 
     fn caches(&self) -> Vec<control::CacheStatus> {
@@ -689,4 +719,32 @@ pub(crate) fn reachable(listen: SocketAddr) -> SocketAddr {
         IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
     });
     SocketAddr::new(ip, listen.port())
+}
+
+/// A `chglog` reader: its queue, and whether it missed paths it has not been told of yet.
+pub(super) struct ChglogReader {
+    tx: mpsc::Sender<control::Changed>,
+    lost: bool,
+}
+
+impl ChglogReader {
+    /// Queues `path` (after the news of a loss, if any); `false` once the reader is gone.
+    fn send(&mut self, path: &str) -> bool {
+        use mpsc::error::TrySendError;
+        if self.lost {
+            match self.tx.try_send(control::Changed::Lost) {
+                Ok(()) => self.lost = false,
+                Err(TrySendError::Full(_)) => return true,
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        match self.tx.try_send(control::Changed::Path(path.to_string())) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.lost = true;
+                true
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
 }
