@@ -6,6 +6,7 @@
 mod chglog;
 mod demo;
 mod status;
+mod up;
 
 use crate::control::{self, client};
 use crate::trust::identity;
@@ -39,7 +40,7 @@ struct Cli {
 /// (one node per host).
 const DEFAULT_STATE: &str = "/var/lib/rsyncfs";
 
-#[derive(Copy, Clone, ValueEnum)]
+#[derive(Copy, Clone, Debug, ValueEnum)]
 enum ModeArg {
     /// Local changes are shipped and peers' changes applied.
     TwoWay,
@@ -49,50 +50,42 @@ enum ModeArg {
     ReceiveOnly,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum CongestionArg {
     Bbr,
     Cubic,
     NewReno,
 }
 
+impl ModeArg {
+    fn engine(self) -> rsyncfs_mesh::engine::Mode {
+        match self {
+            ModeArg::TwoWay => rsyncfs_mesh::engine::Mode::TwoWay,
+            ModeArg::SendOnly => rsyncfs_mesh::engine::Mode::SendOnly,
+            ModeArg::ReceiveOnly => rsyncfs_mesh::engine::Mode::ReceiveOnly,
+        }
+    }
+}
+
+impl CongestionArg {
+    fn net(self) -> net::tls::Congestion {
+        match self {
+            CongestionArg::Bbr => net::tls::Congestion::Bbr,
+            CongestionArg::Cubic => net::tls::Congestion::Cubic,
+            CongestionArg::NewReno => net::tls::Congestion::NewReno,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the node in the foreground: mount, replicate, serve the control socket.
-    Up {
-        /// The node's state folder: its identity, store, peers and control socket (one per
-        /// node; give the same folder as to `up`).
-        #[arg(long, default_value = DEFAULT_STATE)]
-        state: PathBuf,
-        /// The directory that holds this host's copy of the tree.
-        #[arg(long)]
-        backing: PathBuf,
-        /// An empty directory to mount the tree on; programs use this one.
-        #[arg(long)]
-        mount: PathBuf,
-        /// Address and UDP port to listen on: IP, IP:PORT, [IPv6]:PORT, PORT or HOST[:PORT]
-        /// (the port defaults to 7431, the address to every address of this host).
-        #[arg(long, default_value = "0.0.0.0:7431", value_parser = parse_listen)]
-        listen: SocketAddr,
-        /// Which way changes go between this node and its peers.
-        #[arg(long, value_enum, default_value = "two-way")]
-        mode: ModeArg,
-        /// Trust only the peers this node joined or accepted, not the members they introduce
-        /// (for meshes that are not fully connected, such as a line).
-        #[arg(long)]
-        no_introductions: bool,
-        /// How often to look at the whole backing directory for changes made there directly,
-        /// not through the mount (cheap when nothing changed: a stat per path); `off` for
-        /// never (at start and on `rsyncfs-node rescan` only).
-        #[arg(long, default_value = "1h", value_parser = parse_every)]
-        scan_every: Every,
-        /// The congestion controller of peer connections: bbr paces by the measured bandwidth
-        /// and round trip, and random loss does not slow it (through 50 ms each way and 1% loss
-        /// it moved 100 MiB in 4.2 s, cubic 20 MiB in 127 s: bench/wan.py); cubic and new-reno
-        /// back off at every loss, which yields more to TCP flows on a congested link.
-        #[arg(long, value_enum, default_value = "bbr")]
-        congestion: CongestionArg,
-    },
+    ///
+    /// SIGINT or SIGTERM (`systemctl stop`) unmounts and stops it. Its options can come from a
+    /// TOML file (--config; node/dist/rsyncfs.toml is an example, node/dist/rsyncfs.service a
+    /// systemd unit that uses one). RUST_LOG chooses what is logged (default: warnings), e.g.
+    /// RUST_LOG=info.
+    Up(up::UpArgs),
     /// Look at the whole backing directory again now, for changes made there directly (not
     /// through the mount).
     Rescan {
@@ -229,16 +222,14 @@ enum Command {
 
 /// Runs the command line; what `rsyncfs-node` does.
 pub fn main() -> ExitCode {
-    // Logs go to standard error, filtered by RUST_LOG (default: warnings); the filesystem
-    // library's own log lines come through too.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
     let cli = Cli::parse();
+    // Logs go to standard error, filtered by RUST_LOG (default: warnings); the filesystem
+    // library's own log lines come through too. `up` may send them to a file instead.
+    if !matches!(cli.command, Command::Up(_)) {
+        if let Err(e) = up::init_log(None) {
+            return fail(e.to_string());
+        }
+    }
     if cli.command.prints_for_a_pipe() {
         die_quietly_on_a_closed_pipe();
     }
@@ -249,33 +240,13 @@ pub fn main() -> ExitCode {
             from0,
             receive_only,
         } => logger(backing, mount, from0, receive_only),
-        Command::Up {
-            state,
-            backing,
-            mount,
-            listen,
-            mode,
-            no_introductions,
-            scan_every,
-            congestion,
-        } => up(daemon::Options {
-            state,
-            backing,
-            mount,
-            listen,
-            mode: match mode {
-                ModeArg::TwoWay => rsyncfs_mesh::engine::Mode::TwoWay,
-                ModeArg::SendOnly => rsyncfs_mesh::engine::Mode::SendOnly,
-                ModeArg::ReceiveOnly => rsyncfs_mesh::engine::Mode::ReceiveOnly,
+        Command::Up(args) => match args.resolve() {
+            Err(e) => fail(e.to_string()),
+            Ok(up) => match up::init_log(up.log_file.as_deref()) {
+                Err(e) => fail(e.to_string()),
+                Ok(()) => run_up(up.options),
             },
-            introductions: !no_introductions,
-            scan_every: scan_every.0,
-            congestion: match congestion {
-                CongestionArg::Bbr => net::tls::Congestion::Bbr,
-                CongestionArg::Cubic => net::tls::Congestion::Cubic,
-                CongestionArg::NewReno => net::tls::Congestion::NewReno,
-            },
-        }),
+        },
         Command::Rescan { state } => match client::call(&state, &control::Wire::Rescan) {
             Ok(v) => {
                 println!(
@@ -410,7 +381,7 @@ impl Command {
     /// daemon, the logger, the demo and chglog's command runs handle a closed pipe themselves.
     fn prints_for_a_pipe(&self) -> bool {
         match self {
-            Command::Up { .. } | Command::Logger { .. } | Command::Demo { .. } => false,
+            Command::Up(_) | Command::Logger { .. } | Command::Demo { .. } => false,
             Command::Chglog { command, .. } => command.is_empty(),
             _ => true,
         }
@@ -497,7 +468,7 @@ fn parse_every(text: &str) -> Result<Every, String> {
     Ok(Every(Some(every)))
 }
 
-fn up(options: daemon::Options) -> ExitCode {
+fn run_up(options: daemon::Options) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&stop)) {

@@ -64,6 +64,7 @@ pub enum Event {
 }
 
 /// What `up` is told.
+#[derive(Debug)]
 pub struct Options {
     pub state: PathBuf,
     pub backing: PathBuf,
