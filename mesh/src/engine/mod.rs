@@ -80,6 +80,38 @@ pub type OpId = u64;
 /// Identifies content the driver fetched and holds, checked, until an apply uses it.
 pub type StagedId = u64;
 
+/// Races settled with a conflict copy that the engine remembers for status.
+pub const RECENT_CONFLICTS_KEPT: usize = 20;
+
+/// Upper bounds of the replication-latency histogram's buckets, in milliseconds; one more
+/// bucket holds what is above them all.
+pub const LATENCY_BOUNDS_MS: [f64; 13] = [
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0,
+];
+
+/// Replication latencies counted into fixed buckets (for metrics: a histogram needs every
+/// write since the start, where the recent ones kept for percentiles are a window).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LatencyHistogram {
+    /// Writes per bucket: at most `LATENCY_BOUNDS_MS[i]` (and above the one before), the last
+    /// above every bound.
+    pub counts: [u64; LATENCY_BOUNDS_MS.len() + 1],
+    pub sum_ms: f64,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&mut self, ms: f64) {
+        let i = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|bound| ms <= *bound)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.counts[i] += 1;
+        self.sum_ms += ms;
+        self.count += 1;
+    }
+}
+
 /// Which directions a node replicates in.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -546,6 +578,10 @@ pub struct Engine<S: Store> {
     commit_due: Option<u64>,
     /// When the last group commit was asked for (monotonic).
     committed_at: Option<u64>,
+    /// Every live peer's write applied here since the start, by its latency.
+    latency_histogram: LatencyHistogram,
+    /// The last races settled here with a conflict copy: the path and when (wall clock, ms).
+    recent_conflicts: VecDeque<(RelPath, u64)>,
     /// Replication latencies of recent peers' writes applied here (wall clock, from the
     /// write's HLC stamp to its apply), in milliseconds.
     latencies_ms: VecDeque<f64>,
@@ -608,6 +644,8 @@ impl<S: Store> Engine<S> {
             commit_due: None,
             committed_at: None,
             latencies_ms: VecDeque::new(),
+            latency_histogram: LatencyHistogram::default(),
+            recent_conflicts: VecDeque::new(),
             counts,
         }
     }
@@ -872,6 +910,25 @@ impl<S: Store> Engine<S> {
         &self.latencies_ms
     }
 
+    /// Every live peer's write applied here since the start, counted by its latency.
+    pub fn latency_histogram(&self) -> &LatencyHistogram {
+        &self.latency_histogram
+    }
+
+    /// The last races this node settled with a conflict copy (at most
+    /// [`RECENT_CONFLICTS_KEPT`]), oldest first: the path and when, in wall-clock ms.
+    pub fn recent_conflicts(&self) -> &VecDeque<(RelPath, u64)> {
+        &self.recent_conflicts
+    }
+
+    fn note_conflict(&mut self, path: &RelPath) {
+        if self.recent_conflicts.len() >= RECENT_CONFLICTS_KEPT {
+            self.recent_conflicts.pop_front();
+        }
+        let ms = self.wall / 1_000_000;
+        self.recent_conflicts.push_back((path.clone(), ms));
+    }
+
     /// A peer's write, which came from `from`, now shows here: how long it took, by the wall
     /// clocks (which may disagree by their skew). Only writes made while the link to `from` was
     /// up count; older ones were caught up, and their age says nothing of the latency.
@@ -892,6 +949,7 @@ impl<S: Store> Engine<S> {
             self.latencies_ms.pop_front();
         }
         self.latencies_ms.push_back(ms);
+        self.latency_histogram.observe(ms);
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -1057,5 +1115,24 @@ impl<S: Store> Engine<S> {
                 .map_or(0, |at| at + self.cfg.commit_gap_min.as_nanos() as u64);
             self.commit_due = Some(soon.max(apart));
         }
+    }
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+
+    #[test]
+    fn a_latency_lands_in_the_first_bucket_that_holds_it() {
+        let mut h = LatencyHistogram::default();
+        for ms in [0.2, 1.0, 1.5, 9_999.0, 60_000.0] {
+            h.observe(ms);
+        }
+        assert_eq!(h.counts[0], 2);
+        assert_eq!(h.counts[1], 1);
+        assert_eq!(h.counts[LATENCY_BOUNDS_MS.len() - 1], 1);
+        assert_eq!(h.counts[LATENCY_BOUNDS_MS.len()], 1);
+        assert_eq!(h.count, 5);
+        assert!((h.sum_ms - 70_001.7).abs() < 1e-6);
     }
 }

@@ -525,6 +525,7 @@ impl<S: Store> Engine<S> {
             Decision::Merge(merged) => Some(merged),
             Decision::Conflict { merged, .. } => {
                 self.stats.conflicts += 1;
+                self.note_conflict(&path);
                 Some(merged)
             }
         };

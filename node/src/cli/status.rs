@@ -55,6 +55,9 @@ pub(super) fn progress_text(p: &Progress) -> String {
 pub(super) fn print(s: &Status) {
     println!("node      {} ({})", s.node, s.mode);
     println!("listening {}", s.listen);
+    if let Some(m) = &s.metrics {
+        println!("metrics   http://{m}/metrics, status page http://{m}/");
+    }
     println!(
         "tree      {} files ({}), {} other entries, {} conflict copies (`rsyncfs-node conflicts`)",
         s.files,

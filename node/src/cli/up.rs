@@ -51,6 +51,10 @@ pub(super) struct UpArgs {
     /// new-reno back off at every loss, which yields more to TCP flows on a congested link.
     #[arg(long, value_enum)]
     pub congestion: Option<CongestionArg>,
+    /// Serve Prometheus metrics at http://ADDR/metrics and a read-only status page at
+    /// http://ADDR/ (TCP; ADDR as for --listen, e.g. 127.0.0.1:9431). Off by default.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub metrics: Option<SocketAddr>,
     /// Append the log to this file instead of writing it to standard error (which systemd
     /// sends to the journal). RUST_LOG chooses what is logged (default: warnings).
     #[arg(long, value_name = "FILE")]
@@ -69,6 +73,7 @@ struct UpConfig {
     no_introductions: Option<bool>,
     scan_every: Option<String>,
     congestion: Option<String>,
+    metrics: Option<String>,
     log_file: Option<PathBuf>,
 }
 
@@ -159,6 +164,11 @@ impl UpArgs {
             (None, Some(text)) => enum_value(&text).map_err(bad("congestion"))?,
             (None, None) => CongestionArg::Bbr,
         };
+        let metrics = match (self.metrics, file.metrics) {
+            (Some(flag), _) => Some(flag),
+            (None, Some(text)) => Some(parse_listen(&text).map_err(bad("metrics"))?),
+            (None, None) => None,
+        };
         let no_introductions = self.no_introductions || file.no_introductions.unwrap_or(false);
         Ok(Up {
             options: daemon::Options {
@@ -170,6 +180,7 @@ impl UpArgs {
                 introductions: !no_introductions,
                 scan_every: scan_every.0,
                 congestion: congestion.net(),
+                metrics,
             },
             log_file: self.log_file.or(file.log_file.map(in_folder)),
         })
@@ -274,7 +285,7 @@ mod tests {
             .filter(|l| !matches!(*l, "help" | "config"))
             .map(str::to_string)
             .collect();
-        assert_eq!(keys.len(), 9, "{keys:?}");
+        assert_eq!(keys.len(), 10, "{keys:?}");
         // Every key, uncommented, is accepted with its example value.
         let uncommented: String = EXAMPLE
             .lines()

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod server;
+pub mod web;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -89,6 +90,9 @@ pub struct Status {
     pub short: String,
     pub mode: String,
     pub listen: String,
+    /// Where the metrics and the status page are served (`up --metrics`), if anywhere.
+    #[serde(default)]
+    pub metrics: Option<String>,
     pub up_s: u64,
     /// Nothing this node can do now: nothing pending here but what waits for peers that are
     /// down, nothing in flight, nothing unacknowledged by a connected peer, nothing left to
@@ -141,11 +145,34 @@ pub struct Status {
     pub udp_rx_bytes: u64,
     pub udp_tx_bytes: u64,
     pub latency_ms: Latency,
+    /// Every live peer's write applied since the start, by latency (for metrics).
+    #[serde(default)]
+    pub latency_histogram: Histogram,
+    /// The last races settled here with a conflict copy, oldest first.
+    #[serde(default)]
+    pub recent_conflicts: Vec<RecentConflict>,
     /// Broken invariants the engine noticed (a bug: please report it).
     pub bugs: Vec<String>,
     /// The daemon's caches: what each holds now, and its fixed budget.
     #[serde(default)]
     pub caches: Vec<CacheStatus>,
+}
+
+/// Counts by bucket: `counts[i]` values at most `bounds_ms[i]` (and above the bound before);
+/// the last count, one more than the bounds, those above every bound.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Histogram {
+    pub bounds_ms: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum_ms: f64,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecentConflict {
+    pub path: String,
+    /// When it was settled, wall clock, ms since the epoch.
+    pub at_ms: u64,
 }
 
 /// One of the daemon's caches. Its budget is fixed whatever the tree's size; the memory a

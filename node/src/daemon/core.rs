@@ -48,6 +48,8 @@ pub(super) struct Core {
     pub(super) epoch: Instant,
     pub(super) mode: Mode,
     pub(super) listen: SocketAddr,
+    /// Where metrics and the status page are served, if anywhere.
+    pub(super) metrics: Option<SocketAddr>,
     pub(super) started: Instant,
     /// Subscribers to the changed-path stream (`chglog`).
     pub(super) chglog: Vec<ChglogReader>,
@@ -596,6 +598,7 @@ impl Core {
             short: self.net.id().short(),
             mode: mode_name(self.mode).to_string(),
             listen: self.listen.to_string(),
+            metrics: self.metrics.map(|a| a.to_string()),
             up_s: self.started.elapsed().as_secs(),
             idle: self.engine.is_idle_here() && observing == 0,
             busy_because: {
@@ -655,6 +658,24 @@ impl Core {
                 p99: pct(0.99),
                 max: sorted.last().copied(),
             },
+            latency_histogram: {
+                let h = self.engine.latency_histogram();
+                control::Histogram {
+                    bounds_ms: rsyncfs_mesh::engine::LATENCY_BOUNDS_MS.to_vec(),
+                    counts: h.counts.to_vec(),
+                    sum_ms: h.sum_ms,
+                    count: h.count,
+                }
+            },
+            recent_conflicts: self
+                .engine
+                .recent_conflicts()
+                .iter()
+                .map(|(path, at_ms)| control::RecentConflict {
+                    path: path.to_string(),
+                    at_ms: *at_ms,
+                })
+                .collect(),
             bugs: self.engine.bugs().to_vec(),
             caches: self.caches(),
         }

@@ -78,6 +78,8 @@ pub struct Options {
     pub scan_every: Option<Duration>,
     /// The congestion controller of peer connections.
     pub congestion: crate::net::tls::Congestion,
+    /// Where to serve metrics and the status page (HTTP), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Why the daemon could not start, or stopped on an error.
@@ -93,6 +95,11 @@ pub enum DaemonError {
     Store { path: PathBuf, source: StoreError },
     #[error(transparent)]
     Mount(#[from] rsyncfs_logger::MountError),
+    #[error("serving metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -211,9 +218,21 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
     let control_path = opts.state.join(control::SOCKET);
     {
         let _guard = rt.enter();
-        control::server::serve(&control_path, calls_tx)
+        control::server::serve(&control_path, calls_tx.clone())
             .map_err(io_at("control socket", &control_path))?;
     }
+    let metrics = match opts.metrics {
+        None => None,
+        Some(addr) => {
+            let _guard = rt.enter();
+            let bound = control::web::serve(addr, calls_tx)
+                .map_err(|source| DaemonError::Metrics { addr, source })?;
+            eprintln!(
+                "rsyncfs-node: metrics at http://{bound}/metrics, status page at http://{bound}/"
+            );
+            Some(bound)
+        }
+    };
     eprintln!(
         "rsyncfs-node {} ({}) serving {} at {}, listening on {listen} ({})",
         identity.id.short(),
@@ -268,6 +287,7 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         epoch: Instant::now(),
         mode: opts.mode,
         listen,
+        metrics,
         started: Instant::now(),
         chglog: Vec::new(),
         chglog_last: None,
