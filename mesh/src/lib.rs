@@ -8,8 +8,11 @@
 //! - [`store::Store`]: what the engine persists, as a trait; [`store::MemStore`] keeps it in
 //!   memory with explicit group commits (the simulator crashes it).
 //! - [`path::RelPath`]: a checked relative path; the only kind of path the engine handles.
+//! - [`ignore::IgnoreRules`]: the tree's `.rsyncfsignore` and the default patterns, which the
+//!   engine consults before it ships or applies a path.
 
 pub mod engine;
+pub mod ignore;
 pub mod path;
 pub mod store;
 pub mod wire;

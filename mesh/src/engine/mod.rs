@@ -430,6 +430,10 @@ pub struct Stats {
     /// Peers' writes applied here that were made before the link they came over was up
     /// (caught up after a join, a restart or a partition): not counted as latencies.
     pub caught_up: u64,
+    /// Local changes and peers' records left alone because their paths are ignored
+    /// (`.rsyncfsignore` and the defaults).
+    pub ignored_local: u64,
+    pub ignored_remote: u64,
 }
 
 /// What the tree holds, by the stored records: kept with every change, for status.
@@ -564,6 +568,9 @@ pub struct Engine<S: Store> {
     cache_bytes: usize,
     out: VecDeque<Output>,
     stats: Stats,
+    /// The ignore patterns in force, and the rules file's text they came from.
+    ignore: crate::ignore::IgnoreRules,
+    ignore_text: String,
     /// Broken invariants the engine noticed (a bug here, or a driver breaking its contract),
     /// at most [`BUGS_KEPT`]: the simulator fails a seed on any, the daemon logs them.
     bugs: Vec<String>,
@@ -636,6 +643,8 @@ impl<S: Store> Engine<S> {
             cache_bytes: 0,
             out: VecDeque::new(),
             stats: Stats::default(),
+            ignore: crate::ignore::IgnoreRules::default(),
+            ignore_text: String::new(),
             bugs: Vec::new(),
             observing: BTreeMap::new(),
             reobserve: BTreeMap::new(),
@@ -910,6 +919,23 @@ impl<S: Store> Engine<S> {
         &self.latencies_ms
     }
 
+    /// Takes the text of the tree's rules file (`.rsyncfsignore`; empty where there is none) as
+    /// the ignore patterns from now on. Returns whether they changed: the driver then looks at
+    /// the whole tree again, so that a path no longer ignored is shipped.
+    pub fn set_ignore(&mut self, text: &str) -> bool {
+        if text == self.ignore_text {
+            return false;
+        }
+        self.ignore = crate::ignore::IgnoreRules::parse(text);
+        self.ignore_text = text.to_string();
+        true
+    }
+
+    /// The ignore patterns in force.
+    pub fn ignore_rules(&self) -> &crate::ignore::IgnoreRules {
+        &self.ignore
+    }
+
     /// Every live peer's write applied here since the start, counted by its latency.
     pub fn latency_histogram(&self) -> &LatencyHistogram {
         &self.latency_histogram
@@ -979,6 +1005,16 @@ impl<S: Store> Engine<S> {
         }
         let entry = self.store.get(&path).unwrap_or_default();
         if observed == entry.local {
+            return;
+        }
+        // An ignored path's changes stay here, and the store keeps what it knew, so that once
+        // the path is no longer ignored the next look at it ships what it holds then.
+        let is_dir = observed
+            .as_ref()
+            .or(entry.local.as_ref())
+            .is_some_and(Meta::is_dir);
+        if self.ignore.is_ignored(&path, is_dir) {
+            self.stats.ignored_local += 1;
             return;
         }
         if self.cfg.mode == Mode::ReceiveOnly {

@@ -512,6 +512,14 @@ impl<S: Store> Engine<S> {
         if self.cfg.mode == super::Mode::SendOnly {
             return;
         }
+        // An ignored path is not applied here, nor kept, nor passed on.
+        if self.ignore.is_ignored(&path, record.winner().meta.is_dir()) {
+            self.stats.ignored_remote += 1;
+            return;
+        }
+        let rules = (path.as_str() == crate::ignore::FILE)
+            .then(|| data.clone())
+            .flatten();
         if let (Some(data), Some((hash, _))) = (data, record.winner().meta.file_hash()) {
             self.cache_put(hash, data);
         }
@@ -529,6 +537,14 @@ impl<S: Store> Engine<S> {
                 Some(merged)
             }
         };
+        // New ignore rules that will land here hold from this record on, in the sender's
+        // order: the records after it in this batch were shipped under them (the driver reads
+        // the file again once it is in place, and looks at the tree again).
+        if let (Some(text), Some(t)) = (&rules, &target) {
+            if t.winner().meta.file_hash() == record.winner().meta.file_hash() {
+                self.set_ignore(&String::from_utf8_lossy(text));
+            }
+        }
         // Until the stored record covers this one, the peer's progress must not pass it.
         let covered = stored
             .as_ref()

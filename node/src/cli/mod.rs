@@ -153,6 +153,48 @@ enum Command {
         /// The asking node's id, long or short (its first characters, as `status` shows them).
         node_id: String,
     },
+    /// List the peers this node trusts: address, link, round trip, when last seen.
+    Peers {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// Print the peers as JSON, for programs, instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a peer for good (its link closed, refused when introduced again) and tell the
+    /// other peers to forget it too. Only a new join or accept brings it back.
+    Forget {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// The peer's id, long or short (its first characters, as `peers` shows them).
+        node_id: String,
+    },
+    /// Leave the mesh: every peer is told to forget this node, then this node forgets them all.
+    /// The tree stays as it is; the node keeps running on its own.
+    Leave {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+    },
+    /// Revoke an invitation token from `invite` (or, with --all, every one): joins with it are
+    /// refused.
+    Revoke {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// The token to revoke.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        token: Option<String>,
+        /// Revoke every invitation this node has handed out.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show the node, its peers, pending joins, conflicts and replication latency.
     Status {
         /// The node's state folder: its identity, store, peers and control socket (one per
@@ -315,6 +357,53 @@ pub fn main() -> ExitCode {
             match client::call(&state, &control::Wire::Accept { id: node_id }) {
                 Ok(v) => {
                     println!("accepted {}", v["accepted"].as_str().unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        Command::Peers { state, json } => match client::status(&state) {
+            Ok(s) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string(&s.peers).expect("serialising to memory")
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(s) => {
+                status::print_peers(&s);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e.to_string()),
+        },
+        Command::Forget { state, node_id } => {
+            match client::call(&state, &control::Wire::Forget { id: node_id }) {
+                Ok(v) => {
+                    println!(
+                        "forgot {}; told {} peers to forget it",
+                        v["forgot"].as_str().unwrap_or_default(),
+                        v["told"].as_u64().unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        Command::Leave { state } => match client::call(&state, &control::Wire::Leave) {
+            Ok(v) => {
+                println!(
+                    "left the mesh: {} peers told to forget this node, every peer forgotten",
+                    v["told"].as_u64().unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e.to_string()),
+        },
+        Command::Revoke { state, token, all } => {
+            let token = if all { None } else { token };
+            match client::call(&state, &control::Wire::Revoke { token }) {
+                Ok(v) => {
+                    println!("revoked {}", v["revoked"].as_u64().unwrap_or_default());
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e.to_string()),

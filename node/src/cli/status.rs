@@ -126,6 +126,15 @@ pub(super) fn print(s: &Status) {
             s.caught_up
         );
     }
+    if s.ignore.patterns > 0 || s.ignore.ignored_local + s.ignore.ignored_remote > 0 {
+        println!(
+            "ignored   {} changes here and {} of peers' ({} patterns in .rsyncfsignore, and the defaults)",
+            s.ignore.ignored_local, s.ignore.ignored_remote, s.ignore.patterns
+        );
+    }
+    for e in &s.ignore.errors {
+        println!("ignore!   .rsyncfsignore {e}");
+    }
     for p in &s.peers {
         println!(
             "peer      {} {} {}{}",
@@ -155,6 +164,42 @@ pub(super) fn print(s: &Status) {
     }
     for b in &s.bugs {
         println!("BUG       {b} (please report it)");
+    }
+}
+
+/// `rsyncfs-node peers`: one line a trusted peer, with when it was last seen.
+pub(super) fn print_peers(s: &Status) {
+    if s.peers.is_empty() {
+        println!("no peers: `rsyncfs-node invite` here, `rsyncfs-node join --token ...` there");
+    }
+    for p in &s.peers {
+        let seen = match (p.connected, p.last_seen_ms) {
+            (true, _) => format!(
+                "connected for {}",
+                humantime::format_duration(std::time::Duration::from_secs(
+                    p.connected_for_s.unwrap_or(0)
+                ))
+            ),
+            (false, Some(ms)) => {
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+                let ago = std::time::SystemTime::now()
+                    .duration_since(at)
+                    .map_or(0, |d| d.as_secs());
+                format!(
+                    "last seen {} ({} ago)",
+                    humantime::format_rfc3339_seconds(at),
+                    humantime::format_duration(std::time::Duration::from_secs(ago))
+                )
+            }
+            (false, None) => "never seen".to_string(),
+        };
+        println!(
+            "{}  {}  {}  {}",
+            p.id,
+            p.addr.as_deref().unwrap_or("(no address)"),
+            link_text(p),
+            seen
+        );
     }
 }
 

@@ -32,6 +32,13 @@ pub enum Wire {
     Accept {
         id: String,
     },
+    Forget {
+        id: String,
+    },
+    Leave,
+    Revoke {
+        token: Option<String>,
+    },
     Chglog,
     Rescan,
 }
@@ -58,6 +65,16 @@ pub enum Request {
     },
     Accept {
         id: String,
+    },
+    /// Forget a peer for good, and tell the others to (`rsyncfs-node forget`).
+    Forget {
+        id: String,
+    },
+    /// Leave the mesh (`rsyncfs-node leave`).
+    Leave,
+    /// Revoke an invitation (every one, with `None`).
+    Revoke {
+        token: Option<String>,
     },
     Chglog {
         tx: mpsc::Sender<Changed>,
@@ -145,6 +162,9 @@ pub struct Status {
     pub udp_rx_bytes: u64,
     pub udp_tx_bytes: u64,
     pub latency_ms: Latency,
+    /// The ignore patterns (`.rsyncfsignore` and the defaults), and what they kept here.
+    #[serde(default)]
+    pub ignore: IgnoreStatus,
     /// Every live peer's write applied since the start, by latency (for metrics).
     #[serde(default)]
     pub latency_histogram: Histogram,
@@ -166,6 +186,17 @@ pub struct Histogram {
     pub counts: Vec<u64>,
     pub sum_ms: f64,
     pub count: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct IgnoreStatus {
+    /// Patterns from `.rsyncfsignore`, besides the defaults.
+    pub patterns: usize,
+    /// Its lines that are not patterns, with why.
+    pub errors: Vec<String>,
+    /// Local changes not shipped, and peers' records not applied, since the start.
+    pub ignored_local: u64,
+    pub ignored_remote: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -206,6 +237,9 @@ pub struct Failing {
 pub struct PeerStatus {
     pub id: String,
     pub addr: Option<String>,
+    /// When a link to it was last up (now, while it is), ms since the epoch; none if never.
+    #[serde(default)]
+    pub last_seen_ms: Option<u64>,
     pub connected: bool,
     pub connected_for_s: Option<u64>,
     pub rtt_ms: Option<f64>,

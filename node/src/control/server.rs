@@ -77,6 +77,9 @@ async fn connection(
         Wire::Invite { addr } => ask(Request::Invite { addr }).await,
         Wire::Join { peer, token } => ask(Request::Join { peer, token }).await,
         Wire::Accept { id } => ask(Request::Accept { id }).await,
+        Wire::Forget { id } => ask(Request::Forget { id }).await,
+        Wire::Leave => ask(Request::Leave).await,
+        Wire::Revoke { token } => ask(Request::Revoke { token }).await,
         Wire::Rescan => ask(Request::Rescan).await,
         Wire::Chglog => {
             let (tx, mut rx) = mpsc::channel(CHGLOG_QUEUE);

@@ -53,6 +53,8 @@ pub(super) struct Core {
     pub(super) started: Instant,
     /// Subscribers to the changed-path stream (`chglog`).
     pub(super) chglog: Vec<ChglogReader>,
+    /// The ignore rules' text the tree was last looked at under.
+    pub(super) ignore_loaded: String,
     /// The path last passed to them (one change often comes as several events).
     pub(super) chglog_last: Option<RelPath>,
     pub(super) rt: tokio::runtime::Handle,
@@ -274,6 +276,28 @@ impl Core {
         }
     }
 
+    /// The rules file changed (here or by a peer): new patterns take effect at once, and the
+    /// whole tree is looked at again, so that what is no longer ignored is shipped.
+    fn reload_ignore(&mut self) {
+        let text = read_ignore_file(self.tree.root());
+        // The engine may hold these rules already (it takes a peer's as it takes the record);
+        // what this node has not looked at the tree under yet is what counts here.
+        self.engine.set_ignore(&text);
+        if text != self.ignore_loaded {
+            self.ignore_loaded = text;
+            let rules = self.engine.ignore_rules();
+            tracing::info!(
+                "{}: {} patterns besides the defaults; looking at the whole tree again",
+                rsyncfs_mesh::ignore::FILE,
+                rules.patterns
+            );
+            for e in &rules.errors {
+                tracing::warn!("{}: {e}", rsyncfs_mesh::ignore::FILE);
+            }
+            self.rescan();
+        }
+    }
+
     /// Observes every path of the tree and every path the store knows.
     fn rescan(&mut self) {
         let started = Instant::now();
@@ -413,6 +437,9 @@ impl Core {
     /// Passes a changed path to the `chglog` subscribers. One whose queue is full misses it and
     /// is told so (`Lost`) before its next path; one that went away is dropped.
     fn chglog_send(&mut self, path: &RelPath) {
+        if path.as_str() == rsyncfs_mesh::ignore::FILE {
+            self.reload_ignore();
+        }
         if self.chglog.is_empty() || self.chglog_last.as_ref() == Some(path) {
             return;
         }
@@ -472,6 +499,34 @@ impl Core {
                     Err(e) => Response::Err(e.to_string()),
                 },
             },
+            Request::Forget { id } => {
+                let peers = self.net.links().into_iter().map(|l| l.id).collect();
+                match resolve_id(&id, peers, "peer of this node") {
+                    Err(e) => Response::Err(e),
+                    Ok(id) => match self.net.forget(id) {
+                        Ok(told) => Response::Ok(serde_json::json!({
+                            "forgot": id.long(),
+                            "told": told,
+                        })),
+                        Err(e) => Response::Err(e.to_string()),
+                    },
+                }
+            }
+            Request::Revoke { token } => match self.net.revoke(token.as_deref()) {
+                Ok(n) => Response::Ok(serde_json::json!({ "revoked": n })),
+                Err(e) => Response::Err(e.to_string()),
+            },
+            Request::Leave => {
+                let net = Arc::clone(&self.net);
+                self.rt.spawn(async move {
+                    let response = match net.leave().await {
+                        Ok(told) => Response::Ok(serde_json::json!({ "told": told })),
+                        Err(e) => Response::Err(e.to_string()),
+                    };
+                    let _ = reply.send(response);
+                });
+                return;
+            }
             Request::Join { peer, token } => {
                 let net = Arc::clone(&self.net);
                 self.rt.spawn(async move {
@@ -487,39 +542,15 @@ impl Core {
         let _ = reply.send(response);
     }
 
-    /// The node that asked to join named by `text`: its id, long, or the first characters of it
-    /// (the short id shown by `status` and in logs) where they name one asking node.
+    /// The node that asked to join named by `text` (long id, or the start of it).
     fn asking(&self, text: &str) -> Result<NodeId, String> {
-        if let Some(id) = NodeId::parse(text) {
-            return Ok(id);
-        }
-        let compact = |t: &str| -> String {
-            t.chars()
-                .filter(|c| *c != '-')
-                .map(|c| c.to_ascii_uppercase())
-                .collect()
-        };
-        let wanted = compact(text);
-        if wanted.len() < 4 {
-            return Err(format!(
-                "{text} is not a node id (give the id `status` shows, at least 4 characters)"
-            ));
-        }
-        let matching: Vec<NodeId> = self
+        let asking = self
             .net
             .pending_joins()
             .into_iter()
-            .filter(|(long, ..)| compact(long).starts_with(&wanted))
-            .filter_map(|(long, ..)| NodeId::parse(&long))
+            .map(|(long, ..)| long)
             .collect();
-        match matching.as_slice() {
-            [id] => Ok(*id),
-            [] => Err(format!("no node whose id starts with {text} asks to join")),
-            _ => Err(format!(
-                "{} asking nodes' ids start with {text}: give more of it",
-                matching.len()
-            )),
-        }
+        resolve_id(text, asking, "node asking to join")
     }
 
     fn caches(&self) -> Vec<control::CacheStatus> {
@@ -559,6 +590,7 @@ impl Core {
                 control::PeerStatus {
                     id: l.id,
                     addr: l.addr,
+                    last_seen_ms: l.last_seen_ms,
                     connected: l.connected,
                     connected_for_s: l.connected_for_s,
                     rtt_ms: l.rtt_ms,
@@ -657,6 +689,12 @@ impl Core {
                 p50: pct(0.5),
                 p99: pct(0.99),
                 max: sorted.last().copied(),
+            },
+            ignore: control::IgnoreStatus {
+                patterns: self.engine.ignore_rules().patterns,
+                errors: self.engine.ignore_rules().errors.clone(),
+                ignored_local: stats.ignored_local,
+                ignored_remote: stats.ignored_remote,
             },
             latency_histogram: {
                 let h = self.engine.latency_histogram();
@@ -766,6 +804,68 @@ impl ChglogReader {
                 true
             }
             Err(TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// The node `text` names among `candidates` (long ids): its long id, or the first characters
+/// of it (the short id `status` and the logs show) where they name one of them.
+fn resolve_id(text: &str, candidates: Vec<String>, what: &str) -> Result<NodeId, String> {
+    if let Some(id) = NodeId::parse(text) {
+        return Ok(id);
+    }
+    let compact = |t: &str| -> String {
+        t.chars()
+            .filter(|c| *c != '-')
+            .map(|c| c.to_ascii_uppercase())
+            .collect()
+    };
+    let wanted = compact(text);
+    if wanted.len() < 4 {
+        return Err(format!(
+            "{text} is not a node id (give the id `status` shows, at least 4 characters)"
+        ));
+    }
+    let matching: Vec<NodeId> = candidates
+        .iter()
+        .filter(|long| compact(long).starts_with(&wanted))
+        .filter_map(|long| NodeId::parse(long))
+        .collect();
+    match matching.as_slice() {
+        [id] => Ok(*id),
+        [] => Err(format!("no {what} has an id starting with {text}")),
+        _ => Err(format!(
+            "{} of them ({what}) have ids starting with {text}: give more of it",
+            matching.len()
+        )),
+    }
+}
+
+/// The text of the tree's ignore rules (`.rsyncfsignore` at the backing directory's root), at
+/// most [`rsyncfs_mesh::ignore::FILE_BYTES_MAX`] bytes of it; empty where there is none or it
+/// cannot be read (a symlink is not followed; the failure is logged).
+pub(super) fn read_ignore_file(backing: &std::path::Path) -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = backing.join(rsyncfs_mesh::ignore::FILE);
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path);
+    let mut bytes = Vec::new();
+    let read = opened.and_then(|f| {
+        f.take(rsyncfs_mesh::ignore::FILE_BYTES_MAX as u64 + 1)
+            .read_to_end(&mut bytes)
+    });
+    match read {
+        Ok(_) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            tracing::warn!(
+                "{}: {e}; only the default ignore patterns hold",
+                path.display()
+            );
+            String::new()
         }
     }
 }

@@ -270,11 +270,14 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
     let mut cfg = Config::new(identity.id);
     cfg.mode = opts.mode;
     let began = Instant::now();
-    let engine = Engine::new(cfg, store);
+    let mut engine = Engine::new(cfg, store);
     tracing::info!(
         "engine started in {:.2} s (its tally of directories built from the store)",
         began.elapsed().as_secs_f64()
     );
+    // The ignore patterns hold from the start-up scan on.
+    let ignore_loaded = core::read_ignore_file(&opts.backing);
+    engine.set_ignore(&ignore_loaded);
     let mut core = Core {
         engine,
         tree: Arc::clone(&tree),
@@ -291,6 +294,7 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         started: Instant::now(),
         chglog: Vec::new(),
         chglog_last: None,
+        ignore_loaded,
         rt: rt.handle().clone(),
         scan: None,
         scan_every: opts.scan_every,

@@ -97,6 +97,30 @@ impl Net {
         )
     }
 
+    /// Revokes the invitation `token` (every one this node handed out, with `None`): a join with
+    /// it is refused from now on. Returns how many were revoked.
+    pub fn revoke(&self, token: Option<&str>) -> Result<usize, NetError> {
+        let mut invites = self.joins.invites.lock();
+        invites.retain(|i| i.until > Instant::now());
+        let before = invites.len();
+        match token {
+            None => invites.clear(),
+            Some(text) => {
+                let token = parse_token(text)?;
+                if token.id != self.me {
+                    return Err(NetError::Token("the token is another node's"));
+                }
+                invites.retain(|i| i.secret != token.secret);
+                if invites.len() == before {
+                    return Err(NetError::Token(
+                        "no such invitation here (expired, revoked, or from before a restart)",
+                    ));
+                }
+            }
+        }
+        Ok(before - invites.len())
+    }
+
     /// Asks the member at `peer` (or the one a token names) to let this node join; waits for an
     /// operator's accept there when there is no token. Returns the member's id.
     pub async fn join(
@@ -211,7 +235,7 @@ impl Net {
             let trusted = self.book.lock().is_trusted(&id);
             if let (Some(_), false) = (secret, invited) {
                 let reply = JoinReply::Refused {
-                    why: "the token is unknown or expired".into(),
+                    why: "the token is unknown, expired or revoked".into(),
                 };
                 write_frame(&mut send, &postcard::to_stdvec(&reply).expect("encoding")).await?;
                 let _ = send.finish();

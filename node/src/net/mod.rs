@@ -143,6 +143,9 @@ struct Link {
 enum MembersMsg {
     /// Members the sender trusts, with addresses, for the receiver to trust and dial.
     Introduce { members: Vec<(NodeId, String)> },
+    /// The sender's operator forgot `member` (`rsyncfs-node forget`), or `member` is the sender
+    /// and leaves (`rsyncfs-node leave`): the receiver forgets it too and tells its own peers.
+    Forget { member: NodeId },
 }
 
 /// Transfer counters, for status and the benchmarks.
@@ -166,6 +169,8 @@ pub struct Counters {
 pub struct LinkStatus {
     pub id: String,
     pub addr: Option<String>,
+    /// When a link to it was last up (now, while it is), ms since the epoch.
+    pub last_seen_ms: Option<u64>,
     pub connected: bool,
     pub connected_for_s: Option<u64>,
     pub rtt_ms: Option<f64>,
@@ -452,6 +457,13 @@ impl Net {
 
     /// Takes a new authenticated connection to a trusted peer into use, keeping one per peer.
     fn register(self: &Arc<Net>, conn: quinn::Connection, id: NodeId, dialer: NodeId) {
+        // A dial that began before the peer was forgotten can complete after (QUIC resends its
+        // first packet for seconds while the peer is not listening yet).
+        if !self.book.lock().is_trusted(&id) {
+            tracing::info!("dropped a new link to {}: no longer trusted", id.short());
+            conn.close(quinn::VarInt::from_u32(CLOSE_UNTRUSTED), b"not trusted");
+            return;
+        }
         let preferred = self.me.min(id);
         let (tx, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -520,6 +532,9 @@ impl Net {
             };
             if mine {
                 tracing::info!("disconnected from {}: {reason}", id.short());
+                if let Err(e) = net.book.lock().seen(&id, now_ms(), true) {
+                    tracing::warn!("keeping when {} was last seen: {e}", id.short());
+                }
                 net.to_engine(NetEvent::Engine(Input::PeerDown { peer: id }));
                 let wait = net.redial_wait(id, since.elapsed());
                 net.dial_after(id, wait);
@@ -651,15 +666,22 @@ impl Net {
     }
 
     async fn read_members(
-        &self,
+        self: &Arc<Net>,
         stream: &mut quinn::RecvStream,
         id: NodeId,
     ) -> Result<(), FrameError> {
         let Some(frame) = read_frame(stream, SMALL_FRAME_MAX).await? else {
             return Ok(());
         };
-        let MembersMsg::Introduce { members } = postcard::from_bytes(&frame)
-            .map_err(|e| FrameError::Bad(format!("membership message: {e}")))?;
+        let members = match postcard::from_bytes(&frame)
+            .map_err(|e| FrameError::Bad(format!("membership message: {e}")))?
+        {
+            MembersMsg::Introduce { members } => members,
+            MembersMsg::Forget { member } => {
+                self.forgotten_by(id, member);
+                return Ok(());
+            }
+        };
         if members.len() > crate::trust::peers::PEERS_MAX {
             return Err(FrameError::Bad("too many members introduced".into()));
         }
@@ -676,7 +698,7 @@ impl Net {
             if member == self.me || addr.len() > 300 {
                 continue;
             }
-            match self.book.lock().trust(member, Some(addr)) {
+            match self.book.lock().trust_introduced(member, addr) {
                 Ok(true) => new.push(member),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(
@@ -825,6 +847,150 @@ impl Net {
         r
     }
 
+    /// Forgets `id` for good here (`rsyncfs-node forget`): no longer trusted, its link closed,
+    /// refused when introduced again; and tells every connected peer to do the same. Returns
+    /// the peers told.
+    pub fn forget(self: &Arc<Net>, id: NodeId) -> Result<usize, NetError> {
+        if id == self.me {
+            return Err(NetError::Refused(
+                "this is the node itself: `rsyncfs-node leave` leaves the mesh".into(),
+            ));
+        }
+        let was = self
+            .book
+            .lock()
+            .forget_for_good(&id)
+            .map_err(|e| NetError::Trust(id.short(), e))?;
+        if !was {
+            return Err(NetError::Refused(format!(
+                "{} is not a peer of this node",
+                id.long()
+            )));
+        }
+        self.drop_link(&id, b"forgotten");
+        tracing::warn!("forgot peer {}", id.short());
+        Ok(self.tell_forget(id, None))
+    }
+
+    /// Leaves the mesh (`rsyncfs-node leave`): tells every connected peer to forget this node,
+    /// waits (up to 5 s each) until the peer has done so (it closes the link), then forgets
+    /// every peer. The tree stays as it is. Returns the peers that took it.
+    pub async fn leave(self: &Arc<Net>) -> Result<usize, NetError> {
+        let connected: Vec<(NodeId, quinn::Connection)> = self
+            .links
+            .lock()
+            .iter()
+            .map(|(id, l)| (*id, l.conn.clone()))
+            .collect();
+        let msg = postcard::to_stdvec(&MembersMsg::Forget { member: self.me }).expect("encoding");
+        let mut telling = tokio::task::JoinSet::new();
+        for (peer, conn) in connected {
+            let (net, msg) = (Arc::clone(self), msg.clone());
+            telling.spawn(async move {
+                let took = async {
+                    net.send_once(&peer, TAG_MEMBERS, &msg).await?;
+                    conn.closed().await;
+                    Ok::<(), NetError>(())
+                };
+                match tokio::time::timeout(Duration::from_secs(5), took).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::warn!("telling {} that this node leaves: {e}", peer.short());
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "{} did not take that this node leaves within 5 s",
+                            peer.short()
+                        );
+                        false
+                    }
+                }
+            });
+        }
+        let told = telling.join_all().await.into_iter().filter(|t| *t).count();
+        let peers: Vec<NodeId> = self
+            .book
+            .lock()
+            .list()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        for peer in peers {
+            self.book
+                .lock()
+                .forget_for_good(&peer)
+                .map_err(|e| NetError::Trust(peer.short(), e))?;
+            self.drop_link(&peer, b"left the mesh");
+        }
+        tracing::warn!("left the mesh: {told} peers told, every peer forgotten");
+        Ok(told)
+    }
+
+    /// A trusted peer `from` says to forget `member` (itself, when it leaves).
+    fn forgotten_by(self: &Arc<Net>, from: NodeId, member: NodeId) {
+        if member == self.me {
+            tracing::warn!("{} says it forgot this node", from.short());
+            return;
+        }
+        if member != from && !self.introductions {
+            tracing::info!(
+                "{} forgot {}; kept here (this node takes no introductions)",
+                from.short(),
+                member.short()
+            );
+            return;
+        }
+        match self.book.lock().forget_for_good(&member) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!("forgetting {}: {e}", member.short());
+                return;
+            }
+        }
+        if member == from {
+            tracing::warn!("{} left the mesh: forgotten here", member.short());
+        } else {
+            tracing::warn!(
+                "{} forgot {}: forgotten here too",
+                from.short(),
+                member.short()
+            );
+        }
+        self.drop_link(&member, b"forgotten");
+        self.tell_forget(member, Some(from));
+    }
+
+    /// Tells every connected peer but `except` to forget `member`; returns how many.
+    fn tell_forget(self: &Arc<Net>, member: NodeId, except: Option<NodeId>) -> usize {
+        let peers: Vec<NodeId> = self
+            .links
+            .lock()
+            .keys()
+            .copied()
+            .filter(|p| *p != member && Some(*p) != except)
+            .collect();
+        let msg = postcard::to_stdvec(&MembersMsg::Forget { member }).expect("encoding");
+        for peer in &peers {
+            let (net, msg, peer) = (Arc::clone(self), msg.clone(), *peer);
+            tokio::spawn(async move {
+                if let Err(e) = net.send_once(&peer, TAG_MEMBERS, &msg).await {
+                    tracing::warn!("telling {} to forget {}: {e}", peer.short(), member.short());
+                }
+            });
+        }
+        peers.len()
+    }
+
+    /// Closes the link to `id`, if any (its watcher tells the engine the peer is down).
+    fn drop_link(&self, id: &NodeId, why: &[u8]) {
+        let conn = self.links.lock().get(id).map(|l| l.conn.clone());
+        if let Some(conn) = conn {
+            conn.close(quinn::VarInt::from_u32(CLOSE_UNTRUSTED), why);
+        }
+    }
+
     /// Tells every connected peer about a new member.
     fn introduce_everywhere(self: &Arc<Net>, id: NodeId, addr: String) {
         let peers: Vec<NodeId> = self
@@ -865,9 +1031,8 @@ impl Net {
 
     pub fn links(&self) -> Vec<LinkStatus> {
         let links = self.links.lock();
-        self.book
-            .lock()
-            .list()
+        let book = self.book.lock();
+        book.list()
             .into_iter()
             .map(|(id, addr)| {
                 let link = links.get(&id);
@@ -875,6 +1040,11 @@ impl Net {
                 LinkStatus {
                     id: id.long(),
                     addr,
+                    last_seen_ms: if link.is_some() {
+                        Some(now_ms())
+                    } else {
+                        book.last_seen_ms(&id)
+                    },
                     connected: link.is_some(),
                     connected_for_s: link.map(|l| l.since.elapsed().as_secs()),
                     rtt_ms: path.map(|p| p.rtt.as_secs_f64() * 1e3),
@@ -885,6 +1055,13 @@ impl Net {
             })
             .collect()
     }
+}
+
+/// Now, in ms since the epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `host` or `host:port`, with the default port where none is given.
