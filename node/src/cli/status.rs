@@ -232,18 +232,7 @@ fn link_text(p: &crate::control::PeerStatus) -> String {
 
 /// Bytes as a person reads them.
 pub(super) fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    crate::control::human_bytes(n)
 }
 
 #[cfg(test)]

@@ -275,3 +275,19 @@ pub struct Latency {
     pub p99: Option<f64>,
     pub max: Option<f64>,
 }
+
+/// Bytes as a person reads them (`1.5 MiB`), for `status` and the status page.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

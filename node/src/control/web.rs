@@ -2,7 +2,7 @@
 //! both made from the daemon's status (the answer `status --json` gives), asked for like any
 //! control request. Nothing here changes the node.
 
-use super::{Call, Histogram, Request, Response, Status};
+use super::{human_bytes as bytes, Call, Histogram, Request, Response, Status};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse};
@@ -285,21 +285,6 @@ pub fn encode(s: &Status) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");
     out
-}
-
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 /// The status page: the node, its peers, its progress, recent conflicts and errors.
