@@ -101,6 +101,11 @@ fn every_kind_of_change_crosses_in_both_directions() {
             if xattrs == &vec![(b"user.origin".to_vec(), b"made on a".to_vec())])
             && matches!(t.get("src"), Some(Item::Dir { xattrs, .. }) if xattrs.len() == 1)
     });
+    // A symlink's own owner.
+    std::os::unix::fs::lchown(a.m("link"), Some(4321), Some(8765)).unwrap();
+    wait_for("the symlink's owner on b", common::CONVERGE, || {
+        fs::symlink_metadata(b.m("link")).is_ok_and(|m| (m.uid(), m.gid()) == (4321, 8765))
+    });
     rustix::fs::removexattr(b.m("script.sh"), "user.origin").unwrap();
     converge(
         &[&a, &b],

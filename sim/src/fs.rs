@@ -377,7 +377,7 @@ impl SimFs {
                 mode: meta.mode,
                 xattrs: meta.xattrs.clone(),
             },
-            Action::Symlink { target } => Node::Symlink {
+            Action::Symlink { target, .. } => Node::Symlink {
                 target: target.clone(),
             },
             Action::Write { meta, source } => {

@@ -2024,7 +2024,7 @@ fn short_action(a: &rsyncfs_mesh::engine::Action) -> String {
         }
         Action::SetAttr { meta } => format!("setattr {}", short_meta(&Some(meta.clone()))),
         Action::Mkdir { meta } => format!("mkdir {:o}", meta.mode),
-        Action::Symlink { target } => format!("symlink -> {target}"),
+        Action::Symlink { target, .. } => format!("symlink -> {target}"),
         Action::Remove => "remove".into(),
     }
 }

@@ -396,8 +396,11 @@ pub enum Action {
     SetAttr { meta: Meta },
     /// Make a directory (or set its attributes if one is there), replacing a file or symlink.
     Mkdir { meta: Meta },
-    /// Replace what is there with a symlink.
-    Symlink { target: String },
+    /// Replace what is there with a symlink (owned by `owner`, where known and the driver may).
+    Symlink {
+        target: String,
+        owner: Option<(u32, u32)>,
+    },
     /// Remove the file, symlink or empty directory.
     Remove,
 }

@@ -131,6 +131,7 @@ impl<S: Store> Engine<S> {
                 Content::Dir => Action::Mkdir { meta: meta.clone() },
                 Content::Symlink { target } => Action::Symlink {
                     target: target.clone(),
+                    owner: meta.owner,
                 },
                 Content::File { size, hash } => {
                     let same_content = entry

@@ -496,7 +496,7 @@ impl Tree {
                     rustix::fs::readlinkat(dir, name, Vec::new()).map_err(|e| io(e.into()))?;
                 let target = String::from_utf8(target.into_bytes())
                     .map_err(|_| ObserveError::BadTarget(path.to_string()))?;
-                Some(Meta::symlink(target))
+                Some(Meta::symlink(target).with_owner(st.st_uid, st.st_gid))
             }
             FileType::RegularFile => {
                 let stamp = Stamp::of(&st);
@@ -1067,7 +1067,7 @@ impl Tree {
                     }
                 })
             }
-            Action::Symlink { target } => {
+            Action::Symlink { target, owner } => {
                 let name = format!(
                     "l{}-{}",
                     process_id(),
@@ -1075,6 +1075,19 @@ impl Tree {
                 );
                 rustix::fs::symlinkat(target.as_str(), &self.tmp_fd, name.as_str())
                     .map_err(|e| io(e.into()))?;
+                // A symlink's own owner (lchown), as a root node gives files theirs.
+                if let Some((uid, gid)) = *owner {
+                    if rustix::process::geteuid().is_root() {
+                        rustix::fs::chownat(
+                            &self.tmp_fd,
+                            name.as_str(),
+                            Some(rustix::fs::Uid::from_raw(uid)),
+                            Some(rustix::fs::Gid::from_raw(gid)),
+                            AtFlags::SYMLINK_NOFOLLOW,
+                        )
+                        .map_err(|e| io(e.into()))?;
+                    }
+                }
                 Some(name.into())
             }
             _ => None,
