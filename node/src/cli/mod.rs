@@ -195,6 +195,32 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// List the kept versions of a path: what peers' updates replaced or removed here (a node
+    /// started with --keep-versions), newest first.
+    Versions {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// The path, within the tree (as it is below the mount).
+        path: String,
+        /// Print the versions as JSON, for programs, instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a kept version of a path back (the newest, or --version), through the mount: a
+    /// new local write, which replicates.
+    Restore {
+        /// The node's state folder: its identity, store, peers and control socket (one per
+        /// node; give the same folder as to `up`).
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// The path, within the tree (as it is below the mount).
+        path: String,
+        /// The version to bring back, as `versions` lists it (default: the newest).
+        #[arg(long)]
+        version: Option<String>,
+    },
     /// Show the node, its peers, pending joins, conflicts and replication latency.
     Status {
         /// The node's state folder: its identity, store, peers and control socket (one per
@@ -409,6 +435,48 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e.to_string()),
             }
         }
+        Command::Versions { state, path, json } => {
+            match client::call(&state, &control::Wire::Versions { path: path.clone() }) {
+                Ok(v) if json => {
+                    println!("{v}");
+                    ExitCode::SUCCESS
+                }
+                Ok(v) => {
+                    let list: Vec<crate::tree::versions::Version> =
+                        serde_json::from_value(v).unwrap_or_default();
+                    if list.is_empty() {
+                        println!("no versions of {path} are kept");
+                    }
+                    for version in list {
+                        println!(
+                            "{}  replaced {}  {}",
+                            version.id,
+                            humantime::format_rfc3339_seconds(
+                                std::time::UNIX_EPOCH + Duration::from_millis(version.at_ms)
+                            ),
+                            status::bytes(version.size)
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        Command::Restore {
+            state,
+            path,
+            version,
+        } => match client::call(&state, &control::Wire::Restore { path, version }) {
+            Ok(v) => {
+                println!(
+                    "restored {} ({}) as a new local write",
+                    v["restored"].as_str().unwrap_or_default(),
+                    status::bytes(v["bytes"].as_u64().unwrap_or_default())
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e.to_string()),
+        },
         Command::Status { state, json } => match client::call(&state, &control::Wire::Status) {
             Ok(v) if json => {
                 println!("{v}");

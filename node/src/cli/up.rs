@@ -55,6 +55,14 @@ pub(super) struct UpArgs {
     /// http://ADDR/ (TCP; ADDR as for --listen, e.g. 127.0.0.1:9431). Off by default.
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub metrics: Option<SocketAddr>,
+    /// Keep the content of local files that peers' updates replace or remove, for this long
+    /// (30d, 12h, ...; `off`, the default, keeps none). Kept in the node's state folder in the
+    /// backing directory, never replicated: `rsyncfs-node versions PATH`, `restore PATH`.
+    #[arg(long, value_name = "DURATION", value_parser = parse_every)]
+    pub keep_versions: Option<Every>,
+    /// With --keep-versions: at most this many versions of one path (default 10; 1 to 1000).
+    #[arg(long, value_name = "N")]
+    pub versions_max: Option<usize>,
     /// Append the log to this file instead of writing it to standard error (which systemd
     /// sends to the journal). RUST_LOG chooses what is logged (default: warnings).
     #[arg(long, value_name = "FILE")]
@@ -74,6 +82,8 @@ struct UpConfig {
     scan_every: Option<String>,
     congestion: Option<String>,
     metrics: Option<String>,
+    keep_versions: Option<String>,
+    versions_max: Option<usize>,
     log_file: Option<PathBuf>,
 }
 
@@ -169,6 +179,28 @@ impl UpArgs {
             (None, Some(text)) => Some(parse_listen(&text).map_err(bad("metrics"))?),
             (None, None) => None,
         };
+        let keep_versions = match (self.keep_versions, file.keep_versions) {
+            (Some(flag), _) => flag,
+            (None, Some(text)) => parse_every(&text).map_err(bad("keep-versions"))?,
+            (None, None) => Every(None),
+        };
+        let versions_max = self.versions_max.or(file.versions_max).unwrap_or(10);
+        if !(1..=crate::tree::versions::VERSIONS_PER_PATH_MAX).contains(&versions_max) {
+            return Err(UpError::Value {
+                key: "versions-max",
+                path: config.clone(),
+                why: format!(
+                    "{versions_max} is not between 1 and {}",
+                    crate::tree::versions::VERSIONS_PER_PATH_MAX
+                ),
+            });
+        }
+        let versions = keep_versions
+            .0
+            .map(|keep_for| crate::tree::versions::Policy {
+                keep_for,
+                max: versions_max,
+            });
         let no_introductions = self.no_introductions || file.no_introductions.unwrap_or(false);
         Ok(Up {
             options: daemon::Options {
@@ -181,6 +213,7 @@ impl UpArgs {
                 scan_every: scan_every.0,
                 congestion: congestion.net(),
                 metrics,
+                versions,
             },
             log_file: self.log_file.or(file.log_file.map(in_folder)),
         })
@@ -285,7 +318,7 @@ mod tests {
             .filter(|l| !matches!(*l, "help" | "config"))
             .map(str::to_string)
             .collect();
-        assert_eq!(keys.len(), 10, "{keys:?}");
+        assert_eq!(keys.len(), 12, "{keys:?}");
         // Every key, uncommented, is accepted with its example value.
         let uncommented: String = EXAMPLE
             .lines()

@@ -39,6 +39,13 @@ pub enum Wire {
     Revoke {
         token: Option<String>,
     },
+    Versions {
+        path: String,
+    },
+    Restore {
+        path: String,
+        version: Option<String>,
+    },
     Chglog,
     Rescan,
 }
@@ -75,6 +82,15 @@ pub enum Request {
     /// Revoke an invitation (every one, with `None`).
     Revoke {
         token: Option<String>,
+    },
+    /// The kept versions of a path.
+    Versions {
+        path: String,
+    },
+    /// Write a kept version back through the mount.
+    Restore {
+        path: String,
+        version: Option<String>,
     },
     Chglog {
         tx: mpsc::Sender<Changed>,

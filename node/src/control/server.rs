@@ -80,6 +80,8 @@ async fn connection(
         Wire::Forget { id } => ask(Request::Forget { id }).await,
         Wire::Leave => ask(Request::Leave).await,
         Wire::Revoke { token } => ask(Request::Revoke { token }).await,
+        Wire::Versions { path } => ask(Request::Versions { path }).await,
+        Wire::Restore { path, version } => ask(Request::Restore { path, version }).await,
         Wire::Rescan => ask(Request::Rescan).await,
         Wire::Chglog => {
             let (tx, mut rx) = mpsc::channel(CHGLOG_QUEUE);

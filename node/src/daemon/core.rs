@@ -53,6 +53,8 @@ pub(super) struct Core {
     pub(super) started: Instant,
     /// Subscribers to the changed-path stream (`chglog`).
     pub(super) chglog: Vec<ChglogReader>,
+    /// Where the tree is mounted (a restore writes there, as a local write).
+    pub(super) mount: std::path::PathBuf,
     /// The ignore rules' text the tree was last looked at under.
     pub(super) ignore_loaded: String,
     /// The path last passed to them (one change often comes as several events).
@@ -512,6 +514,41 @@ impl Core {
                     },
                 }
             }
+            Request::Versions { path } => match (RelPath::new(path.as_str()), self.tree.versions())
+            {
+                (Err(e), _) => {
+                    Response::Err(format!("{path}: {e} (give the path within the tree)"))
+                }
+                (_, None) => Response::Err(
+                    "this node keeps no versions (start it with --keep-versions)".into(),
+                ),
+                (Ok(p), Some(v)) => match v.list(&p) {
+                    Ok(list) => Response::Ok(serde_json::to_value(list).expect("serialising")),
+                    Err(e) => Response::Err(format!("versions of {p}: {e}")),
+                },
+            },
+            Request::Restore { path, version } => {
+                let rel = match RelPath::new(path.as_str()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = reply.send(Response::Err(format!(
+                            "{path}: {e} (give the path within the tree)"
+                        )));
+                        return;
+                    }
+                };
+                let (tree, mount) = (Arc::clone(&self.tree), self.mount.clone());
+                self.rt.spawn_blocking(move || {
+                    let response = match restore(&tree, &mount, &rel, version.as_deref()) {
+                        Ok(bytes) => Response::Ok(
+                            serde_json::json!({ "restored": rel.as_str(), "bytes": bytes }),
+                        ),
+                        Err(e) => Response::Err(e),
+                    };
+                    let _ = reply.send(response);
+                });
+                return;
+            }
             Request::Revoke { token } => match self.net.revoke(token.as_deref()) {
                 Ok(n) => Response::Ok(serde_json::json!({ "revoked": n })),
                 Err(e) => Response::Err(e.to_string()),
@@ -868,4 +905,31 @@ pub(super) fn read_ignore_file(backing: &std::path::Path) -> String {
             String::new()
         }
     }
+}
+
+/// Writes a kept version of `path` back through the mount at `mount` (a local write, which
+/// replicates); returns its bytes.
+fn restore(
+    tree: &Tree,
+    mount: &std::path::Path,
+    path: &RelPath,
+    version: Option<&str>,
+) -> Result<u64, String> {
+    let versions = tree
+        .versions()
+        .ok_or("this node keeps no versions (start it with --keep-versions)")?;
+    let mut from = versions
+        .open_version(path, version)
+        .map_err(|e| e.to_string())?;
+    let target = mount.join(path.as_str());
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let mut to =
+        std::fs::File::create(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+    let bytes =
+        std::io::copy(&mut from, &mut to).map_err(|e| format!("{}: {e}", target.display()))?;
+    to.sync_all()
+        .map_err(|e| format!("{}: {e}", target.display()))?;
+    Ok(bytes)
 }

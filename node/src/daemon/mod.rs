@@ -80,6 +80,8 @@ pub struct Options {
     pub congestion: crate::net::tls::Congestion,
     /// Where to serve metrics and the status page (HTTP), if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Keep the files applies replace or remove (`--keep-versions`), and how.
+    pub versions: Option<crate::tree::versions::Policy>,
 }
 
 /// Why the daemon could not start, or stopped on an error.
@@ -155,8 +157,13 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         path: store_path.clone(),
         source,
     })?;
-    let tree =
-        Arc::new(Tree::open(&opts.backing).map_err(io_at("backing directory", &opts.backing))?);
+    let mut tree = Tree::open(&opts.backing).map_err(io_at("backing directory", &opts.backing))?;
+    if let Some(policy) = opts.versions {
+        tree = tree
+            .with_versions(policy)
+            .map_err(io_at("versions in", &opts.backing))?;
+    }
+    let tree = Arc::new(tree);
     let logger_mode = match opts.mode {
         Mode::ReceiveOnly => rsyncfs_logger::Mode::ReceiveOnly,
         _ => rsyncfs_logger::Mode::ReadWrite,
@@ -295,6 +302,7 @@ pub fn run(mut opts: Options, stop: Arc<AtomicBool>) -> Result<(), DaemonError> 
         chglog: Vec::new(),
         chglog_last: None,
         ignore_loaded,
+        mount: opts.mount.clone(),
         rt: rt.handle().clone(),
         scan: None,
         scan_every: opts.scan_every,

@@ -12,6 +12,7 @@ pub mod in_place;
 pub mod preseed;
 pub mod segments;
 mod stamps;
+pub mod versions;
 
 use attrs::{finish_file, read_xattrs, set_attrs_at};
 use in_place::{Journal, Patch, Record, PATCH};
@@ -104,6 +105,8 @@ pub struct Tree {
     patches: Mutex<HashMap<std::ffi::OsString, Patch>>,
     /// Segments peers sent of files their writers still had open.
     preseeds: preseed::Preseeds,
+    /// Where the files that applies replace or remove are kept (`up --keep-versions`).
+    versions: Option<versions::Versions>,
 }
 
 /// The directory a worker last opened to observe a path in it, kept for the next observation
@@ -305,6 +308,7 @@ impl Tree {
             journal,
             patches: Mutex::new(HashMap::new()),
             preseeds: preseed::Preseeds::default(),
+            versions: None,
         };
         // An update in place that a crash cut short is finished before anything reads the
         // tree, and before the temporary folder (which holds its patch) is emptied.
@@ -313,6 +317,18 @@ impl Tree {
         }
         keep_partials(&tree.tmp_path)?;
         Ok(tree)
+    }
+
+    /// The same tree, keeping the files applies replace or remove under `policy`.
+    pub fn with_versions(mut self, policy: versions::Policy) -> std::io::Result<Tree> {
+        let state = self.root.join(rsyncfs_logger::STATE_DIR_NAME);
+        self.versions = Some(versions::Versions::open(&state, policy)?);
+        Ok(self)
+    }
+
+    /// The versions kept, where they are.
+    pub fn versions(&self) -> Option<&versions::Versions> {
+        self.versions.as_ref()
     }
 
     /// Does again the update in place of `record` (found in the journal at start), then
@@ -1182,6 +1198,18 @@ impl Tree {
             return Err(ApplyError::Stale);
         }
         let io = |e: std::io::Error| io_error(path, e);
+        // A local file this apply replaces or removes is kept first, where versions are kept.
+        let replaced = now
+            .as_ref()
+            .is_some_and(|m| matches!(m.content, Content::File { .. }));
+        if let (Some(versions), true) = (&self.versions, replaced) {
+            if !matches!(apply.action, Action::SetAttr { .. }) {
+                let in_place = patch.is_some() && matches!(apply.action, Action::Write { .. });
+                if let Err(e) = versions.keep(dir.as_fd(), name, path, in_place) {
+                    tracing::warn!("{path}: the content this update replaces was not kept: {e}");
+                }
+            }
+        }
         match &apply.action {
             Action::Write { meta, .. } => {
                 match (patch, anon) {

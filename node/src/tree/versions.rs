@@ -1,0 +1,219 @@
+//! Versions of what peers replaced or removed (`up --keep-versions`): before an applied update
+//! replaces or removes a local regular file, its content is kept in the node's state folder
+//! inside the backing directory (hidden from the mount, never replicated), at most `max` per
+//! path and for at most `days`. A hard link keeps it at no cost where the file is replaced by a
+//! new one; an update in place copies it first. `rsyncfs-node versions PATH` lists them and
+//! `restore` writes one back through the mount, as a local write.
+
+use rsyncfs_mesh::path::RelPath;
+use rustix::fs::{AtFlags, Mode, OFlags};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The folder, in the node's state folder inside the backing directory.
+const DIR: &str = "versions";
+/// The file in each path's folder that names the path (the folder is named by its hash).
+const PATH_FILE: &str = "path";
+/// Versions kept per path at most, whatever `--versions-max` says.
+pub const VERSIONS_PER_PATH_MAX: usize = 1000;
+
+/// How long and how many versions a node keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub keep_for: Duration,
+    pub max: usize,
+}
+
+/// One kept version of a path.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Version {
+    /// What `restore --version` takes.
+    pub id: String,
+    /// When it was replaced or removed, ms since the epoch.
+    pub at_ms: u64,
+    pub size: u64,
+}
+
+pub struct Versions {
+    dir: OwnedFd,
+    path: PathBuf,
+    policy: Policy,
+    next: AtomicU64,
+}
+
+impl Versions {
+    pub fn open(state: &Path, policy: Policy) -> std::io::Result<Versions> {
+        let path = state.join(DIR);
+        std::fs::create_dir_all(&path)?;
+        let dir = rustix::fs::open(
+            &path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Versions {
+            dir,
+            path,
+            policy: Policy {
+                keep_for: policy.keep_for,
+                max: policy.max.clamp(1, VERSIONS_PER_PATH_MAX),
+            },
+            next: AtomicU64::new(0),
+        })
+    }
+
+    fn folder(path: &RelPath) -> String {
+        let hash = blake3::hash(path.as_str().as_bytes());
+        data_encoding::HEXLOWER.encode(&hash.as_bytes()[..16])
+    }
+
+    /// Keeps what `name` in `dir` (the file at `path`) holds now: a hard link to it, or with
+    /// `copy` (the file is about to be changed in place) a copy. Then drops what is beyond the
+    /// policy.
+    pub fn keep(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &RelPath,
+        copy: bool,
+    ) -> std::io::Result<()> {
+        let folder = Self::folder(path);
+        match rustix::fs::mkdirat(&self.dir, folder.as_str(), Mode::from_raw_mode(0o700)) {
+            Ok(()) => {
+                let named = self.path.join(&folder).join(PATH_FILE);
+                std::fs::write(named, path.as_str())?;
+            }
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let folder_fd = rustix::fs::openat(
+            &self.dir,
+            folder.as_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let id = format!("{now_ms:013}-{}", self.next.fetch_add(1, Ordering::Relaxed));
+        let linked = !copy
+            && rustix::fs::linkat(dir, name, &folder_fd, id.as_str(), AtFlags::empty()).is_ok();
+        if !linked {
+            let from = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let to = rustix::fs::openat(
+                &folder_fd,
+                id.as_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?;
+            // copy_file_range underneath: shared blocks where the filesystem can.
+            std::io::copy(&mut File::from(from), &mut File::from(to))?;
+        }
+        self.prune(folder_fd.as_fd(), now_ms)
+    }
+
+    /// Drops the versions of one path's folder beyond the policy (the oldest first).
+    fn prune(&self, folder: BorrowedFd<'_>, now_ms: u64) -> std::io::Result<()> {
+        let mut ids = ids_in(folder)?;
+        ids.sort();
+        let keep_ms = self.policy.keep_for.as_millis() as u64;
+        let beyond = ids.len().saturating_sub(self.policy.max);
+        for (i, id) in ids.iter().enumerate() {
+            let old = at_ms(id).is_some_and(|at| at + keep_ms < now_ms);
+            if i < beyond || old {
+                rustix::fs::unlinkat(folder, id.as_str(), AtFlags::empty())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The versions kept of `path`, newest first.
+    pub fn list(&self, path: &RelPath) -> std::io::Result<Vec<Version>> {
+        let folder = match rustix::fs::openat(
+            &self.dir,
+            Self::folder(path).as_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.prune(folder.as_fd(), now_ms)?;
+        let mut out = Vec::new();
+        for id in ids_in(folder.as_fd())? {
+            let st = rustix::fs::statat(&folder, id.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+            out.push(Version {
+                at_ms: at_ms(&id).unwrap_or(0),
+                size: st.st_size as u64,
+                id,
+            });
+        }
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        Ok(out)
+    }
+
+    /// The content of version `id` of `path` (the newest, without one).
+    pub fn open_version(&self, path: &RelPath, id: Option<&str>) -> std::io::Result<File> {
+        let id = match id {
+            Some(id) => id.to_string(),
+            None => self
+                .list(path)?
+                .into_iter()
+                .next()
+                .map(|v| v.id)
+                .ok_or_else(|| std::io::Error::other(format!("no version of {path} is kept")))?,
+        };
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+            return Err(std::io::Error::other(format!("{id} is not a version id")));
+        }
+        let name = Path::new(&Self::folder(path)).join(&id);
+        let fd = rustix::fs::openat(
+            &self.dir,
+            &name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::NOENT => {
+                std::io::Error::other(format!("no version {id} of {path} is kept"))
+            }
+            e => e.into(),
+        })?;
+        Ok(File::from(fd))
+    }
+}
+
+/// The version ids in a path's folder.
+fn ids_in(folder: BorrowedFd<'_>) -> std::io::Result<Vec<String>> {
+    let dup = rustix::fs::openat(
+        folder,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut ids = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&dup)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if at_ms(&name).is_some() {
+            ids.push(name);
+        }
+    }
+    Ok(ids)
+}
+
+fn at_ms(id: &str) -> Option<u64> {
+    id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
+}
