@@ -586,7 +586,7 @@ fn a_refused_join_between_hosts_says_why_and_leaves_nothing() {
     );
     assert!(!out.status.success());
     assert!(
-        stderr.contains("the token is unknown or expired"),
+        stderr.contains("the token is unknown, expired or revoked"),
         "{stderr}"
     );
     let peers = fs::read_to_string(b.state.join("peers.json")).unwrap_or_default();

@@ -91,7 +91,7 @@ fn a_refused_join_leaves_no_trace_and_says_why() {
     println!("join with a void token: {stderr}");
     assert!(!out.status.success(), "a void token was accepted");
     assert!(
-        stderr.contains("the token is unknown or expired"),
+        stderr.contains("the token is unknown, expired or revoked"),
         "the joiner was not told the member's reason: {stderr}"
     );
     let peers = fs::read_to_string(b.state.join("peers.json")).unwrap_or_default();
