@@ -20,6 +20,8 @@ const DIR: &str = "versions";
 const PATH_FILE: &str = "path";
 /// Versions kept per path at most, whatever `--versions-max` says.
 pub const VERSIONS_PER_PATH_MAX: usize = 1000;
+/// How often every path's versions are pruned by age, also of paths no apply touches again.
+const PRUNE_ALL_EVERY: Duration = Duration::from_secs(3600);
 
 /// How long and how many versions a node keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +56,7 @@ impl Versions {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(Versions {
+        let versions = Versions {
             dir,
             path,
             policy: Policy {
@@ -62,7 +64,61 @@ impl Versions {
                 max: policy.max.clamp(1, VERSIONS_PER_PATH_MAX),
             },
             next: AtomicU64::new(0),
-        })
+        };
+        // Versions age out also where their path is never replaced again: a thread of its own
+        // prunes them all now and then every hour.
+        let pruner = Versions {
+            dir: versions.dir.try_clone()?,
+            path: versions.path.clone(),
+            policy: versions.policy,
+            next: AtomicU64::new(0),
+        };
+        std::thread::Builder::new()
+            .name("rsyncfs-versions".into())
+            .spawn(move || loop {
+                if let Err(e) = pruner.prune_all() {
+                    tracing::warn!("pruning kept versions in {}: {e}", pruner.path.display());
+                }
+                std::thread::sleep(PRUNE_ALL_EVERY);
+            })?;
+        Ok(versions)
+    }
+
+    /// Prunes every path's versions, and removes the folders left empty. Returns how many
+    /// versions it removed.
+    pub fn prune_all(&self) -> std::io::Result<usize> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut removed = 0;
+        let dup = rustix::fs::openat(
+            &self.dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let folders: Vec<String> = rustix::fs::Dir::read_from(&dup)?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+            .collect();
+        for folder in folders {
+            let fd = rustix::fs::openat(
+                &self.dir,
+                folder.as_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let before = ids_in(fd.as_fd())?.len();
+            self.prune(fd.as_fd(), now_ms)?;
+            let left = ids_in(fd.as_fd())?.len();
+            removed += before - left;
+            if left == 0 {
+                let _ = rustix::fs::unlinkat(&fd, PATH_FILE, AtFlags::empty());
+                let _ = rustix::fs::unlinkat(&self.dir, folder.as_str(), AtFlags::REMOVEDIR);
+            }
+        }
+        Ok(removed)
     }
 
     fn folder(path: &RelPath) -> String {
@@ -98,7 +154,10 @@ impl Versions {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let id = format!("{now_ms:013}-{}", self.next.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{now_ms:013}-{:010}",
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
         let linked = !copy
             && rustix::fs::linkat(dir, name, &folder_fd, id.as_str(), AtFlags::empty()).is_ok();
         if !linked {
@@ -216,4 +275,46 @@ fn ids_in(folder: BorrowedFd<'_>) -> std::io::Result<Vec<String>> {
 
 fn at_ms(id: &str) -> Option<u64> {
     id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_past_their_time_go_also_where_nothing_replaces_the_path_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = Policy {
+            keep_for: Duration::from_secs(3600),
+            max: 5,
+        };
+        let v = Versions::open(dir.path(), policy).unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        let tree_fd =
+            rustix::fs::open(&tree, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let (old, fresh) = (
+            RelPath::new("old.txt").unwrap(),
+            RelPath::new("d/new.txt").unwrap(),
+        );
+        for (path, name) in [(&old, "old.txt"), (&fresh, "new.txt")] {
+            std::fs::write(tree.join(name), path.as_str()).unwrap();
+            v.keep(tree_fd.as_fd(), OsStr::new(name), path, false)
+                .unwrap();
+        }
+        assert_eq!(v.list(&old).unwrap().len(), 1);
+        // Make old.txt's version two hours old, as if it had been kept then.
+        let folder = v.path.join(Versions::folder(&old));
+        let id = v.list(&old).unwrap()[0].id.clone();
+        let aged = (at_ms(&id).unwrap() - 2 * 3600 * 1000).to_string() + "-0";
+        std::fs::rename(folder.join(&id), folder.join(&aged)).unwrap();
+        assert_eq!(v.prune_all().unwrap(), 1);
+        assert!(!folder.exists(), "an empty folder goes too");
+        assert_eq!(v.list(&fresh).unwrap().len(), 1);
+        let mut content = String::new();
+        std::io::Read::read_to_string(&mut v.open_version(&fresh, None).unwrap(), &mut content)
+            .unwrap();
+        assert_eq!(content, "d/new.txt");
+        assert!(v.open_version(&fresh, Some("../x")).is_err());
+    }
 }
