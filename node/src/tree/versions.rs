@@ -136,6 +136,23 @@ impl Versions {
         path: &RelPath,
         copy: bool,
     ) -> std::io::Result<()> {
+        // The hourly prune may remove the path's folder, left empty, just as it is used here:
+        // then once more.
+        match self.keep_once(dir, name, path, copy) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.keep_once(dir, name, path, copy)
+            }
+            other => other,
+        }
+    }
+
+    fn keep_once(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &RelPath,
+        copy: bool,
+    ) -> std::io::Result<()> {
         let folder = Self::folder(path);
         match rustix::fs::mkdirat(&self.dir, folder.as_str(), Mode::from_raw_mode(0o700)) {
             Ok(()) => {
