@@ -87,32 +87,18 @@ impl Versions {
     /// Prunes every path's versions, and removes the folders left empty. Returns how many
     /// versions it removed.
     pub fn prune_all(&self) -> std::io::Result<usize> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = now_ms();
         let mut removed = 0;
-        let dup = rustix::fs::openat(
-            &self.dir,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let dup = open_dir(self.dir.as_fd(), ".")?;
         let folders: Vec<String> = rustix::fs::Dir::read_from(&dup)?
             .filter_map(Result::ok)
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
             .collect();
         for folder in folders {
-            let fd = rustix::fs::openat(
-                &self.dir,
-                folder.as_str(),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            let before = ids_in(fd.as_fd())?.len();
-            self.prune(fd.as_fd(), now_ms)?;
-            let left = ids_in(fd.as_fd())?.len();
-            removed += before - left;
+            let fd = open_dir(self.dir.as_fd(), folder.as_str())?;
+            let (dropped, left) = self.prune(fd.as_fd(), now_ms)?;
+            removed += dropped;
             if left == 0 {
                 let _ = rustix::fs::unlinkat(&fd, PATH_FILE, AtFlags::empty());
                 let _ = rustix::fs::unlinkat(&self.dir, folder.as_str(), AtFlags::REMOVEDIR);
@@ -162,15 +148,8 @@ impl Versions {
             Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
-        let folder_fd = rustix::fs::openat(
-            &self.dir,
-            folder.as_str(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let folder_fd = open_dir(self.dir.as_fd(), folder.as_str())?;
+        let now_ms = now_ms();
         let id = format!(
             "{now_ms:013}-{:010}",
             self.next.fetch_add(1, Ordering::Relaxed)
@@ -193,39 +172,35 @@ impl Versions {
             // copy_file_range underneath: shared blocks where the filesystem can.
             std::io::copy(&mut File::from(from), &mut File::from(to))?;
         }
-        self.prune(folder_fd.as_fd(), now_ms)
+        self.prune(folder_fd.as_fd(), now_ms).map(|_| ())
     }
 
-    /// Drops the versions of one path's folder beyond the policy (the oldest first).
-    fn prune(&self, folder: BorrowedFd<'_>, now_ms: u64) -> std::io::Result<()> {
+    /// Drops the versions of one path's folder beyond the policy (the oldest first). Returns
+    /// how many it dropped and how many are left.
+    fn prune(&self, folder: BorrowedFd<'_>, now_ms: u64) -> std::io::Result<(usize, usize)> {
         let mut ids = ids_in(folder)?;
         ids.sort();
         let keep_ms = self.policy.keep_for.as_millis() as u64;
         let beyond = ids.len().saturating_sub(self.policy.max);
+        let mut dropped = 0;
         for (i, id) in ids.iter().enumerate() {
             let old = at_ms(id).is_some_and(|at| at + keep_ms < now_ms);
             if i < beyond || old {
                 rustix::fs::unlinkat(folder, id.as_str(), AtFlags::empty())?;
+                dropped += 1;
             }
         }
-        Ok(())
+        Ok((dropped, ids.len() - dropped))
     }
 
     /// The versions kept of `path`, newest first.
     pub fn list(&self, path: &RelPath) -> std::io::Result<Vec<Version>> {
-        let folder = match rustix::fs::openat(
-            &self.dir,
-            Self::folder(path).as_str(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
+        let folder = match open_dir(self.dir.as_fd(), Self::folder(path).as_str()) {
             Ok(fd) => fd,
             Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),
         };
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = now_ms();
         self.prune(folder.as_fd(), now_ms)?;
         let mut out = Vec::new();
         for id in ids_in(folder.as_fd())? {
@@ -271,14 +246,25 @@ impl Versions {
     }
 }
 
-/// The version ids in a path's folder.
-fn ids_in(folder: BorrowedFd<'_>) -> std::io::Result<Vec<String>> {
-    let dup = rustix::fs::openat(
-        folder,
-        ".",
+/// A directory under `at`, opened to work in.
+fn open_dir(at: BorrowedFd<'_>, name: &str) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        at,
+        name,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
-    )?;
+    )
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The version ids in a path's folder.
+fn ids_in(folder: BorrowedFd<'_>) -> std::io::Result<Vec<String>> {
+    let dup = open_dir(folder, ".")?;
     let mut ids = Vec::new();
     for entry in rustix::fs::Dir::read_from(&dup)? {
         let entry = entry?;

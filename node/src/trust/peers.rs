@@ -106,15 +106,13 @@ impl Book {
     /// Trusts `id` (a join or an accept: also a node forgotten before); a known address is kept
     /// unless a new one is given. Returns whether anything changed.
     pub fn trust(&mut self, id: NodeId, addr: Option<String>) -> std::io::Result<bool> {
-        if let Some(i) = self.forgotten.iter().position(|f| *f == id) {
-            self.forgotten.remove(i);
-            self.save()?;
-        }
         if !self.peers.contains_key(&id) && self.peers.len() >= PEERS_MAX {
             return Err(std::io::Error::other(format!(
                 "this node already trusts {PEERS_MAX} peers"
             )));
         }
+        // A forgotten node is never in `peers`, so the insert below saves this too.
+        self.forgotten.retain(|f| *f != id);
         let old = self.peers.get(&id).cloned();
         let new = addr.or_else(|| old.clone().flatten());
         if old == Some(new.clone()) {
